@@ -1,0 +1,1 @@
+"""Triton kernels of tide-ds (imported as ``tide_kernels``; see DESIGN.md, decision 6)."""

