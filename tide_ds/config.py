@@ -1,0 +1,389 @@
+"""Run configuration: one typed dataclass per concern, composed into :class:`RunConfig`.
+
+A run is configured in three layers, later ones winning:
+
+1. the dataclass defaults below (together they are the embedded demo recipe of ``deepspeed launch/run.py``);
+2. a YAML recipe (``--recipe launch/recipes/<name>.yaml``) with one mapping per section;
+3. command-line overrides ``--section.field=value``.
+
+Every mistake is reported before any work starts, naming the option, the value seen and the fix:
+unknown sections or fields suggest the closest valid name, values are converted to the field's
+declared type (a failed conversion names the expected type), and cross-field rules live in each
+dataclass's ``__post_init__``. The field docstrings (``#:`` comments) are the option reference; the
+README's option table is generated from them by :func:`option_table`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
+SCHEDULES = ("linear", "cosine")
+LOSS_WEIGHT_TYPES = ("scheduler", "uniform")
+LOSS_NORM_TYPES = ("token", "sequence", "batch")
+PRESETS = ("none",)
+RESUME_MODES = ("auto", "never")
+
+
+def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{option}={value!r} is not one of {list(choices)}{hint}")
+
+
+def _positive(option: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        need = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{option}={value!r} must be {need}")
+
+
+@dataclass(kw_only=True)
+class ModelArgs:
+    """The student model (a Qwen3 BD3LM; spec MODELS.md §7)."""
+
+    #: Local Hugging Face checkpoint directory of the student; empty builds a fresh random student from the size fields below.
+    path: str = ""
+    #: Tokenizer: "qwen3" builds the real Qwen3 tokenizer offline into the cache; otherwise a local tokenizer directory.
+    tokenizer: str = "qwen3"
+    #: Attention backend of the student: sdpa (dense boolean mask), flex_attention (cached BlockMask) or eager.
+    attn_implementation: str = "sdpa"
+    #: Hidden size of a fresh student (ignored with model.path).
+    hidden_size: int = 64
+    #: MLP width of a fresh student (ignored with model.path).
+    intermediate_size: int = 192
+    #: Number of transformer layers of a fresh student (ignored with model.path).
+    num_layers: int = 2
+    #: Query heads of a fresh student (ignored with model.path).
+    num_heads: int = 4
+    #: Key/value heads of a fresh student (grouped-query attention; ignored with model.path).
+    num_kv_heads: int = 2
+    #: Head dimension of a fresh student (may differ from hidden_size / num_heads, as in Qwen3; ignored with model.path).
+    head_dim: int = 32
+    #: Rows of the LM head per chunk in the plain-PyTorch fused CE (bounds the [rows, V] logits tile); 0 = automatic.
+    ce_chunk_rows: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            _positive(f"model.{name}", getattr(self, name))
+        _positive("model.ce_chunk_rows", self.ce_chunk_rows, allow_zero=True)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}; "
+                "grouped-query attention needs whole groups: change one of them"
+            )
+
+
+@dataclass(kw_only=True)
+class DataArgs:
+    """Training and evaluation data (tokenized offline; training never tokenizes)."""
+
+    #: "stdlib" builds the demo corpus (Python standard-library source) into the cache; otherwise a dataset saved with datasets' save_to_disk holding input_ids and labels.
+    dataset: str = "stdlib"
+    #: Student sequence length L (one copy; the model sees 2L tokens). Must be a multiple of diffusion.block_size.
+    seq_len: int = 128
+    #: Split used for training.
+    train_split: str = "train"
+    #: Held-out split used for evaluation.
+    eval_split: str = "heldout"
+    #: Fraction of source files held out (demo corpus only; the split is by file).
+    heldout_fraction: float = 0.03
+    #: Number of held-out samples evaluated each time (0 = all).
+    eval_samples: int = 64
+    #: Limit of source files read for the demo corpus (0 = all).
+    max_files: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("data.seq_len", self.seq_len)
+        _positive("data.eval_samples", self.eval_samples, allow_zero=True)
+        _positive("data.max_files", self.max_files, allow_zero=True)
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ValueError(f"data.heldout_fraction={self.heldout_fraction!r} must lie in (0, 1)")
+
+
+@dataclass(kw_only=True)
+class DiffusionArgs:
+    """Masked block diffusion (spec ALGORITHMS.md §1–§2)."""
+
+    #: BD3LM block size K.
+    block_size: int = 32
+    #: Timesteps are drawn from [time_epsilon, 1); must lie in (0, 1).
+    time_epsilon: float = 1e-3
+    #: Noise schedule alpha(t): linear or cosine.
+    schedule: str = "linear"
+    #: Per-token CE weight: "scheduler" (ELBO weight w(t)) or "uniform".
+    loss_weight_type: str = "scheduler"
+    #: CE normalisation: token (per maskable token), sequence or batch.
+    loss_norm_type: str = "token"
+
+    def __post_init__(self) -> None:
+        _positive("diffusion.block_size", self.block_size)
+        if not 0.0 < self.time_epsilon < 1.0:
+            raise ValueError(f"diffusion.time_epsilon={self.time_epsilon!r} must lie in (0, 1)")
+        _choice("diffusion.schedule", self.schedule, SCHEDULES)
+        _choice("diffusion.loss_weight_type", self.loss_weight_type, LOSS_WEIGHT_TYPES)
+        _choice("diffusion.loss_norm_type", self.loss_norm_type, LOSS_NORM_TYPES)
+
+
+@dataclass(kw_only=True)
+class DistillArgs:
+    """The distillation objective. Only the non-distilled baseline exists so far."""
+
+    #: Named objective preset; "none" trains with the masked-diffusion CE alone (the paper's BD3LM baseline).
+    preset: str = "none"
+
+    def __post_init__(self) -> None:
+        _choice("distill.preset", self.preset, PRESETS)
+
+
+@dataclass(kw_only=True)
+class TrainArgs:
+    """Optimisation, cadence and run-directory handling."""
+
+    #: Run directory: logs, metrics, TensorBoard events and checkpoints go here.
+    output_dir: str = "runs/demo"
+    #: DeepSpeed engine config (engine settings only: ZeRO stage, precision, offload).
+    ds_config: str = "ds_configs/zero2.json"
+    #: Samples per rank per micro-step.
+    micro_batch_size: int = 8
+    #: Micro-steps per optimizer step.
+    gradient_accumulation_steps: int = 1
+    #: Number of optimizer steps.
+    max_steps: int = 150
+    #: Peak learning rate (AdamW).
+    lr: float = 3e-3
+    #: Warm-up length as a fraction of max_steps (linear warm-up, then cosine decay to min_lr_ratio * lr).
+    warmup_ratio: float = 0.1
+    #: Final learning rate as a fraction of the peak.
+    min_lr_ratio: float = 0.0
+    #: AdamW weight decay.
+    weight_decay: float = 0.0
+    #: AdamW beta1.
+    adam_beta1: float = 0.9
+    #: AdamW beta2.
+    adam_beta2: float = 0.999
+    #: AdamW epsilon.
+    adam_eps: float = 1e-8
+    #: Gradient clipping by global norm (0 disables).
+    grad_clip: float = 1.0
+    #: Seed of model init, data order and every noise generator (noise is seeded per (seed, step, rank)).
+    seed: int = 42
+    #: Steps between log lines / metrics records (the only host synchronisation of the loop).
+    log_every: int = 10
+    #: Steps between held-out evaluations (0 = only at the end).
+    eval_every: int = 50
+    #: Seed of the evaluation noise, fixed so numbers are comparable across steps.
+    eval_seed: int = 1234
+    #: Steps between checkpoints (0 = only at the end).
+    save_every: int = 0
+    #: Number of most recent checkpoints kept.
+    keep_last: int = 2
+    #: "auto" continues from the last complete checkpoint of output_dir; "never" requires a fresh output_dir.
+    resume: str = "never"
+    #: Move an existing output_dir aside (renamed with a timestamp, never deleted) and start fresh.
+    overwrite: bool = False
+    #: Write TensorBoard scalars.
+    tensorboard: bool = True
+    #: Show a progress bar on rank 0.
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr", "log_every", "keep_last"):
+            _positive(f"train.{name}", getattr(self, name))
+        for name in ("eval_every", "save_every", "grad_clip", "weight_decay", "adam_eps"):
+            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1]")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1)")
+        _choice("train.resume", self.resume, RESUME_MODES)
+        if self.resume == "auto" and self.overwrite:
+            raise ValueError(
+                "train.resume=auto and train.overwrite=true contradict each other: "
+                "resume continues the run in output_dir, overwrite moves it aside; pick one"
+            )
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """One training run: every section of the configuration."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    diffusion: DiffusionArgs = field(default_factory=DiffusionArgs)
+    distill: DistillArgs = field(default_factory=DistillArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len % self.diffusion.block_size:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is not a multiple of diffusion.block_size="
+                f"{self.diffusion.block_size}; BD3LM blocks must tile the sequence: change one of them"
+            )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a RunConfig from dicts, YAML recipes and --section.field=value overrides
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(kind: str, name: str, valid: list[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
+    return ValueError(f"unknown {kind} {name!r} in {where}; {hint}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def convert_value(option: str, value: Any, tp: Any, *, source: str) -> Any:
+    """Convert ``value`` (a YAML scalar or a command-line string) to the field type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return convert_value(option, value, args[0], source=source)
+    article = "an" if _type_name(tp)[0] in "aeiou" else "a"
+    bad = ValueError(f"{option}={value!r} ({source}) is not {article} {_type_name(tp)}; expected {article} {_type_name(tp)} value")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{option}={value!r} ({source}) is not a bool; expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value.strip().replace("_", "")):
+            return int(value.strip().replace("_", ""))
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise bad
+        return str(value)
+    raise TypeError(f"internal: unsupported field type {tp!r} for {option}")
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "recipe") -> RunConfig:
+    """Build and validate a :class:`RunConfig` from ``{section: {field: value}}``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must be a mapping of sections to mappings, got {type(data).__name__}")
+    sections = _sections()
+    built: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in sections:
+            raise _unknown("section", name, list(sections), source)
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ValueError(f"section {name!r} in {source} must be a mapping of fields, got {values!r}")
+        types_ = _field_types(sections[name])
+        kwargs = {}
+        for key, value in values.items():
+            if key not in types_:
+                raise _unknown("field", f"{name}.{key}", [f"{name}.{k}" for k in types_], source)
+            kwargs[key] = convert_value(f"{name}.{key}", value, types_[key], source=source)
+        built[name] = sections[name](**kwargs)
+    return RunConfig(**built)
+
+
+def parse_override(arg: str) -> tuple[str, str, str]:
+    """Split ``--section.field=value`` into its parts."""
+    match = re.fullmatch(r"--([A-Za-z_]\w*)\.([A-Za-z_]\w*)=(.*)", arg, flags=re.S)
+    if not match:
+        raise ValueError(
+            f"cannot parse argument {arg!r}; overrides are written --section.field=value, "
+            "e.g. --train.max_steps=100"
+        )
+    return match.group(1), match.group(2), match.group(3)
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--recipe={str(path)!r} does not exist; recipes live in launch/recipes/")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
+    return data or {}
+
+
+def build_config(*, recipe: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults, then the recipe, then the overrides; validated as a whole."""
+    merged: dict[str, dict[str, Any]] = {}
+    if recipe is not None:
+        for section, values in load_recipe(recipe).items():
+            merged[section] = dict(values or {}) if isinstance(values, dict) else values
+        config_from_dict(merged, source=f"recipe {recipe}")
+    sections = _sections()
+    for arg in overrides:
+        section, key, value = parse_override(arg)
+        if section not in sections:
+            raise _unknown("section", section, list(sections), f"override {arg!r}")
+        types_ = _field_types(sections[section])
+        if key not in types_:
+            raise _unknown("option", f"{section}.{key}", [f"{section}.{k}" for k in types_], f"override {arg!r}")
+        merged.setdefault(section, {})[key] = convert_value(
+            f"{section}.{key}", value, types_[key], source="command line"
+        )
+    return config_from_dict(merged, source="recipe and overrides")
+
+
+def option_table() -> str:
+    """A markdown table of every option with its default and docstring (for the README)."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for section, cls in _sections().items():
+        source = inspect.getsource(cls)
+        docs = dict(re.findall(r"#: (.*)\n\s+(\w+):", source))
+        docs = {name: doc for doc, name in docs.items()}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+    return "\n".join(rows)

@@ -1,0 +1,179 @@
+"""Build the run's parts from the config: tokenizer, data, student. All checks run before training.
+
+Anything that is built once and cached (the offline Qwen3 tokenizer, the demo corpus) is built by
+rank 0 while the others wait at a barrier, then read by every rank.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from tide_ds import dist
+from tide_ds.config import RunConfig
+from tide_ds.data.loader import TrainBatches, eval_batches
+from tide_ds.data.tokenizers import SpecialIds, ensure_qwen3_tokenizer, load_tokenizer, resolve_special_ids
+
+logger = logging.getLogger(__name__)
+
+#: Embedding rows of the real Qwen3 models (the tokenizer has 151,670 entries; rows are padded).
+QWEN3_EMBEDDING_ROWS = 151936
+
+
+def _rank0_first(fn: Callable[[], object]) -> object:
+    """Run ``fn`` on rank 0, then on the others (which then find rank 0's cached result)."""
+    result, error = None, None
+    if dist.rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # re-raised below, after every rank knows
+            error = f"{type(err).__name__}: {err}"
+            first = err
+    error = dist.broadcast_object(error)
+    if error is not None:
+        if dist.rank() == 0:
+            raise first
+        raise RuntimeError(f"rank 0 failed while building shared inputs: {error}")
+    if dist.rank() != 0:
+        result = fn()
+    return result
+
+
+def build_tokenizer(cfg: RunConfig) -> tuple[Path, SpecialIds]:
+    if cfg.model.tokenizer == "qwen3":
+        path = Path(_rank0_first(ensure_qwen3_tokenizer))  # type: ignore[arg-type]
+    else:
+        path = Path(cfg.model.tokenizer)
+        if not path.is_dir():
+            raise ValueError(
+                f"model.tokenizer={cfg.model.tokenizer!r} is neither 'qwen3' nor an existing tokenizer directory"
+            )
+    special = resolve_special_ids(load_tokenizer(path))
+    logger.info("tokenizer %s: %d entries, mask=%d eos=%d pad=%d", path, special.vocab_size, special.mask_id, special.eos_id, special.pad_id)
+    return path, special
+
+
+@dataclass
+class RunData:
+    train: TrainBatches
+    eval_batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    num_train: int
+    num_eval: int
+
+
+def _check_split(ds, *, name: str, option: str, cfg: RunConfig, special: SpecialIds) -> None:
+    for column in ("input_ids", "labels"):
+        if column not in ds.column_names:
+            raise ValueError(f"{option}: split {name!r} has no column {column!r} (columns: {ds.column_names})")
+    if len(ds) == 0:
+        raise ValueError(f"{option}: split {name!r} is empty")
+    length = len(ds[0]["input_ids"])
+    if length != cfg.data.seq_len:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} but split {name!r} of data.dataset holds sequences of length "
+            f"{length}; set --data.seq_len={length} or rebuild the dataset with seq_len {cfg.data.seq_len}"
+        )
+
+
+def build_data(cfg: RunConfig, *, tokenizer_dir: Path, special: SpecialIds, rank: int, world_size: int) -> RunData:
+    import datasets
+
+    if cfg.data.dataset == "stdlib":
+        from tide_ds.data.corpus import ensure_code_corpus
+        from tide_ds.data.tokenizers import default_tokenizer_cache
+
+        path = Path(
+            _rank0_first(  # type: ignore[arg-type]
+                lambda: ensure_code_corpus(
+                    tokenizer_dir,
+                    default_tokenizer_cache(),
+                    seq_len=cfg.data.seq_len,
+                    block_size=cfg.diffusion.block_size,
+                    heldout_fraction=cfg.data.heldout_fraction,
+                    max_files=cfg.data.max_files or None,
+                )
+            )
+        )
+    else:
+        path = Path(cfg.data.dataset)
+        if not path.exists():
+            raise ValueError(f"data.dataset={cfg.data.dataset!r} is neither 'stdlib' nor an existing dataset directory")
+    try:
+        splits = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise ValueError(f"data.dataset={str(path)!r} could not be loaded with datasets.load_from_disk: {err}") from None
+    for option, name in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
+        if name not in splits:
+            raise ValueError(f"{option}={name!r} is not a split of {path}; splits: {list(splits)}")
+        _check_split(splits[name], name=name, option=option, cfg=cfg, special=special)
+    train_ds = splits[cfg.data.train_split].with_format("numpy", columns=["input_ids", "labels"])
+    eval_ds = splits[cfg.data.eval_split].with_format("numpy", columns=["input_ids", "labels"])
+    train = TrainBatches(
+        train_ds, micro_batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed
+    )
+    max_eval = cfg.data.eval_samples or None
+    logger.info("data %s: %d train / %d held-out samples of length %d", path, len(train_ds), len(eval_ds), cfg.data.seq_len)
+    return RunData(
+        train=train,
+        eval_batches=lambda: eval_batches(
+            eval_ds, micro_batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world_size, max_samples=max_eval
+        ),
+        num_train=len(train_ds),
+        num_eval=len(eval_ds),
+    )
+
+
+def student_vocab_rows(cfg: RunConfig, special: SpecialIds) -> int:
+    if cfg.model.tokenizer == "qwen3":
+        return max(QWEN3_EMBEDDING_ROWS, special.vocab_size)
+    return -(-special.vocab_size // 64) * 64
+
+
+def build_student(cfg: RunConfig, *, special: SpecialIds) -> torch.nn.Module:
+    """A fresh random student from the size fields, or a local checkpoint; checked against the tokenizer."""
+    import transformers
+
+    from tide_ds.models.qwen3 import BD3LMStudent, build_student as build_hf, load_student
+
+    m = cfg.model
+    if m.path:
+        if not Path(m.path).is_dir():
+            raise ValueError(f"model.path={m.path!r} is not a directory; give a local Hugging Face checkpoint directory")
+        hf = load_student(m.path, attn_implementation=m.attn_implementation)
+        rows = hf.config.vocab_size
+        if special.vocab_size > rows:
+            raise ValueError(
+                f"the tokenizer (model.tokenizer={m.tokenizer!r}) has {special.vocab_size} entries but the student at "
+                f"model.path={m.path!r} has only {rows} embedding rows; use the tokenizer the student was trained with"
+            )
+        ckpt_mask = getattr(hf.config, "mask_token_id", None)
+        if ckpt_mask is not None and ckpt_mask != special.mask_id:
+            raise ValueError(
+                f"the student's config.json says mask_token_id={ckpt_mask} but the tokenizer's mask token has id "
+                f"{special.mask_id}; use the matching tokenizer (model.tokenizer)"
+            )
+    else:
+        config = transformers.Qwen3Config(
+            vocab_size=student_vocab_rows(cfg, special),
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            num_key_value_heads=m.num_kv_heads,
+            head_dim=m.head_dim,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            max_position_embeddings=max(4096, cfg.data.seq_len),
+            tie_word_embeddings=True,
+            bos_token_id=None,
+            eos_token_id=special.eos_id,
+            pad_token_id=special.pad_id,
+        )
+        config.mask_token_id = special.mask_id
+        config.is_causal = False
+        hf = build_hf(config, attn_implementation=m.attn_implementation, seed=cfg.train.seed)
+    return BD3LMStudent(hf, block_size=cfg.diffusion.block_size, attn_implementation=m.attn_implementation)

@@ -1,0 +1,152 @@
+"""The training loop: build everything, then step, log, evaluate and checkpoint on cadence."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tide_ds import dist
+from tide_ds.config import RunConfig
+from tide_ds.diffusion.schedules import get_schedule
+from tide_ds.log import setup_logging
+from tide_ds.trainer import checkpoint
+from tide_ds.trainer.build import build_data, build_student, build_tokenizer
+from tide_ds.trainer.engine import DiffusionCEModule, initialize_engine
+from tide_ds.trainer.metrics import MetricsWriter
+from tide_ds.trainer.step import evaluate, train_step
+
+logger = logging.getLogger(__name__)
+
+
+def init_distributed() -> torch.device:
+    """Start the process group (NCCL on GPUs, gloo on the CPU) and pick this rank's device."""
+    import deepspeed
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.local_rank())
+        deepspeed.init_distributed(dist_backend="nccl")
+        return torch.device("cuda", dist.local_rank())
+    deepspeed.init_distributed(dist_backend="gloo")
+    return torch.device("cpu")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train(cfg: RunConfig) -> dict[str, float]:
+    """Train the student as ``cfg`` says; return the last held-out evaluation."""
+    setup_logging()
+    device = init_distributed()
+    rank, world = dist.rank(), dist.world_size()
+    setup_logging(rank)
+    decision = checkpoint.prepare_run_dir(cfg)
+    logger.info("resolved config:\n%s", cfg.to_yaml())
+
+    tokenizer_dir, special = build_tokenizer(cfg)
+    data = build_data(cfg, tokenizer_dir=tokenizer_dir, special=special, rank=rank, world_size=world)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    student = build_student(cfg, special=special)
+    module = DiffusionCEModule(student, chunk_rows=cfg.model.ce_chunk_rows)
+    engine, _ = initialize_engine(cfg, module, world_size=world)
+    schedule = get_schedule(cfg.diffusion.schedule)
+
+    step = 0
+    if decision.resume_from:
+        state = checkpoint.load_checkpoint(engine, decision.resume_from)
+        step = state["step"]
+        data.train.load_state_dict(state["data"])
+        logger.info("resumed from %s at step %d", decision.resume_from, step)
+
+    metrics = MetricsWriter(cfg.train.output_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard, start_step=step)
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world * cfg.data.seq_len * 2
+    bar = None
+    if rank == 0 and cfg.train.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def run_eval(at_step: int) -> dict[str, float]:
+        result = evaluate(
+            engine, data.eval_batches(), cfg=cfg, rank=rank, schedule=schedule, mask_token_id=special.mask_id
+        )
+        metrics.write(at_step, "eval", result)
+        logger.info("eval step %d | heldout nll %.4f | masked ce %.4f", at_step, result["nll"], result["masked_ce"])
+        return result
+
+    def save(at_step: int) -> None:
+        state = {"step": at_step, "data": data.train.state_dict(), "world_size": world}
+        checkpoint.save_checkpoint(engine, cfg, step=at_step, trainer_state=state)
+
+    last_eval: dict[str, float] = {}
+    if step == 0:
+        last_eval = run_eval(0)
+    window = {"loss": torch.zeros((), device=device), "nll_sum": torch.zeros((), device=device), "n_masked": torch.zeros((), device=device)}
+    window_steps, window_start = 0, time.perf_counter()
+    while step < cfg.train.max_steps:
+        stats = train_step(
+            engine, data.train, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=special.mask_id
+        )
+        step += 1
+        window_steps += 1
+        for key in window:
+            window[key] += stats[key]
+        if bar is not None:
+            bar.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            # The only host synchronisation of the loop: one all-reduce and one read per interval.
+            packed = torch.stack([window["loss"], window["nll_sum"], window["n_masked"]]).double()
+            dist.all_reduce_sum(packed)
+            loss_total, nll_total, masked_total = packed.tolist()
+            elapsed = time.perf_counter() - window_start
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "loss": loss_total / (window_steps * world),
+                "ce": loss_total / (window_steps * world),
+                "masked_ce": nll_total / max(1.0, masked_total),
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s": tokens_per_step * window_steps / elapsed,
+                "step_time_s": elapsed / window_steps,
+                "peak_mem_gib": peak_memory_gib(device),
+            }
+            metrics.write(step, "train", record)
+            line = (
+                f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
+                f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
+                f"{record['step_time_s']:.2f}s/step | peak {record['peak_mem_gib']:.2f}GiB"
+            )
+            if bar is not None:
+                bar.write(line)
+            else:
+                logger.info(line)
+            for key in window:
+                window[key].zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
+            last_eval = run_eval(step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
+            save(step)
+    if bar is not None:
+        bar.close()
+    last_eval = run_eval(step)
+    save(step)
+    metrics.close()
+    out = Path(cfg.train.output_dir).resolve()
+    logger.info("done: heldout nll %.4f at step %d; logs and checkpoints in %s", last_eval["nll"], step, out)
+    return last_eval
+
+
+def shutdown() -> None:
+    """Tear the process group down explicitly (avoids rare aborts at interpreter exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
