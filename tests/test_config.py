@@ -1,0 +1,138 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tide_ds.config import RunConfig, build_config, config_from_dict, option_table, parse_override
+from tide_ds.trainer.engine import build_ds_config, lr_lambda
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_demo_and_valid():
+    cfg = build_config()
+    assert cfg.distill.preset == "none"
+    assert cfg.data.dataset == "stdlib" and cfg.model.tokenizer == "qwen3"
+    assert cfg.data.seq_len % cfg.diffusion.block_size == 0
+
+
+def test_recipe_then_overrides_win(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 1.0e-4\n  max_steps: 7\ndiffusion:\n  schedule: cosine\n")
+    cfg = build_config(recipe=recipe, overrides=["--train.max_steps=9", "--train.overwrite=true", "--model.path=none"])
+    assert cfg.train.lr == 1e-4 and cfg.train.max_steps == 9 and cfg.train.overwrite is True
+    assert cfg.diffusion.schedule == "cosine"
+    assert cfg.model.path == "none"  # str fields keep the literal text
+
+
+def test_shipped_recipes_parse():
+    for recipe in sorted((ROOT / "launch" / "recipes").glob("*.yaml")):
+        build_config(recipe=recipe)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--train.max_stpes=3"], r"unknown option 'train.max_stpes'.*did you mean 'train.max_steps'"),
+        (["--trian.max_steps=3"], r"unknown section 'trian'.*did you mean 'train'"),
+        (["--train.max_steps=abc"], r"train.max_steps='abc' \(command line\) is not an int; expected an int"),
+        (["--train.lr=fast"], r"train.lr='fast' .* expected a float"),
+        (["--train.overwrite=maybe"], r"train.overwrite='maybe' .* expected true or false"),
+        (["--data.seq_len=100"], r"data.seq_len=100 is not a multiple of diffusion.block_size=32"),
+        (["--model.attn_implementation=flex"], r"'flex' is not one of .*did you mean 'flex_attention'"),
+        (["--diffusion.time_epsilon=0"], r"diffusion.time_epsilon=0.0 must lie in \(0, 1\)"),
+        (["--train.resume=yes"], r"train.resume='yes' is not one of \['auto', 'never'\]"),
+        (["--train.resume=auto", "--train.overwrite=true"], r"contradict"),
+        (["--model.num_heads=5"], r"model.num_heads=5 is not a multiple of model.num_kv_heads=2"),
+        (["--distill.preset=tide"], r"distill.preset='tide' is not one of"),
+        (["train.lr=1"], r"overrides are written --section.field=value"),
+    ],
+)
+def test_config_errors_name_option_value_and_fix(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_config(overrides=overrides)
+
+
+def test_recipe_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  learning_rate: 1.0\n")
+    with pytest.raises(ValueError, match=r"unknown field 'train.learning_rate' in recipe .*"):
+        build_config(recipe=bad)
+    with pytest.raises(ValueError, match=r"--recipe='missing.yaml' does not exist"):
+        build_config(recipe="missing.yaml")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        config_from_dict({"train": 3})
+
+
+def test_parse_override_keeps_equals_in_value():
+    assert parse_override("--train.output_dir=runs/a=b") == ("train", "output_dir", "runs/a=b")
+
+
+def test_option_table_documents_every_field():
+    table = option_table()
+    assert "| `train.resume` | `'never'` |" in table
+    for line in table.splitlines()[2:]:
+        assert line.rstrip(" |").split("|")[-1].strip(), f"undocumented option: {line}"
+
+
+def _write_ds(tmp_path, data):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_ds_config_takes_batch_and_optim_from_recipe(tmp_path):
+    cfg = build_config(overrides=[f"--train.ds_config={ROOT / 'ds_configs/zero3.json'}", "--train.micro_batch_size=3",
+                                  "--train.gradient_accumulation_steps=2", "--train.grad_clip=0.5"])
+    ds = build_ds_config(cfg, world_size=4, has_accelerator=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["bf16"]["enabled"] is False  # auto -> fp32 on the CPU
+    assert build_ds_config(cfg, world_size=1, has_accelerator=True)["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("key", ["train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler"])
+def test_ds_config_conflict_names_both_sources(tmp_path, key):
+    path = _write_ds(tmp_path, {"zero_optimization": {"stage": 2}, key: 8})
+    cfg = build_config(overrides=[f"--train.ds_config={path}"])
+    with pytest.raises(ValueError, match=rf"{path} sets '{key}'=8, but that value comes from the recipe \(train\."):
+        build_ds_config(cfg, world_size=1)
+
+
+def test_ds_config_missing_and_invalid(tmp_path):
+    cfg = build_config(overrides=["--train.ds_config=nope.json"])
+    with pytest.raises(ValueError, match="train.ds_config='nope.json' does not exist"):
+        build_ds_config(cfg, world_size=1)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{stage: 2")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        build_ds_config(build_config(overrides=[f"--train.ds_config={bad}"]), world_size=1)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = build_config(overrides=["--train.max_steps=100", "--train.warmup_ratio=0.1", "--train.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(100) == pytest.approx(0.1)
+
+
+def test_run_py_reports_config_errors_before_any_work():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "run.py"), "--local_rank=0", "--train.max_stpes=3"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "did you mean 'train.max_steps'" in proc.stderr
+
+
+def test_to_yaml_round_trip():
+    cfg = build_config(overrides=["--train.lr=0.25"])
+    import yaml
+
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg and isinstance(again, RunConfig)
