@@ -136,3 +136,10 @@ def test_to_yaml_round_trip():
 
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg and isinstance(again, RunConfig)
+
+
+def test_readme_option_table_is_current():
+    assert option_table() in (ROOT / "README.md").read_text(), (
+        "README's option table is stale: regenerate it with "
+        "python -c 'from tide_ds.config import option_table; print(option_table())'"
+    )
