@@ -1,0 +1,215 @@
+"""Hugging Face safetensors checkpoints: save and load, single file or sharded with an index.
+
+Layouts (the ones ``transformers`` reads and writes):
+
+* single: ``<dir>/model.safetensors``
+* sharded: ``<dir>/model-00001-of-0000N.safetensors`` ... plus ``<dir>/model.safetensors.index.json``
+  holding ``{"metadata": {"total_size": <bytes>}, "weight_map": {key: shard file name}}``.
+
+When both are present the index wins (as in ``transformers``). Key names are whatever the caller
+passes; architecture-specific renaming lives with each model file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "INDEX_NAME",
+    "SINGLE_NAME",
+    "list_checkpoint_keys",
+    "load_safetensors_checkpoint",
+    "save_safetensors_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_SHARD_PREFIX = "model-"
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"{_SHARD_PREFIX}{i:05d}-of-{n:05d}.safetensors"
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _prepare(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, detached copies-or-views; tensors sharing storage are cloned (safetensors refuses them).
+
+    Tied weights should be dropped by the caller (e.g. ``lm_head.weight``); otherwise they are saved twice.
+    """
+    out: dict[str, torch.Tensor] = {}
+    storages: dict[tuple[str, int], int] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, expected a torch.Tensor")
+        t = value.detach().to("cpu").contiguous()
+        sid = (t.device.type, t.untyped_storage().data_ptr())
+        storages[sid] = storages.get(sid, 0) + 1
+        out[key] = t
+    for key, t in out.items():
+        if storages[(t.device.type, t.untyped_storage().data_ptr())] > 1:
+            out[key] = t.clone()
+    return out
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) -> list[list[str]]:
+    """Greedy, in key order: a new shard starts when the next tensor would overflow the current one."""
+    if max_shard_bytes is None:
+        return [list(tensors)]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, t in tensors.items():
+        if shards[-1] and size + _nbytes(t) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += _nbytes(t)
+    return shards
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_safetensors_checkpoint(
+    state_dict: dict[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_bytes: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> list[str]:
+    """Write ``state_dict`` to ``out_dir`` in the Hugging Face safetensors layout.
+
+    Args:
+        state_dict: key -> tensor (any device; copied to CPU). Must be non-empty.
+        out_dir: directory, created if missing; other files in it (config.json, tokenizer) are kept.
+        max_shard_bytes: ``None`` writes one ``model.safetensors``; otherwise tensors are packed in key
+            order into shards of at most this many bytes (a single larger tensor gets its own shard) and an
+            index is written. One shard is still written as ``model.safetensors`` with no index.
+        metadata: string key/values stored in every file's header (``format: pt`` is always added).
+
+    Every file is written under a temporary name and renamed into place; the index comes last, and weight
+    files of an earlier save that the new layout does not use are removed afterwards, so a reader never
+    sees an index pointing at missing shards.
+
+    Returns:
+        the weight file names written.
+    """
+    if not state_dict:
+        raise ValueError(f"save_safetensors_checkpoint: empty state_dict for {out_dir}; nothing to save")
+    if max_shard_bytes is not None and max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes={max_shard_bytes} must be > 0 (or None for a single file)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = _prepare(state_dict)
+    header = {"format": "pt", **(metadata or {})}
+    for k, v in header.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata must map str to str; got {k!r}: {v!r}")
+
+    shards = _plan_shards(tensors, max_shard_bytes)
+    names = [SINGLE_NAME] if len(shards) == 1 else [_shard_name(i + 1, len(shards)) for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        part = {k: tensors[k] for k in keys}
+        _write_atomic(out / name, lambda p, part=part: save_file(part, str(p), metadata=header))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+            "weight_map": {k: name for name, keys in zip(names, shards) for k in sorted(keys)},
+        }
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        _write_atomic(out / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
+    _remove_stale(out, keep=set(names) | ({INDEX_NAME} if len(shards) > 1 else set()))
+    logger.info("saved %d tensors to %s in %d file(s)", len(tensors), out, len(names))
+    return names
+
+
+def _remove_stale(out: Path, *, keep: set[str]) -> None:
+    for child in out.iterdir():
+        stale = child.name == INDEX_NAME or child.name == SINGLE_NAME or (
+            child.name.startswith(_SHARD_PREFIX) and child.name.endswith(".safetensors")
+        )
+        if stale and child.name not in keep and child.is_file():
+            child.unlink()
+
+
+def _read_index(path: Path) -> dict[str, str]:
+    index_file = path / INDEX_NAME
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index_file} is not a safetensors index (need a 'weight_map' object): {exc}") from exc
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file} has an empty or malformed 'weight_map'; re-save the checkpoint")
+    missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if missing:
+        raise FileNotFoundError(
+            f"{index_file} refers to shard file(s) {missing[:3]} that do not exist in {path}; "
+            "the checkpoint is incomplete: copy the missing shards or re-save it"
+        )
+    return weight_map
+
+
+def _locate(path: str | os.PathLike) -> tuple[Path, dict[str, str] | None]:
+    """(directory, weight_map or None for the single-file layout), with the errors a user can act on."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {p} does not exist (or is not a directory)")
+    if (p / INDEX_NAME).is_file():
+        return p, _read_index(p)
+    if (p / SINGLE_NAME).is_file():
+        return p, None
+    raise FileNotFoundError(
+        f"no weights in {p}: expected {SINGLE_NAME} or {INDEX_NAME} (safetensors; .bin checkpoints are not "
+        "supported, convert them with save_safetensors_checkpoint)"
+    )
+
+
+def list_checkpoint_keys(path: str | os.PathLike) -> list[str]:
+    """Sorted tensor names of the checkpoint in directory ``path``, read from headers only (no tensor data)."""
+    p, weight_map = _locate(path)
+    if weight_map is not None:
+        return sorted(weight_map)
+    with safe_open(str(p / SINGLE_NAME), framework="pt") as fh:
+        return sorted(fh.keys())
+
+
+def load_safetensors_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in directory ``path`` (single or sharded layout), on CPU, dtypes as stored."""
+    p, weight_map = _locate(path)
+    if weight_map is None:
+        return load_file(str(p / SINGLE_NAME))
+    by_file: dict[str, list[str]] = {}
+    for key, name in weight_map.items():
+        by_file.setdefault(name, []).append(key)
+    out: dict[str, torch.Tensor] = {}
+    for name, keys in sorted(by_file.items()):
+        with safe_open(str(p / name), framework="pt") as fh:
+            present = set(fh.keys())
+            absent = [k for k in keys if k not in present]
+            if absent:
+                raise ValueError(
+                    f"{p / INDEX_NAME} maps {absent[:3]} to {name}, but that file does not hold them; "
+                    "the index and shards are from different saves: re-save the checkpoint"
+                )
+            for key in keys:
+                out[key] = fh.get_tensor(key)
+    return dict(sorted(out.items()))
