@@ -65,7 +65,7 @@ class RunData:
     num_eval: int
 
 
-def _check_split(ds, *, name: str, option: str, cfg: RunConfig, special: SpecialIds) -> None:
+def _check_split(ds, *, name: str, option: str, cfg: RunConfig) -> None:
     for column in ("input_ids", "labels"):
         if column not in ds.column_names:
             raise ValueError(f"{option}: split {name!r} has no column {column!r} (columns: {ds.column_names})")
@@ -109,7 +109,7 @@ def build_data(cfg: RunConfig, *, tokenizer_dir: Path, special: SpecialIds, rank
     for option, name in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
         if name not in splits:
             raise ValueError(f"{option}={name!r} is not a split of {path}; splits: {list(splits)}")
-        _check_split(splits[name], name=name, option=option, cfg=cfg, special=special)
+        _check_split(splits[name], name=name, option=option, cfg=cfg)
     train_ds = splits[cfg.data.train_split].with_format("numpy", columns=["input_ids", "labels"])
     eval_ds = splits[cfg.data.eval_split].with_format("numpy", columns=["input_ids", "labels"])
     train = TrainBatches(
@@ -140,6 +140,11 @@ def build_student(cfg: RunConfig, *, special: SpecialIds) -> torch.nn.Module:
     from tide_ds.models.qwen3 import BD3LMStudent, build_student as build_hf, load_student
 
     m = cfg.model
+    if m.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise ValueError(
+            "model.attn_implementation='flex_attention' cannot train on the CPU (PyTorch's FlexAttention has no "
+            "CPU backward); use --model.attn_implementation=sdpa here, flex_attention on GPUs"
+        )
     if m.path:
         if not Path(m.path).is_dir():
             raise ValueError(f"model.path={m.path!r} is not a directory; give a local Hugging Face checkpoint directory")

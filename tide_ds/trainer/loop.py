@@ -46,7 +46,6 @@ def train(cfg: RunConfig) -> dict[str, float]:
     setup_logging()
     device = init_distributed()
     rank, world = dist.rank(), dist.world_size()
-    setup_logging(rank)
     decision = checkpoint.prepare_run_dir(cfg)
     logger.info("resolved config:\n%s", cfg.to_yaml())
 
@@ -66,7 +65,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
         logger.info("resumed from %s at step %d", decision.resume_from, step)
 
     metrics = MetricsWriter(cfg.train.output_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard, start_step=step)
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world * cfg.data.seq_len * 2
+    # Training tokens: one copy of L per sample (the model itself reads [x_t ; x_0], 2L positions).
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world * cfg.data.seq_len
     bar = None
     if rank == 0 and cfg.train.progress_bar:
         from tqdm import tqdm
