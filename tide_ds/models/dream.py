@@ -85,7 +85,7 @@ _TINY: dict[str, Any] = {
 
 
 def qwen2_config(path: Path, raw: dict[str, Any], *, mask_token_id: int | None) -> transformers.Qwen2Config:
-    """Bidirectional ``Qwen2Config`` from a Dream config.json (``model_type``/``architectures``/``auto_map`` dropped)."""
+    """Bidirectional ``Qwen2Config`` from a Dream config.json (minus model_type, architectures, auto_map)."""
     check_values(
         path,
         {"hidden_act": "silu", "use_sliding_window": False, "rope_scaling": None, **raw},
@@ -112,7 +112,8 @@ def load_dream(
     check_model_type(p, raw, family=FAMILY, model_types=MODEL_TYPES)
     config = qwen2_config(p, raw, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
     state = load_safetensors_checkpoint(p)
-    drop_tied_head(p, state, tied=config.tie_word_embeddings, head_key="lm_head.weight", embed_key=_EMBED)
+    tied = config.tie_word_embeddings
+    drop_tied_head(p, state, field="tie_word_embeddings", tied=tied, head_key="lm_head.weight", embed_key=_EMBED)
     head_dim = config.hidden_size // config.num_attention_heads
     implied = qwen_structure(state, head_dim=head_dim)
     check_structure(p, {name: getattr(config, name) for name in implied}, implied)
@@ -157,11 +158,14 @@ def tiny_dream_config(**overrides: Any) -> dict[str, Any]:
     return {**_TINY, **overrides}
 
 
-def write_tiny_dream_checkpoint(out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any) -> Path:
+def write_tiny_dream_checkpoint(
+    out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any
+) -> Path:
     """Write a random ``tiny-dream`` checkpoint with Qwen2 key names incl. q/k/v biases (MODELS.md §6.2)."""
     cfg = tiny_dream_config(**overrides)
     init = TinyInit(seed)
-    d, inter, heads, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = d // heads
     state: dict[str, torch.Tensor] = {_EMBED: init.embedding(cfg["vocab_size"], d)}
     for i in range(cfg["num_hidden_layers"]):

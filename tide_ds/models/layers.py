@@ -201,8 +201,10 @@ def check_structure(path: Path, config_fields: Mapping[str, Any], from_weights: 
         )
 
 
-def drop_tied_head(path: Path, state: dict[str, torch.Tensor], *, tied: bool, head_key: str, embed_key: str) -> None:
-    """With tied embeddings, remove a saved copy of the head from ``state`` if it equals the embedding.
+def drop_tied_head(
+    path: Path, state: dict[str, torch.Tensor], *, field: str, tied: bool, head_key: str, embed_key: str
+) -> None:
+    """With tied embeddings (config field ``field`` true), remove a saved copy of the head if it equals the embedding.
 
     Some savers keep the alias; a head that differs from the embedding contradicts the config.
     """
@@ -210,8 +212,8 @@ def drop_tied_head(path: Path, state: dict[str, torch.Tensor], *, tied: bool, he
         return
     if embed_key in state and not torch.equal(state[head_key], state[embed_key]):
         raise ValueError(
-            f"{path}: config.json ties the embeddings but {head_key} differs from {embed_key}; "
-            "set the tying field of config.json to false, or drop the head tensor"
+            f"{path}: config.json has {field}=True but {head_key} differs from {embed_key}, so the head is not "
+            f"tied; set {field} to false in config.json (or drop {head_key} if the tie is intended)"
         )
     del state[head_key]
 

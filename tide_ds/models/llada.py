@@ -260,6 +260,7 @@ def load_llada(
     drop_tied_head(
         p,
         state,
+        field="weight_tying",
         tied=fields["weight_tying"],
         head_key="model.transformer.ff_out.weight",
         embed_key="model.transformer.wte.weight",
@@ -301,7 +302,9 @@ def tiny_llada_config(**overrides: Any) -> dict[str, Any]:
     return {**_TINY, **overrides}
 
 
-def write_tiny_llada_checkpoint(out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any) -> Path:
+def write_tiny_llada_checkpoint(
+    out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any
+) -> Path:
     """Write a random ``tiny-llada`` checkpoint in the real OLMo/LLaDA key layout (MODELS.md §5.2).
 
     ``overrides`` are config.json fields (``weight_tying=True`` for the tied variant, ``n_kv_heads=2``, ...).

@@ -38,6 +38,7 @@ from tide_ds.models.layers import (
     check_model_type,
     check_structure,
     check_values,
+    drop_tied_head,
     instantiate,
     layer_count,
     load_strict,
@@ -48,6 +49,7 @@ from tide_ds.models.layers import (
 
 __all__ = [
     "MODEL_TYPES",
+    "ZERO3_LEAF_MODULES",
     "convert_llada2_state_dict",
     "glm4moe_config",
     "llada2_fields",
@@ -62,6 +64,8 @@ FAMILY = "llada2_moe"
 MODEL_TYPES = ("llada2_moe",)
 #: Tokenizer strings of the mask token (MODELS.md §3.5: ``<|mask|>``, 156895 in LLaDA2.0-mini).
 MASK_TOKEN_STRINGS = ("<|mask|>",)
+#: The sparse block (router + fused experts + shared experts) to mark as a ZeRO-3 leaf (MODELS.md §8.3).
+ZERO3_LEAF_MODULES = ("Glm4MoeMoE",)
 
 #: ``LLaDA2MoeConfig`` class defaults (MODELS.md §3.1), used when config.json omits a field.
 _DEFAULTS: dict[str, Any] = {
@@ -342,6 +346,14 @@ def load_llada2_moe(
     check_model_type(p, raw, family=FAMILY, model_types=MODEL_TYPES)
     fields = llada2_fields(p, raw)
     state = load_safetensors_checkpoint(p)
+    drop_tied_head(
+        p,
+        state,
+        field="tie_word_embeddings",
+        tied=fields["tie_word_embeddings"],
+        head_key="lm_head.weight",
+        embed_key="model.word_embeddings.weight",
+    )
     check_structure(p, fields, _structure(state, fields))
     config = glm4moe_config(fields, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
     model = instantiate(transformers.Glm4MoeForCausalLM, config, attn_implementation=attn_implementation, dtype=dtype)

@@ -44,6 +44,8 @@ class TeacherFamily:
         forward_hidden: ``forward_hidden(model, input_ids_BL, **family args) -> hidden [B, L, D]``.
         lm_head_weight: ``lm_head_weight(model) -> [V, D]``.
         write_tiny_checkpoint: ``write_tiny_checkpoint(out_dir, *, seed, shard=False, **config overrides)``.
+        zero3_leaf_modules: class names to pass to ``deepspeed.utils.set_z3_leaf_modules`` before
+            ``deepspeed.initialize`` when the teacher is ZeRO-3 partitioned (MODELS.md §8.3).
     """
 
     name: str
@@ -54,6 +56,7 @@ class TeacherFamily:
     forward_hidden: Callable[..., torch.Tensor]
     lm_head_weight: Callable[[transformers.PreTrainedModel], torch.Tensor]
     write_tiny_checkpoint: Callable[..., Path]
+    zero3_leaf_modules: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, TeacherFamily] = {
@@ -66,6 +69,7 @@ FAMILIES: dict[str, TeacherFamily] = {
         forward_hidden=llada2_moe.teacher_forward_hidden,
         lm_head_weight=llada2_moe.lm_head_weight,
         write_tiny_checkpoint=llada2_moe.write_tiny_llada2_moe_checkpoint,
+        zero3_leaf_modules=llada2_moe.ZERO3_LEAF_MODULES,
     ),
     "wedlm": TeacherFamily(
         name="wedlm",

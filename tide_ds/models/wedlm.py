@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import transformers
 
-from tide_ds.diffusion.block_mask import dense_bd3lm_mask
+from tide_ds.diffusion.block_mask import additive_bd3lm_mask, dense_bd3lm_mask
 from tide_ds.models.hf_weights import load_safetensors_checkpoint
 from tide_ds.models.layers import (
     TinyInit,
@@ -123,7 +123,8 @@ def load_wedlm(
     check_model_type(p, raw, family=FAMILY, model_types=COMPATIBLE_MODEL_TYPES)
     config = qwen3_config(p, raw, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
     state = load_safetensors_checkpoint(p)
-    drop_tied_head(p, state, tied=config.tie_word_embeddings, head_key="lm_head.weight", embed_key=_EMBED)
+    tied = config.tie_word_embeddings
+    drop_tied_head(p, state, field="tie_word_embeddings", tied=tied, head_key="lm_head.weight", embed_key=_EMBED)
     q_norm = state.get("model.layers.0.self_attn.q_norm.weight")
     head_dim = config.head_dim if q_norm is None else q_norm.shape[0]
     implied = {**qwen_structure(state, head_dim=head_dim), "head_dim": head_dim}
@@ -168,10 +169,12 @@ def teacher_forward_hidden(
     clean_first = concat_order == "x0_xt"
     halves = (x_0_BL, input_ids_BL) if clean_first else (input_ids_BL, x_0_BL)
     ids_B2L = torch.cat(halves, dim=1)
-    keep = dense_bd3lm_mask(seq_len, block_size, clean_first=clean_first, device=device)  # [1, 1, 2L, 2L]
-    if attention_mask_BL is not None:
-        keep = keep & padding_keep_mask(attention_mask_BL.to(device).repeat(1, 2))
-    mask = to_additive(keep, model.get_input_embeddings().weight.dtype)
+    dtype = model.get_input_embeddings().weight.dtype
+    if attention_mask_BL is None:  # cached per (L, K, order, dtype, device): built once per run
+        mask = additive_bd3lm_mask(seq_len, block_size, clean_first=clean_first, dtype=dtype, device=device)
+    else:
+        keep = dense_bd3lm_mask(seq_len, block_size, clean_first=clean_first, device=device)  # [1, 1, 2L, 2L]
+        mask = to_additive(keep & padding_keep_mask(attention_mask_BL.to(device).repeat(1, 2)), dtype)
     # A dict of per-layer-type masks bypasses Qwen3's own causal-mask creation (MODELS.md §2.2).
     masks = {layer_type: mask for layer_type in set(model.config.layer_types)}
     positions_12L = torch.arange(seq_len, device=device).repeat(2)[None]
@@ -190,7 +193,9 @@ def tiny_wedlm_config(**overrides: Any) -> dict[str, Any]:
     return {**_TINY, **overrides}
 
 
-def write_tiny_wedlm_checkpoint(out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any) -> Path:
+def write_tiny_wedlm_checkpoint(
+    out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any
+) -> Path:
     """Write a random ``tiny-wedlm`` checkpoint with Qwen3 key names (MODELS.md §4.2); ``overrides`` are config fields.
 
     With ``tie_word_embeddings`` true no ``lm_head.weight`` is written.
