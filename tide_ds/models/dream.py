@@ -25,16 +25,16 @@ from typing import Any
 import torch
 import transformers
 
-from tide_ds.models.hf_weights import load_safetensors_checkpoint
 from tide_ds.models.layers import (
+    LoadPlan,
+    identity_convert,
+    materialize,
+    shape_state,
     TinyInit,
     bidirectional_hidden,
     check_model_type,
     check_structure,
     check_values,
-    drop_tied_head,
-    instantiate,
-    load_strict,
     qwen_structure,
     read_config_json,
     resolve_mask_token_id,
@@ -44,6 +44,7 @@ from tide_ds.models.layers import (
 __all__ = [
     "MODEL_TYPES",
     "lm_head_weight",
+    "plan_dream",
     "load_dream",
     "qwen2_config",
     "teacher_forward_hidden",
@@ -101,6 +102,19 @@ def qwen2_config(path: Path, raw: dict[str, Any], *, mask_token_id: int | None) 
     return config
 
 
+def plan_dream(path: str | os.PathLike) -> LoadPlan:
+    """Check a local dream checkpoint (config.json against the tensor shapes) and plan its load."""
+    p, raw = read_config_json(path)
+    check_model_type(p, raw, family=FAMILY, model_types=MODEL_TYPES)
+    config = qwen2_config(p, raw, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
+    tied = ("tie_word_embeddings", "lm_head.weight", _EMBED) if config.tie_word_embeddings else None
+    state = shape_state(p, tied_head=tied)
+    head_dim = config.hidden_size // config.num_attention_heads
+    implied = qwen_structure(state, head_dim=head_dim)
+    check_structure(p, {name: getattr(config, name) for name in implied}, implied)
+    return LoadPlan(path=p, native_class=transformers.Qwen2ForCausalLM, config=config, convert=identity_convert, tied_head=tied)
+
+
 def load_dream(
     path: str | os.PathLike,
     *,
@@ -108,18 +122,7 @@ def load_dream(
     dtype: torch.dtype = torch.float32,
 ) -> transformers.Qwen2ForCausalLM:
     """A frozen (eval, no grad), bidirectional ``Qwen2ForCausalLM`` from a local Dream checkpoint (Qwen2 keys)."""
-    p, raw = read_config_json(path)
-    check_model_type(p, raw, family=FAMILY, model_types=MODEL_TYPES)
-    config = qwen2_config(p, raw, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
-    state = load_safetensors_checkpoint(p)
-    tied = config.tie_word_embeddings
-    drop_tied_head(p, state, field="tie_word_embeddings", tied=tied, head_key="lm_head.weight", embed_key=_EMBED)
-    head_dim = config.hidden_size // config.num_attention_heads
-    implied = qwen_structure(state, head_dim=head_dim)
-    check_structure(p, {name: getattr(config, name) for name in implied}, implied)
-    model = instantiate(transformers.Qwen2ForCausalLM, config, attn_implementation=attn_implementation, dtype=dtype)
-    load_strict(p, model, state)
-    return model.eval().requires_grad_(False)
+    return materialize(plan_dream(path), attn_implementation=attn_implementation, dtype=dtype)
 
 
 def teacher_forward_hidden(

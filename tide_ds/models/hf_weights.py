@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 __all__ = [
     "INDEX_NAME",
@@ -192,24 +192,61 @@ def list_checkpoint_keys(path: str | os.PathLike) -> list[str]:
         return sorted(fh.keys())
 
 
-def load_safetensors_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint in directory ``path`` (single or sharded layout), on CPU, dtypes as stored."""
-    p, weight_map = _locate(path)
+def _file_of(p: Path, weight_map: dict[str, str] | None) -> dict[str, list[str]]:
+    """file name -> keys, for every tensor of the checkpoint."""
     if weight_map is None:
-        return load_file(str(p / SINGLE_NAME))
+        with safe_open(str(p / SINGLE_NAME), framework="pt") as fh:
+            return {SINGLE_NAME: sorted(fh.keys())}
     by_file: dict[str, list[str]] = {}
     for key, name in weight_map.items():
         by_file.setdefault(name, []).append(key)
+    return by_file
+
+
+def load_safetensors_checkpoint(path: str | os.PathLike, *, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of the checkpoint in directory ``path`` (single or sharded layout), on CPU, dtypes as stored.
+
+    ``keys`` restricts the read to those tensors (the others are never read from disk); ``None`` reads all.
+    """
+    p, weight_map = _locate(path)
+    wanted = None if keys is None else set(keys)
     out: dict[str, torch.Tensor] = {}
-    for name, keys in sorted(by_file.items()):
+    for name, names in sorted(_file_of(p, weight_map).items()):
+        names = [k for k in names if wanted is None or k in wanted]
+        if not names:
+            continue
         with safe_open(str(p / name), framework="pt") as fh:
             present = set(fh.keys())
-            absent = [k for k in keys if k not in present]
+            absent = [k for k in names if k not in present]
             if absent:
                 raise ValueError(
                     f"{p / INDEX_NAME} maps {absent[:3]} to {name}, but that file does not hold them; "
                     "the index and shards are from different saves: re-save the checkpoint"
                 )
-            for key in keys:
+            for key in names:
                 out[key] = fh.get_tensor(key)
+    if wanted is not None and len(out) != len(wanted):
+        raise KeyError(f"{p}: no tensor(s) {sorted(wanted - set(out))[:3]} in the checkpoint")
+    return dict(sorted(out.items()))
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def meta_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as a ``meta`` tensor (shape and dtype from the headers, no data read)."""
+    p, weight_map = _locate(path)
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(_file_of(p, weight_map)):
+        with open(p / name, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            out[key] = torch.empty(info["shape"], dtype=_ST_DTYPES.get(info["dtype"], torch.float32), device="meta")
     return dict(sorted(out.items()))

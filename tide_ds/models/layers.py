@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,13 @@ import torch
 import transformers
 from transformers.initialization import no_init_weights
 
-from tide_ds.models.hf_weights import save_safetensors_checkpoint
+from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint, save_safetensors_checkpoint
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
+    "LoadPlan",
+    "materialize",
+    "shape_state",
     "TinyInit",
     "bidirectional_hidden",
     "check_attn_implementation",
@@ -291,6 +295,57 @@ def load_strict(
     if wrong:
         raise ValueError(f"{path}: {len(wrong)} tensor(s) have the wrong shape for config.json, e.g. {wrong[:3]}")
     model.load_state_dict(state, strict=False)
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How to load one checkpoint, decided from config.json and tensor shapes alone (no tensor data read).
+
+    The same plan loads a plain replica (:func:`materialize`) or streams the checkpoint group by group
+    into ZeRO-3 partitions (``tide_ds.teacher.load``), so both paths share every check and key conversion.
+
+    Attributes:
+        path: checkpoint directory.
+        native_class: the transformers class the weights load into.
+        config: its config (``mask_token_id`` set).
+        convert: checkpoint tensors -> ``(native tensors, native key -> checkpoint key)``; works on any subset
+            that holds whole decoder layers.
+        tied_head: ``(config field, head key, embedding key)`` when the head is tied, else ``None``.
+    """
+
+    path: Path
+    native_class: type[transformers.PreTrainedModel]
+    config: transformers.PretrainedConfig
+    convert: Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, str]]]
+    tied_head: tuple[str, str, str] | None = None
+
+    def drop_tied_head(self, state: dict[str, torch.Tensor]) -> None:
+        if self.tied_head is not None:
+            field, head_key, embed_key = self.tied_head
+            drop_tied_head(self.path, state, field=field, tied=True, head_key=head_key, embed_key=embed_key)
+
+
+def shape_state(path: Path, *, tied_head: tuple[str, str, str] | None) -> dict[str, torch.Tensor]:
+    """The checkpoint as meta tensors (headers only), without a saved copy of a tied head."""
+    state = meta_checkpoint(path)
+    if tied_head is not None:
+        state.pop(tied_head[1], None)
+    return state
+
+
+def identity_convert(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """For checkpoints whose key names are already the native ones."""
+    return state, {}
+
+
+def materialize(plan: LoadPlan, *, attn_implementation: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    """Load the whole checkpoint of ``plan`` into one frozen (eval, no grad) native model."""
+    state = load_safetensors_checkpoint(plan.path)
+    plan.drop_tied_head(state)
+    native, source = plan.convert(state)
+    model = instantiate(plan.native_class, plan.config, attn_implementation=attn_implementation, dtype=dtype)
+    load_strict(plan.path, model, native, source_key=source)
+    return model.eval().requires_grad_(False)
 
 
 def _added_tokens(path: Path) -> dict[str, int]:

@@ -32,17 +32,16 @@ from typing import Any
 import torch
 import transformers
 
-from tide_ds.models.hf_weights import load_safetensors_checkpoint
 from tide_ds.models.layers import (
+    LoadPlan,
+    materialize,
+    shape_state,
     TinyInit,
     bidirectional_hidden,
     check_model_type,
     check_structure,
     check_values,
-    drop_tied_head,
-    instantiate,
     layer_count,
-    load_strict,
     read_config_json,
     resolve_mask_token_id,
     write_tiny_checkpoint,
@@ -54,6 +53,7 @@ __all__ = [
     "llada_fields",
     "llama_config",
     "lm_head_weight",
+    "plan_llada",
     "load_llada",
     "teacher_forward_hidden",
     "tiny_llada_config",
@@ -242,6 +242,19 @@ def convert_llada_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict[str, 
     return native, source
 
 
+def plan_llada(path: str | os.PathLike) -> LoadPlan:
+    """Check a local LLaDA checkpoint (config.json against the tensor shapes) and plan its load."""
+    p, raw = read_config_json(path)
+    check_model_type(p, raw, family=FAMILY, model_types=MODEL_TYPES)
+    fields = llada_fields(p, raw)
+    tied = ("weight_tying", "model.transformer.ff_out.weight", "model.transformer.wte.weight") if fields["weight_tying"] else None
+    check_structure(p, fields, _structure(shape_state(p, tied_head=tied), fields))
+    config = llama_config(fields, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
+    return LoadPlan(
+        path=p, native_class=transformers.LlamaForCausalLM, config=config, convert=convert_llada_state_dict, tied_head=tied
+    )
+
+
 def load_llada(
     path: str | os.PathLike,
     *,
@@ -253,24 +266,7 @@ def load_llada(
     ``path`` holds the real ``config.json`` (``model_type`` ``llada``, OLMo field names) and safetensors with the
     real ``model.transformer.*`` keys (single or sharded); tied (``weight_tying``) and untied heads.
     """
-    p, raw = read_config_json(path)
-    check_model_type(p, raw, family=FAMILY, model_types=MODEL_TYPES)
-    fields = llada_fields(p, raw)
-    state = load_safetensors_checkpoint(p)
-    drop_tied_head(
-        p,
-        state,
-        field="weight_tying",
-        tied=fields["weight_tying"],
-        head_key="model.transformer.ff_out.weight",
-        embed_key="model.transformer.wte.weight",
-    )
-    check_structure(p, fields, _structure(state, fields))
-    config = llama_config(fields, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
-    model = instantiate(transformers.LlamaForCausalLM, config, attn_implementation=attn_implementation, dtype=dtype)
-    native, source = convert_llada_state_dict(state)
-    load_strict(p, model, native, source_key=source)
-    return model.eval().requires_grad_(False)
+    return materialize(plan_llada(path), attn_implementation=attn_implementation, dtype=dtype)
 
 
 def teacher_forward_hidden(

@@ -31,17 +31,16 @@ from typing import Any
 import torch
 import transformers
 
-from tide_ds.models.hf_weights import load_safetensors_checkpoint
 from tide_ds.models.layers import (
+    LoadPlan,
+    materialize,
+    shape_state,
     TinyInit,
     bidirectional_hidden,
     check_model_type,
     check_structure,
     check_values,
-    drop_tied_head,
-    instantiate,
     layer_count,
-    load_strict,
     read_config_json,
     resolve_mask_token_id,
     write_tiny_checkpoint,
@@ -54,6 +53,7 @@ __all__ = [
     "glm4moe_config",
     "llada2_fields",
     "lm_head_weight",
+    "plan_llada2_moe",
     "load_llada2_moe",
     "teacher_forward_hidden",
     "tiny_llada2_moe_config",
@@ -330,6 +330,23 @@ def convert_llada2_state_dict(
     return native, source
 
 
+def plan_llada2_moe(path: str | os.PathLike) -> LoadPlan:
+    """Check a local LLaDA2 checkpoint (config.json against the tensor shapes) and plan its load."""
+    p, raw = read_config_json(path)
+    check_model_type(p, raw, family=FAMILY, model_types=MODEL_TYPES)
+    fields = llada2_fields(p, raw)
+    tied = ("tie_word_embeddings", "lm_head.weight", "model.word_embeddings.weight") if fields["tie_word_embeddings"] else None
+    check_structure(p, fields, _structure(shape_state(p, tied_head=tied), fields))
+    config = glm4moe_config(fields, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
+    return LoadPlan(
+        path=p,
+        native_class=transformers.Glm4MoeForCausalLM,
+        config=config,
+        convert=lambda state: convert_llada2_state_dict(state, fields),
+        tied_head=tied,
+    )
+
+
 def load_llada2_moe(
     path: str | os.PathLike,
     *,
@@ -342,24 +359,7 @@ def load_llada2_moe(
     names (single file or sharded). Structural fields are checked against the weights; ``config.mask_token_id``
     comes from config.json or the tokenizer files. Router weight and ``expert_bias`` stay fp32.
     """
-    p, raw = read_config_json(path)
-    check_model_type(p, raw, family=FAMILY, model_types=MODEL_TYPES)
-    fields = llada2_fields(p, raw)
-    state = load_safetensors_checkpoint(p)
-    drop_tied_head(
-        p,
-        state,
-        field="tie_word_embeddings",
-        tied=fields["tie_word_embeddings"],
-        head_key="lm_head.weight",
-        embed_key="model.word_embeddings.weight",
-    )
-    check_structure(p, fields, _structure(state, fields))
-    config = glm4moe_config(fields, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
-    model = instantiate(transformers.Glm4MoeForCausalLM, config, attn_implementation=attn_implementation, dtype=dtype)
-    native, source = convert_llada2_state_dict(state, fields)
-    load_strict(p, model, native, source_key=source)
-    return model.eval().requires_grad_(False)
+    return materialize(plan_llada2_moe(path), attn_implementation=attn_implementation, dtype=dtype)
 
 
 def teacher_forward_hidden(

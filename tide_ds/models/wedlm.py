@@ -24,16 +24,16 @@ import torch
 import transformers
 
 from tide_ds.diffusion.block_mask import additive_bd3lm_mask, dense_bd3lm_mask
-from tide_ds.models.hf_weights import load_safetensors_checkpoint
 from tide_ds.models.layers import (
+    LoadPlan,
+    identity_convert,
+    materialize,
+    shape_state,
     TinyInit,
     check_input_ids,
     check_model_type,
     check_structure,
     check_values,
-    drop_tied_head,
-    instantiate,
-    load_strict,
     padding_keep_mask,
     qwen_structure,
     read_config_json,
@@ -46,6 +46,7 @@ __all__ = [
     "CONCAT_ORDERS",
     "MODEL_TYPES",
     "lm_head_weight",
+    "plan_wedlm",
     "load_wedlm",
     "qwen3_config",
     "teacher_forward_hidden",
@@ -108,6 +109,20 @@ def qwen3_config(path: Path, raw: dict[str, Any], *, mask_token_id: int | None) 
     return config
 
 
+def plan_wedlm(path: str | os.PathLike) -> LoadPlan:
+    """Check a local wedlm checkpoint (config.json against the tensor shapes) and plan its load."""
+    p, raw = read_config_json(path)
+    check_model_type(p, raw, family=FAMILY, model_types=COMPATIBLE_MODEL_TYPES)
+    config = qwen3_config(p, raw, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
+    tied = ("tie_word_embeddings", "lm_head.weight", _EMBED) if config.tie_word_embeddings else None
+    state = shape_state(p, tied_head=tied)
+    q_norm = state.get("model.layers.0.self_attn.q_norm.weight")
+    head_dim = config.head_dim if q_norm is None else q_norm.shape[0]
+    implied = {**qwen_structure(state, head_dim=head_dim), "head_dim": head_dim}
+    check_structure(p, {name: getattr(config, name) for name in implied}, implied)
+    return LoadPlan(path=p, native_class=transformers.Qwen3ForCausalLM, config=config, convert=identity_convert, tied_head=tied)
+
+
 def load_wedlm(
     path: str | os.PathLike,
     *,
@@ -119,19 +134,7 @@ def load_wedlm(
     ``model_type`` must be ``wedlm`` (or ``qwen3``). Structural fields are checked against the weights;
     ``config.mask_token_id`` comes from config.json or the tokenizer files.
     """
-    p, raw = read_config_json(path)
-    check_model_type(p, raw, family=FAMILY, model_types=COMPATIBLE_MODEL_TYPES)
-    config = qwen3_config(p, raw, mask_token_id=resolve_mask_token_id(p, raw, token_strings=MASK_TOKEN_STRINGS))
-    state = load_safetensors_checkpoint(p)
-    tied = config.tie_word_embeddings
-    drop_tied_head(p, state, field="tie_word_embeddings", tied=tied, head_key="lm_head.weight", embed_key=_EMBED)
-    q_norm = state.get("model.layers.0.self_attn.q_norm.weight")
-    head_dim = config.head_dim if q_norm is None else q_norm.shape[0]
-    implied = {**qwen_structure(state, head_dim=head_dim), "head_dim": head_dim}
-    check_structure(p, {name: getattr(config, name) for name in implied}, implied)
-    model = instantiate(transformers.Qwen3ForCausalLM, config, attn_implementation=attn_implementation, dtype=dtype)
-    load_strict(p, model, state)
-    return model.eval().requires_grad_(False)
+    return materialize(plan_wedlm(path), attn_implementation=attn_implementation, dtype=dtype)
 
 
 def teacher_forward_hidden(
