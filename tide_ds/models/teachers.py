@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from tide_ds.models import dream, llada, llada2_moe, wedlm
-from tide_ds.models.layers import read_config_json
+from tide_ds.models.layers import LoadPlan, read_config_json
 
 __all__ = ["FAMILIES", "TeacherFamily", "detect_family", "get_family", "load_teacher", "teacher_family"]
 
@@ -41,6 +41,7 @@ class TeacherFamily:
         native_class: the transformers class the checkpoint loads into.
         bidirectional: False for a causal model run under explicit BD3LM masks (WeDLM).
         load: ``load(path, *, attn_implementation, dtype) -> model``.
+        plan: ``plan(path) -> LoadPlan``: the checks and key conversion alone (used for ZeRO-3 streaming).
         forward_hidden: ``forward_hidden(model, input_ids_BL, **family args) -> hidden [B, L, D]``.
         lm_head_weight: ``lm_head_weight(model) -> [V, D]``.
         write_tiny_checkpoint: ``write_tiny_checkpoint(out_dir, *, seed, shard=False, **config overrides)``.
@@ -53,6 +54,7 @@ class TeacherFamily:
     native_class: type[transformers.PreTrainedModel]
     bidirectional: bool
     load: Callable[..., transformers.PreTrainedModel]
+    plan: Callable[..., LoadPlan]
     forward_hidden: Callable[..., torch.Tensor]
     lm_head_weight: Callable[[transformers.PreTrainedModel], torch.Tensor]
     write_tiny_checkpoint: Callable[..., Path]
@@ -66,6 +68,7 @@ FAMILIES: dict[str, TeacherFamily] = {
         native_class=transformers.Glm4MoeForCausalLM,
         bidirectional=True,
         load=llada2_moe.load_llada2_moe,
+        plan=llada2_moe.plan_llada2_moe,
         forward_hidden=llada2_moe.teacher_forward_hidden,
         lm_head_weight=llada2_moe.lm_head_weight,
         write_tiny_checkpoint=llada2_moe.write_tiny_llada2_moe_checkpoint,
@@ -77,6 +80,7 @@ FAMILIES: dict[str, TeacherFamily] = {
         native_class=transformers.Qwen3ForCausalLM,
         bidirectional=False,
         load=wedlm.load_wedlm,
+        plan=wedlm.plan_wedlm,
         forward_hidden=wedlm.teacher_forward_hidden,
         lm_head_weight=wedlm.lm_head_weight,
         write_tiny_checkpoint=wedlm.write_tiny_wedlm_checkpoint,
@@ -87,6 +91,7 @@ FAMILIES: dict[str, TeacherFamily] = {
         native_class=transformers.LlamaForCausalLM,
         bidirectional=True,
         load=llada.load_llada,
+        plan=llada.plan_llada,
         forward_hidden=llada.teacher_forward_hidden,
         lm_head_weight=llada.lm_head_weight,
         write_tiny_checkpoint=llada.write_tiny_llada_checkpoint,
@@ -97,6 +102,7 @@ FAMILIES: dict[str, TeacherFamily] = {
         native_class=transformers.Qwen2ForCausalLM,
         bidirectional=True,
         load=dream.load_dream,
+        plan=dream.plan_dream,
         forward_hidden=dream.teacher_forward_hidden,
         lm_head_weight=dream.lm_head_weight,
         write_tiny_checkpoint=dream.write_tiny_dream_checkpoint,

@@ -1,0 +1,187 @@
+"""The frozen teacher as a second DeepSpeed engine in the student's process (DESIGN.md decision 1).
+
+The engine has no optimizer. Its placement (``replicate | zero3 | zero3_offload | auto``) is decided by
+:mod:`tide_ds.teacher.placement`; under ZeRO-3 the checkpoint loads straight into partitions
+(:mod:`tide_ds.teacher.load`) and MoE blocks are ZeRO-3 leaf modules, so ranks that route tokens to
+different experts still gather the same parameters in the same order. Every call here is one teacher
+forward on every rank, whatever the rank's data: callers never skip a pass for an empty batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tide_ds import dist
+from tide_ds.models.teachers import TeacherFamily, detect_family, get_family
+from tide_ds.teacher import forward as tf
+from tide_ds.teacher.load import (
+    current_rss_bytes,
+    load_partitioned,
+    peak_rss_bytes,
+    peak_rss_reset,
+    teacher_size,
+)
+from tide_ds.teacher.placement import Placement, decide_placement, free_memory_bytes, teacher_ds_config
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherModule(torch.nn.Module):
+    """What the teacher engine runs: the family's forward, then the LM head on the needed rows only.
+
+    ``forward(input_ids [B, L_t], attention_mask [B, L_t] | None, target_ids [B, L_t], target_rows [B, L_t],
+    x_0 [B, L_t] | None, logit_rows [B, N] | None) -> (target log-probs [B, L_t] fp32, logits [B, N, V'] | None)``.
+    ``x_0`` is the clean copy for BD3LM teachers (WeDLM); bidirectional teachers ignore it.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, family: TeacherFamily, *, block_size: int, concat_order: str, vocab_limit: int | None
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.family = family
+        self.block_size = block_size
+        self.concat_order = concat_order
+        self.vocab_limit = vocab_limit
+
+    def hidden(self, input_ids, attention_mask, x_0):
+        if self.family.bidirectional:
+            return self.family.forward_hidden(self.model, input_ids, attention_mask_BL=attention_mask)
+        return self.family.forward_hidden(
+            self.model,
+            input_ids,
+            x_0_BL=x_0,
+            block_size=self.block_size,
+            attention_mask_BL=attention_mask,
+            concat_order=self.concat_order,
+        )
+
+    @torch.no_grad()
+    def forward(self, input_ids, attention_mask, target_ids, target_rows, x_0=None, logit_rows=None):
+        hidden_BLD = self.hidden(input_ids, attention_mask, x_0)
+        weight = self.family.lm_head_weight(self.model)
+        lp = tf.target_logprobs(hidden_BLD.flatten(0, 1), weight, target_ids.flatten(), target_rows.flatten())
+        logits = None if logit_rows is None else tf.row_logits(hidden_BLD, weight, logit_rows, vocab_limit=self.vocab_limit)
+        return lp.view_as(target_ids.float()), logits
+
+
+@dataclass
+class LoadReport:
+    placement: Placement
+    param_bytes: int
+    peak_rss_increase: int
+
+
+class TeacherEngine:
+    """A frozen teacher engine: target log-probs and row logits, single pass or CompDemo."""
+
+    def __init__(self, engine, *, family: TeacherFamily, mask_token_id: int, report: LoadReport) -> None:
+        self.engine = engine
+        self.family = family
+        self.mask_token_id = mask_token_id
+        self.report = report
+
+    @classmethod
+    def build(
+        cls,
+        path: str | Path,
+        *,
+        family: str | None = None,
+        placement: str = "auto",
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        block_size: int = 32,
+        concat_order: str = "x0_xt",
+        vocab_limit: int | None = None,
+        device: torch.device | None = None,
+    ) -> TeacherEngine:
+        import deepspeed
+
+        fam = get_family(family) if family else get_family(detect_family(path))
+        plan = fam.plan(path)
+        size = teacher_size(plan, dtype=dtype)
+        device = device or torch.device("cpu")
+        world = dist.world_size()
+        free = torch.tensor([free_memory_bytes(device, local_world_size=_local_world())], dtype=torch.float64)
+        if dist.is_initialized():  # every rank decides from the same (smallest) number
+            torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
+        decision = decide_placement(
+            placement,
+            param_bytes=size.param_bytes,
+            world_size=world,
+            free_bytes=int(free.item()),
+            largest_group_bytes=size.largest_group_bytes,
+        )
+        logger.info("teacher %s (%s): placement %s — %s", path, fam.name, decision.kind, decision.reason)
+        ds = teacher_ds_config(decision.kind, hidden_size=size.hidden_size, bf16=dtype == torch.bfloat16)
+        peak_rss_reset()
+        before = current_rss_bytes()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if decision.kind == "replicate":
+            model = fam.load(path, attn_implementation=attn_implementation, dtype=dtype).to(device)
+        else:
+            model = load_partitioned(plan, ds_config=ds, attn_implementation=attn_implementation, dtype=dtype)
+            if fam.zero3_leaf_modules:
+                deepspeed.utils.set_z3_leaf_modules(model, list(fam.zero3_leaf_modules))
+        peak = (
+            torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda"
+            else max(0, peak_rss_bytes() - before)
+        )
+        report = LoadReport(decision, size.param_bytes, peak)
+        logger.info(
+            "teacher load peak %s %.1f MiB on this rank; teacher %.1f MiB, / world size = %.1f MiB",
+            "device memory" if device.type == "cuda" else "RSS increase",
+            peak / 2**20,
+            size.param_bytes / 2**20,
+            size.param_bytes / world / 2**20,
+        )
+        module = TeacherModule(model, fam, block_size=block_size, concat_order=concat_order, vocab_limit=vocab_limit)
+        if decision.kind != "replicate":
+            deepspeed.zero.register_external_parameter(module, fam.lm_head_weight(model))
+        engine, *_ = deepspeed.initialize(model=module, config=ds)
+        engine.eval()
+        mask_id = getattr(model.config, "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError(
+                f"teacher {path} declares no mask token (config.json mask_token_id or a mask token in its "
+                "tokenizer files); set teacher.mask_token_id"
+            )
+        return cls(engine, family=fam, mask_token_id=int(mask_id), report=report)
+
+    def __call__(self, input_ids, *, attention_mask=None, target_rows, x_0=None, logit_rows=None, target_ids=None):
+        target_ids = x_0 if target_ids is None else target_ids
+        return self.engine(input_ids, attention_mask, target_ids, target_rows, x_0, logit_rows)
+
+    def noised(self, clean_BL: torch.Tensor, masked_BL: torch.Tensor) -> torch.Tensor:
+        return torch.where(masked_BL, torch.full_like(clean_BL, self.mask_token_id), clean_BL)
+
+    def target_logprobs(
+        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, *, attention_mask=None, target_rows=None
+    ) -> torch.Tensor:
+        """One pass: the teacher sees ``masked`` positions as its mask token; log-probs of the clean ids."""
+        rows = masked_BL if target_rows is None else target_rows
+        lp, _ = self(self.noised(clean_BL, masked_BL), attention_mask=attention_mask, target_rows=rows, x_0=clean_BL)
+        return lp
+
+    def comp_demo_target_logprobs(
+        self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, *, attention_mask=None
+    ) -> torch.Tensor:
+        """CompDemo (§8): pass 1 masks B (A is the demonstration), pass 2 masks A; rows of A from pass 2.
+
+        Always two passes, on every rank.
+        """
+        first = self.target_logprobs(clean_BL, mask_b_BL, attention_mask=attention_mask, target_rows=mask_b_BL)
+        second = self.target_logprobs(clean_BL, mask_a_BL, attention_mask=attention_mask, target_rows=mask_a_BL)
+        return tf.merge_passes(first, second, mask_a_BL)
+
+
+def _local_world() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

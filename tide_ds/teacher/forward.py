@@ -1,0 +1,78 @@
+"""What the teacher returns: only what the losses need (spec ALGORITHMS.md §15 items 17, 18, 20).
+
+* ``target_logprobs``: ``log p_T(x_0[i])`` per teacher position, float32 ``[B, L_t]``, for the CALM family;
+  the LM head runs only on the requested rows (CPU) or tile by tile over the rows (accelerators, no
+  host synchronisation), never producing ``[B, L_t, V_t]``.
+* ``row_logits``: float32 logits ``[B, N, V']`` at given row indices, restricted to the shared vocabulary
+  prefix inside the matmul, for KL / TIDAL.
+
+CompDemo (§8): complementary splits at token and chunk level, two passes, merge. When CompDemo is on,
+every rank always runs both passes, whatever its data (DESIGN.md decision 2).
+
+Legend: B batch, L_t teacher length, N rows, D hidden, V_t teacher vocabulary, C chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tide_ds.losses.diffusion_ce import auto_chunk_rows
+
+
+@torch.no_grad()
+def target_logprobs(
+    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, *, chunk_rows: int = 0
+) -> torch.Tensor:
+    """``log softmax(h W^T)[target]`` in float32 for rows where ``rows_N``; 0 elsewhere. ``[N]``."""
+    out = torch.zeros(hidden_ND.shape[0], dtype=torch.float32, device=hidden_ND.device)
+    chunk = chunk_rows or auto_chunk_rows(weight_VD.shape[0])
+    rows = torch.nonzero(rows_N, as_tuple=True)[0] if hidden_ND.device.type == "cpu" else None
+    n = hidden_ND.shape[0] if rows is None else rows.numel()
+    for start in range(0, n, chunk):
+        idx = slice(start, start + chunk) if rows is None else rows[start : start + chunk]
+        logits = hidden_ND[idx].float() @ weight_VD.float().t()  # [n, V_t]
+        lp = logits.gather(-1, targets_N[idx].long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        out[idx] = lp
+    return out * rows_N
+
+
+@torch.no_grad()
+def row_logits(
+    hidden_BLD: torch.Tensor, weight_VD: torch.Tensor, rows_BN: torch.Tensor, *, vocab_limit: int | None = None
+) -> torch.Tensor:
+    """Float32 logits at positions ``rows_BN`` (clamped into range), over the first ``vocab_limit`` entries."""
+    b, length, d = hidden_BLD.shape
+    idx = rows_BN.long().clamp(0, length - 1)
+    picked = hidden_BLD.gather(1, idx.unsqueeze(-1).expand(b, idx.shape[1], d))  # [B, N, D]
+    weight = weight_VD if vocab_limit is None else weight_VD[:vocab_limit]
+    return picked.float() @ weight.float().t()
+
+
+def complementary_split(
+    masked_BX: torch.Tensor, *, demo_ratio: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split masked items (tokens ``[B, L]`` or chunks ``[B, C]``) into disjoint ``(A, B)`` with ``A ∪ B = masked``.
+
+    ``A`` holds each masked item with probability ``demo_ratio`` (spec §8.1 step 1, §8.2); one uniform per
+    item from ``generator``, so the split is deterministic given it.
+    """
+    if not 0.0 < demo_ratio < 1.0:
+        raise ValueError(f"distill.demo_ratio={demo_ratio!r} must lie in (0, 1)")
+    u = torch.rand(masked_BX.shape, generator=generator, device=generator.device).to(masked_BX.device)
+    in_a = u < demo_ratio
+    return masked_BX & in_a, masked_BX & ~in_a
+
+
+def chunks_to_tokens(chunk_flags_BC: torch.Tensor, chunk_ids_BL: torch.Tensor) -> torch.Tensor:
+    """Token mask ``[B, L]``: token ``i`` is set iff its chunk (id >= 0) is set in ``chunk_flags_BC``."""
+    valid = chunk_ids_BL >= 0
+    idx = chunk_ids_BL.long().clamp_min(0)
+    return chunk_flags_BC.gather(1, idx) & valid
+
+
+def merge_passes(first_BX: torch.Tensor, second_BX: torch.Tensor, second_rows_BL: torch.Tensor) -> torch.Tensor:
+    """Pass 1 everywhere, overwritten by pass 2 on the rows masked in pass 2 (spec §8.1 step 4)."""
+    mask = second_rows_BL
+    while mask.dim() < first_BX.dim():
+        mask = mask.unsqueeze(-1)
+    return torch.where(mask, second_BX, first_BX)

@@ -1,0 +1,134 @@
+"""Load a frozen teacher: a plain replica, or straight into ZeRO-3 partitions.
+
+Partitioned loading never holds the whole teacher on any rank. The model is built under
+``deepspeed.zero.Init`` (each rank allocates only its partition of every parameter), then the
+checkpoint is streamed one group at a time (the top-level tensors, then one decoder layer after the
+other): the group's tensors are read from the safetensors files, converted to the native layout by the
+family's :class:`~tide_ds.models.layers.LoadPlan`, and each rank copies only its own slice of every
+flattened parameter into ``param.ds_tensor``. Peak memory per rank is its partition plus one group.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from tide_ds import dist
+from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint
+from tide_ds.models.layers import LoadPlan, instantiate
+
+logger = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^(?:model\.layers|model\.transformer\.blocks)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TeacherSize:
+    param_bytes: int
+    largest_group_bytes: int
+    hidden_size: int
+
+
+def checkpoint_groups(keys: list[str]) -> list[list[str]]:
+    """Checkpoint keys grouped for streaming: non-layer tensors first, then one group per decoder layer."""
+    top, layers = [], {}
+    for key in keys:
+        m = _LAYER.match(key)
+        if m is None:
+            top.append(key)
+        else:
+            layers.setdefault(int(m.group(1)), []).append(key)
+    return ([top] if top else []) + [layers[i] for i in sorted(layers)]
+
+
+def teacher_size(plan: LoadPlan, *, dtype: torch.dtype) -> TeacherSize:
+    """Parameter bytes in ``dtype`` and the largest streaming group, from the headers alone."""
+    meta = meta_checkpoint(plan.path)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    groups = checkpoint_groups(list(meta))
+    sizes = [sum(meta[k].numel() for k in group) * itemsize for group in groups]
+    return TeacherSize(param_bytes=sum(sizes), largest_group_bytes=max(sizes), hidden_size=plan.config.hidden_size)
+
+
+def _partition_slice(param: torch.nn.Parameter, full: torch.Tensor) -> None:
+    """Copy this rank's slice of ``full`` (flattened) into the ZeRO-3 partition of ``param``."""
+    part = param.ds_tensor
+    rank = dist.rank() if param.ds_process_group is None else torch.distributed.get_rank(group=param.ds_process_group)
+    n = part.numel()
+    flat = full.reshape(-1)
+    start = rank * n
+    count = max(0, min(n, flat.numel() - start))
+    if count:
+        part.data[:count].copy_(flat[start : start + count].to(part.dtype))
+
+
+def load_partitioned(
+    plan: LoadPlan, *, ds_config: dict, attn_implementation: str, dtype: torch.dtype
+) -> transformers.PreTrainedModel:
+    """Build the native model under ``zero.Init`` and stream the checkpoint into its partitions."""
+    import deepspeed
+
+    # The dtype comes from the config's bf16 section: DeepSpeed 0.19's zero.Init ignores an explicit
+    # dtype=torch.float32 on accelerators without fp16 (CPU) and builds bf16 parameters instead.
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    if (dtype == torch.bfloat16) != bf16 or dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"teacher dtype {dtype} does not match the engine config (bf16={bf16}); use float32 or bfloat16")
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = instantiate(plan.native_class, plan.config, attn_implementation=attn_implementation, dtype=dtype)
+    params = dict(model.named_parameters(remove_duplicate=True))
+    buffers = dict(model.named_buffers())
+    tied = plan.config.tie_word_embeddings
+    expected = {k for k in params if not (tied and k == "lm_head.weight")}
+    loaded: set[str] = set()
+    for group in checkpoint_groups(meta_keys := list(meta_checkpoint(plan.path))):
+        state = load_safetensors_checkpoint(plan.path, keys=group)
+        plan.drop_tied_head(state)
+        native, source = plan.convert(state)
+        for name, tensor in native.items():
+            where = source.get(name, name)
+            if name in params:
+                param = params[name]
+                if tuple(tensor.shape) != tuple(param.ds_shape):
+                    raise ValueError(
+                        f"{plan.path}: {where} has shape {tuple(tensor.shape)}, the model expects "
+                        f"{tuple(param.ds_shape)}; config.json and the weights disagree"
+                    )
+                _partition_slice(param, tensor)
+            elif name in buffers:
+                buffers[name].copy_(tensor.to(buffers[name].dtype))
+            else:
+                raise ValueError(f"{plan.path}: unexpected tensor {where} for {plan.native_class.__name__}")
+            loaded.add(name)
+        del state, native
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"{plan.path}: {len(missing)} parameter(s) missing from the checkpoint, e.g. {missing[:4]}")
+    logger.info("streamed %d checkpoint tensors of %s into ZeRO-3 partitions", len(meta_keys), plan.path)
+    return model.eval().requires_grad_(False)
+
+
+def peak_rss_reset() -> None:
+    """Reset the process's peak resident set size (Linux), so a later :func:`peak_rss_bytes` measures a phase."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def current_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
