@@ -143,3 +143,33 @@ def test_readme_option_table_is_current():
         "README's option table is stale: regenerate it with "
         "python -c 'from tide_ds.config import option_table; print(option_table())'"
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--distill.preset=tide_cross", "--distill.pipeline=A"], r"teacher.path is empty; set --teacher.path"),
+        (["--distill.preset=tide_cross", "--teacher.path=/t"], r"exists for pipelines A and B; choose one with --distill.pipeline=A"),
+        (["--distill.preset=calm", "--distill.pipeline=B", "--teacher.path=/t"], r"defined for pipeline A only"),
+        (["--distill.preset=kl", "--teacher.path=/t"], r"pipeline-B .* not wired into launch/run.py yet"),
+        (["--distill.preset=calm", "--distill.comp_demo=yes", "--teacher.path=/t"], r"distill.comp_demo='yes' is not one of"),
+        (["--distill.mode=reverse_almm", "--teacher.path=/t"], r"reverse_alm"),
+        (["--teacher.placement=zero"], r"teacher.placement='zero' is not one of .*did you mean 'zero3'"),
+        (["--distill.demo_ratio=1.5"], r"distill.demo_ratio=1.5 must lie in \(0, 1\)"),
+    ],
+)
+def test_distill_config_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_config(overrides=overrides)
+
+
+def test_presets_resolve_to_typed_objectives():
+    def spec(*args):
+        return build_config(overrides=["--teacher.path=/t", *args]).distill.objective()
+
+    assert spec("--distill.preset=tide_cross", "--distill.pipeline=A").mode == "reverse_alm"
+    assert spec("--distill.preset=calm").loss_terms == ("ce", "calm")
+    shared = spec("--distill.preset=tide_shared", "--distill.pipeline=A")
+    assert shared.mode == "alm_taid" and shared.comp_demo
+    assert not spec("--distill.preset=tide_shared", "--distill.pipeline=A", "--distill.comp_demo=false").comp_demo
+    assert spec("--distill.preset=calm", "--distill.mode=reverse_alm").mode == "reverse_alm"

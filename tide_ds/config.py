@@ -31,7 +31,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
 SCHEDULES = ("linear", "cosine")
 LOSS_WEIGHT_TYPES = ("scheduler", "uniform")
 LOSS_NORM_TYPES = ("token", "sequence", "batch")
-PRESETS = ("none",)
+PRESETS = ("none", "calm", "tide_cross", "tide_shared", "kl")
 RESUME_MODES = ("auto", "never")
 
 
@@ -137,14 +137,93 @@ class DiffusionArgs:
 
 
 @dataclass(kw_only=True)
-class DistillArgs:
-    """The distillation objective. Only the non-distilled baseline exists so far."""
+class TeacherArgs:
+    """The frozen teacher (a second DeepSpeed engine; spec MODELS.md §3–§6)."""
 
-    #: Named objective preset; "none" trains with the masked-diffusion CE alone (the paper's BD3LM baseline).
+    #: Local checkpoint directory of the teacher (LLaDA2.0-mini, WeDLM, LLaDA or Dream layout); empty = no teacher.
+    path: str = ""
+    #: Teacher family (llada2_moe, wedlm, llada, dream); empty detects it from config.json.
+    family: str = ""
+    #: Placement: replicate, zero3, zero3_offload, or auto (decided from bytes, world size and free memory).
+    placement: str = "auto"
+    #: Teacher dtype: auto (bf16 on GPUs, fp32 on the CPU), bfloat16 or float32.
+    dtype: str = "auto"
+    #: Attention backend of the teacher: sdpa or eager.
+    attn_implementation: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        _choice("teacher.placement", self.placement, ("replicate", "zero3", "zero3_offload", "auto"))
+        _choice("teacher.dtype", self.dtype, ("auto", "bfloat16", "float32"))
+        _choice("teacher.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        if self.family:
+            _choice("teacher.family", self.family, ("llada2_moe", "wedlm", "llada", "dream"))
+
+
+@dataclass(kw_only=True)
+class DistillArgs:
+    """The objective: masked-diffusion CE plus the distillation terms of a preset or mode (spec §5–§10)."""
+
+    #: Paper variant: none (CE only), calm, tide_cross, tide_shared, kl (spec §9.3).
     preset: str = "none"
+    #: Pipeline: A (cross tokenizer, chunk terms) or B (shared tokenizer, token terms); empty infers it from the preset.
+    pipeline: str = ""
+    #: Reference mode string (e.g. reverse_alm, taid_aligned+kl_aligned); overrides the preset's mode when set.
+    mode: str = ""
+    #: CompDemo (two complementary teacher passes); empty follows the preset (on for tide_shared).
+    comp_demo: str = ""
+    #: Fraction of masked items revealed to the teacher in CompDemo's first pass.
+    demo_ratio: float = 0.5
+    #: Weight of CALM / Reverse CALM / chunk TIDAL.
+    calm_weight: float = 1.0
+    #: Chunk temperature T (the paper's pipeline-A script uses 5.0; the reference's Python default is 2.0).
+    calm_temperature: float = 5.0
+    #: Weight of KL / reverse KL.
+    kl_weight: float = 1.0
+    #: Temperature of KL, reverse KL and token TIDAL.
+    kl_temperature: float = 2.0
+    #: Weight of token TIDAL.
+    tidal_weight: float = 1.0
+    #: TIDAL lambda at the start of training.
+    tidal_lambda_init: float = 0.1
+    #: TIDAL lambda at the end of training.
+    tidal_lambda_max: float = 0.9
+    #: TIDAL growth over training progress: cosine or linear.
+    tidal_growth: str = "cosine"
+    #: TIDAL axes: both, training_only or timestep_only.
+    tidal_axis: str = "both"
+    #: TIDAL timestep weight: uniform or midrange.
+    tidal_timestep_weight: str = "uniform"
 
     def __post_init__(self) -> None:
         _choice("distill.preset", self.preset, PRESETS)
+        if self.pipeline:
+            _choice("distill.pipeline", self.pipeline, ("A", "B"))
+        if self.comp_demo:
+            _choice("distill.comp_demo", self.comp_demo, ("true", "false"))
+        if not 0.0 < self.demo_ratio < 1.0:
+            raise ValueError(f"distill.demo_ratio={self.demo_ratio!r} must lie in (0, 1)")
+        for name in ("calm_temperature", "kl_temperature"):
+            _positive(f"distill.{name}", getattr(self, name))
+        for name in ("calm_weight", "kl_weight", "tidal_weight"):
+            _positive(f"distill.{name}", getattr(self, name), allow_zero=True)
+        self.objective()  # parse once now, so a bad preset/mode/pipeline fails before any work
+
+    def objective(self):
+        """The typed objective (``tide_ds.losses.objective.ObjectiveSpec``)."""
+        from tide_ds.losses.objective import parse_mode, preset_objective
+
+        spec = preset_objective(self.preset, pipeline=self.pipeline or None)
+        if self.mode:
+            comp = spec.comp_demo if not self.comp_demo else self.comp_demo == "true"
+            spec = parse_mode(self.mode, comp_demo=comp)
+        elif self.comp_demo:
+            spec = parse_mode(spec.mode, comp_demo=self.comp_demo == "true") if spec.terms else spec
+        if self.pipeline and spec.pipeline is not None and spec.pipeline.value != self.pipeline:
+            raise ValueError(
+                f"distill.mode={spec.mode!r} belongs to pipeline {spec.pipeline.value}, but distill.pipeline="
+                f"{self.pipeline!r}; drop one of them"
+            )
+        return spec
 
 
 @dataclass(kw_only=True)
@@ -224,6 +303,7 @@ class RunConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     diffusion: DiffusionArgs = field(default_factory=DiffusionArgs)
+    teacher: TeacherArgs = field(default_factory=TeacherArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
     train: TrainArgs = field(default_factory=TrainArgs)
 
@@ -232,6 +312,19 @@ class RunConfig:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is not a multiple of diffusion.block_size="
                 f"{self.diffusion.block_size}; BD3LM blocks must tile the sequence: change one of them"
+            )
+
+        spec = self.distill.objective()
+        if spec.terms and not self.teacher.path:
+            raise ValueError(
+                f"distill.preset={self.distill.preset!r} (mode {spec.mode!r}) distils from a teacher, but "
+                "teacher.path is empty; set --teacher.path=<checkpoint dir> or use --distill.preset=none"
+            )
+        if spec.pipeline is not None and spec.pipeline.value == "B":
+            raise ValueError(
+                f"distill mode {spec.mode!r} is a pipeline-B (shared tokenizer) objective; the trainer runs "
+                "pipeline A so far (--distill.pipeline=A with presets calm, tide_cross, tide_shared); the "
+                "pipeline-B losses exist in tide_ds.losses but are not wired into launch/run.py yet"
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -103,11 +103,19 @@ class StatefulBatchSampler:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack ``input_ids`` and ``labels`` of ``samples`` into int64 tensors ``[B, L]``; other keys are dropped."""
-    return {
-        key: torch.as_tensor(np.stack([np.asarray(s[key]) for s in samples]), dtype=torch.long)
-        for key in ("input_ids", "labels")
-    }
+    """Stack every integer array column of ``samples`` into int64 tensors ``[B, ...]``.
+
+    The columns are those the dataset's format selects (``input_ids`` and ``labels`` always; the
+    teacher ids, attention mask and chunk ids of pipeline A; ...); string columns such as ``source``
+    are dropped. All samples of a column have one fixed length (the preprocessing pads them).
+    """
+    out = {}
+    for key, value in samples[0].items():
+        first = np.asarray(value)
+        if first.dtype.kind not in "iub":
+            continue
+        out[key] = torch.as_tensor(np.stack([np.asarray(s[key]) for s in samples]), dtype=torch.long)
+    return out
 
 
 class TrainBatches:

@@ -110,8 +110,20 @@ def build_data(cfg: RunConfig, *, tokenizer_dir: Path, special: SpecialIds, rank
         if name not in splits:
             raise ValueError(f"{option}={name!r} is not a split of {path}; splits: {list(splits)}")
         _check_split(splits[name], name=name, option=option, cfg=cfg)
-    train_ds = splits[cfg.data.train_split].with_format("numpy", columns=["input_ids", "labels"])
-    eval_ds = splits[cfg.data.eval_split].with_format("numpy", columns=["input_ids", "labels"])
+    columns = ["input_ids", "labels"]
+    if cfg.distill.objective().uses_chunks:
+        from tide_ds.trainer.distill import CHUNK_COLUMNS
+
+        missing = [c for c in CHUNK_COLUMNS if c not in splits[cfg.data.train_split].column_names]
+        if missing:
+            raise ValueError(
+                f"distill.preset={cfg.distill.preset!r} needs a pipeline-A dataset (teacher tokens and alignment "
+                f"chunks), but data.dataset={str(path)!r} lacks the columns {missing}; build one with the offline "
+                "preprocessing for pipeline A"
+            )
+        columns += list(CHUNK_COLUMNS)
+    train_ds = splits[cfg.data.train_split].with_format("numpy", columns=columns)
+    eval_ds = splits[cfg.data.eval_split].with_format("numpy", columns=columns)
     train = TrainBatches(
         train_ds, micro_batch_size=cfg.train.micro_batch_size, rank=rank, world_size=world_size, seed=cfg.train.seed
     )
@@ -182,3 +194,25 @@ def build_student(cfg: RunConfig, *, special: SpecialIds) -> torch.nn.Module:
         config.is_causal = False
         hf = build_hf(config, attn_implementation=m.attn_implementation, seed=cfg.train.seed)
     return BD3LMStudent(hf, block_size=cfg.diffusion.block_size, attn_implementation=m.attn_implementation)
+
+
+def build_teacher(cfg: RunConfig, *, device: torch.device):
+    """The frozen teacher engine of ``teacher.*`` (placement decided and logged there)."""
+    from tide_ds.teacher.engine import TeacherEngine
+
+    t = cfg.teacher
+    if not Path(t.path).is_dir():
+        raise ValueError(f"teacher.path={t.path!r} is not a directory; give a local teacher checkpoint directory")
+    if t.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, t.dtype)
+    return TeacherEngine.build(
+        t.path,
+        family=t.family or None,
+        placement=t.placement,
+        dtype=dtype,
+        attn_implementation=t.attn_implementation,
+        block_size=cfg.diffusion.block_size,
+        device=device,
+    )

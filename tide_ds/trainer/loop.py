@@ -15,7 +15,9 @@ from tide_ds.config import RunConfig
 from tide_ds.diffusion.schedules import get_schedule
 from tide_ds.log import setup_logging
 from tide_ds.trainer import checkpoint
-from tide_ds.trainer.build import build_data, build_student, build_tokenizer
+from tide_ds.losses.tidal import TidalSchedule
+from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer
+from tide_ds.trainer.distill import ChunkDistillModule, chunk_term, distill_step_a
 from tide_ds.trainer.engine import DiffusionCEModule, initialize_engine
 from tide_ds.trainer.metrics import MetricsWriter
 from tide_ds.trainer.step import evaluate, train_step
@@ -51,9 +53,24 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
     tokenizer_dir, special = build_tokenizer(cfg)
     data = build_data(cfg, tokenizer_dir=tokenizer_dir, special=special, rank=rank, world_size=world)
+    spec = cfg.distill.objective()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student = build_student(cfg, special=special)
-    module = DiffusionCEModule(student, chunk_rows=cfg.model.ce_chunk_rows)
+    teacher, tidal = None, None
+    if spec.terms:
+        teacher = build_teacher(cfg, device=device)
+        term = chunk_term(spec)
+        module = ChunkDistillModule(
+            student, term=term, weight=cfg.distill.calm_weight, temperature=cfg.distill.calm_temperature,
+            chunk_rows=cfg.model.ce_chunk_rows,
+        )
+        if spec.uses_tidal:
+            d = cfg.distill
+            tidal = TidalSchedule(lambda_init=d.tidal_lambda_init, lambda_max=d.tidal_lambda_max, growth=d.tidal_growth,
+                                  axis=d.tidal_axis, timestep_weight=d.tidal_timestep_weight)
+        logger.info("objective: mode %s, terms %s, CompDemo %s", spec.mode, spec.loss_terms, spec.comp_demo)
+    else:
+        module = DiffusionCEModule(student, chunk_rows=cfg.model.ce_chunk_rows)
     engine, _ = initialize_engine(cfg, module, world_size=world)
     schedule = get_schedule(cfg.diffusion.schedule)
 
@@ -88,38 +105,45 @@ def train(cfg: RunConfig) -> dict[str, float]:
     last_eval: dict[str, float] = {}
     if step == 0:
         last_eval = run_eval(0)
-    window = {"loss": torch.zeros((), device=device), "nll_sum": torch.zeros((), device=device), "n_masked": torch.zeros((), device=device)}
+    window: dict[str, torch.Tensor] = {}
     window_steps, window_start = 0, time.perf_counter()
     while step < cfg.train.max_steps:
-        stats = train_step(
-            engine, data.train, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=special.mask_id
-        )
+        if teacher is None:
+            stats = train_step(
+                engine, data.train, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=special.mask_id
+            )
+        else:
+            stats = distill_step_a(
+                engine, teacher, data.train, cfg=cfg, spec=spec, step=step, rank=rank, schedule=schedule,
+                mask_token_id=special.mask_id, tidal=tidal,
+            )
         step += 1
         window_steps += 1
-        for key in window:
-            window[key] += stats[key]
+        for key, value in stats.items():
+            window[key] = window.get(key, 0) + value
         if bar is not None:
             bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             # The only host synchronisation of the loop: one all-reduce and one read per interval.
-            packed = torch.stack([window["loss"], window["nll_sum"], window["n_masked"]]).double()
+            names = sorted(window)
+            packed = torch.stack([torch.as_tensor(window[k], device=device).double() for k in names])
             dist.all_reduce_sum(packed)
-            loss_total, nll_total, masked_total = packed.tolist()
             elapsed = time.perf_counter() - window_start
             grad_norm = engine.get_global_grad_norm()
-            record = {
-                "loss": loss_total / (window_steps * world),
-                "ce": loss_total / (window_steps * world),
-                "masked_ce": nll_total / max(1.0, masked_total),
+            record = {k: v / (window_steps * world) for k, v in zip(names, packed.tolist())}
+            record.update({
                 "lr": engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "tokens_per_s": tokens_per_step * window_steps / elapsed,
                 "step_time_s": elapsed / window_steps,
                 "peak_mem_gib": peak_memory_gib(device),
-            }
+            })
+            if tidal is not None:
+                record["lambda_train"] = tidal.lambda_train(min(1.0, step / cfg.train.max_steps))
             metrics.write(step, "train", record)
+            terms = "".join(f" | {k} {record[k]:.4f}" for k in spec.loss_terms if k != "ce" and k in record)
             line = (
-                f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
+                f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f}{terms} | "
                 f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
                 f"{record['step_time_s']:.2f}s/step | peak {record['peak_mem_gib']:.2f}GiB"
             )
@@ -127,8 +151,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 bar.write(line)
             else:
                 logger.info(line)
-            for key in window:
-                window[key].zero_()
+            window = {}
             window_steps, window_start = 0, time.perf_counter()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             last_eval = run_eval(step)

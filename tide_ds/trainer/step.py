@@ -83,7 +83,7 @@ def train_step(
         loss_sum += loss.detach().float()
         nll_sum += nll.float()
         n_masked += nb.masked.sum()
-    return {"loss": loss_sum / ga, "ce": loss_sum / ga, "nll_sum": nll_sum, "n_masked": n_masked}
+    return {"loss": loss_sum / ga, "ce": loss_sum / ga, "masked_ce": nll_sum / n_masked.clamp_min(1)}
 
 
 @torch.no_grad()
