@@ -277,3 +277,19 @@ def test_missing_field_and_bad_tied_head(tiny_dirs: dict[str, Path], tmp_path: P
     save_safetensors_checkpoint(state, tmp_path)
     with pytest.raises(ValueError, match=r"1 missing tensor\(s\) \['model.layers.1.self_attn.k_proj.bias'\]"):
         load_teacher(tmp_path)
+
+
+def test_llada2_export_round_trip(tmp_path):
+    import torch
+
+    from tide_ds.models.llada2_moe import load_llada2_moe, save_llada2_moe_checkpoint, tiny_llada2_moe_config
+    from tide_ds.models.llada2_moe import write_tiny_llada2_moe_checkpoint
+    from tide_ds.models.hf_weights import load_safetensors_checkpoint
+
+    src = write_tiny_llada2_moe_checkpoint(tmp_path / "src", seed=3)
+    model = load_llada2_moe(src)
+    dst = save_llada2_moe_checkpoint(model, tmp_path / "dst", tiny_llada2_moe_config(), shard=True)
+    a, b = load_safetensors_checkpoint(src), load_safetensors_checkpoint(dst)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.randint(0, 1200, (2, 16))
+    torch.testing.assert_close(load_llada2_moe(dst)(ids).logits, model(ids).logits, rtol=0, atol=0)

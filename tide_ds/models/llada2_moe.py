@@ -50,6 +50,8 @@ __all__ = [
     "MODEL_TYPES",
     "ZERO3_LEAF_MODULES",
     "convert_llada2_state_dict",
+    "export_llada2_state_dict",
+    "save_llada2_moe_checkpoint",
     "glm4moe_config",
     "llada2_fields",
     "lm_head_weight",
@@ -442,3 +444,55 @@ def _mlp(state: dict[str, torch.Tensor], prefix: str, init: TinyInit, d: int, wi
     state[f"{prefix}gate_proj.weight"] = init.linear(width, d)
     state[f"{prefix}up_proj.weight"] = init.linear(width, d)
     state[f"{prefix}down_proj.weight"] = init.linear(d, width)
+
+
+def export_llada2_state_dict(native: dict[str, torch.Tensor], fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Glm4Moe keys -> the real LLaDA2 keys: the inverse of :func:`convert_llada2_state_dict`.
+
+    Fuses ``q/k/v_proj`` into ``attention.query_key_value``, splits the fused experts back into
+    ``mlp.experts.{e}.{gate,up,down}_proj``, drops the zero-width shared MLP Glm4Moe builds when the
+    checkpoint has no shared experts, and drops a tied head.
+    """
+    inverse = {v: k for k, v in _RENAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in native.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if key == "model.embed_tokens.weight":
+            out["model.word_embeddings.weight"] = tensor
+            continue
+        if key == "lm_head.weight" and fields["tie_word_embeddings"]:
+            continue
+        m = re.match(r"^(model\.layers\.\d+\.)(.+)$", key)
+        if m is None:
+            out[key] = tensor
+            continue
+        prefix, rest = m.groups()
+        if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+            kind = rest.rsplit(".", 1)[1]
+            if rest.startswith("self_attn.q_proj."):
+                parts = [native[f"{prefix}self_attn.{n}.{kind}"].detach().cpu() for n in ("q_proj", "k_proj", "v_proj")]
+                out[f"{prefix}attention.query_key_value.{kind}"] = torch.cat(parts, dim=0).contiguous()
+            continue
+        if rest == "mlp.experts.gate_up_proj":
+            width = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}mlp.experts.{e}.gate_proj.weight"] = tensor[e, :width].clone()
+                out[f"{prefix}mlp.experts.{e}.up_proj.weight"] = tensor[e, width:].clone()
+            continue
+        if rest == "mlp.experts.down_proj":
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}mlp.experts.{e}.down_proj.weight"] = tensor[e].clone()
+            continue
+        if rest.startswith("mlp.shared_experts.") and fields["num_shared_experts"] == 0:
+            continue
+        out[prefix + inverse.get(rest, rest)] = tensor
+    return out
+
+
+def save_llada2_moe_checkpoint(
+    model: transformers.Glm4MoeForCausalLM, out_dir: str | os.PathLike, config_json: dict[str, Any], *, shard: bool = False
+) -> Path:
+    """Write ``model`` as a real-layout LLaDA2 checkpoint with ``config_json`` (the fields it was built from)."""
+    fields = llada2_fields(Path(out_dir), config_json)
+    state = export_llada2_state_dict(model.state_dict(), fields)
+    return write_tiny_checkpoint(out_dir, config_json, state, shard=shard)

@@ -1,0 +1,140 @@
+"""Train a small LLaDA2-format MoE teacher from scratch as a masked diffusion LM (for the demo).
+
+The demo needs a teacher that knows its corpus. Where no real checkpoint is at hand, this trains one: a
+tiny LLaDA2.0-style MoE (``Glm4MoeForCausalLM`` route, bidirectional) with the MDLM objective of spec
+§1 on the teacher side of a pipeline-A dataset (``teacher_input_ids``, padding never masked), and writes
+it in the real LLaDA2 checkpoint layout, so it loads through the same adapter as LLaDA2.0-mini.
+
+Single process, plain PyTorch AdamW: the teacher is tiny, and this is preparation, not the method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tide_ds.diffusion.generators import make_generator
+from tide_ds.diffusion.masking import loss_weight
+from tide_ds.diffusion.schedules import get_schedule
+from tide_ds.diffusion.timesteps import sample_timesteps
+from tide_ds.losses.diffusion_ce import fused_linear_masked_ce
+from tide_ds.models.llada2_moe import (
+    load_llada2_moe,
+    save_llada2_moe_checkpoint,
+    teacher_forward_hidden,
+    tiny_llada2_moe_config,
+    write_tiny_llada2_moe_checkpoint,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _mdlm_loss(model, ids_BL, attention_BL, *, mask_id: int, generator: torch.Generator, normalise: bool = True):
+    """Masked-diffusion CE of one batch (spec §1.3–§1.4): (loss, weighted sum, maskable count)."""
+    schedule = get_schedule("linear")
+    maskable = attention_BL.bool()
+    t = sample_timesteps(ids_BL.shape[0], time_epsilon=1e-3, generator=generator)
+    u = torch.rand(ids_BL.shape, generator=generator)
+    masked = (u < schedule.mask_prob(t)[:, None]) & maskable
+    x_t = torch.where(masked, torch.full_like(ids_BL, mask_id), ids_BL)
+    hidden = teacher_forward_hidden(model, x_t, attention_mask_BL=attention_BL)
+    coeff = loss_weight(t, weight_type="scheduler", schedule=schedule)[:, None] * masked
+    n = maskable.sum().clamp_min(1)
+    if normalise:
+        coeff = coeff / n
+    loss, _ = fused_linear_masked_ce(hidden.flatten(0, 1), model.lm_head.weight, ids_BL.flatten(), coeff.flatten().float())
+    return loss, n
+
+
+@torch.no_grad()
+def heldout_nll(model, split, *, mask_id: int, batch_size: int, seed: int, max_samples: int = 64) -> float:
+    """ELBO per maskable teacher token on a held-out split, with a fixed noise seed."""
+    model.eval()
+    total, count = 0.0, 0.0
+    n = min(len(split), max_samples)
+    for i, start in enumerate(range(0, n, batch_size)):
+        rows = split[start : min(n, start + batch_size)]
+        ids = torch.as_tensor(rows["teacher_input_ids"], dtype=torch.long)
+        att = torch.as_tensor(rows["teacher_attention_mask"], dtype=torch.long)
+        gen = make_generator(seed, step=i, rank=0, stream="teacher-eval")
+        loss, m = _mdlm_loss(model, ids, att, mask_id=mask_id, generator=gen, normalise=False)
+        total += loss.item()
+        count += m.item()
+    model.train()
+    return total / max(1.0, count)
+
+
+def pretrain_llada2_teacher(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    eos_token_id: int,
+    steps: int = 300,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """Train a tiny LLaDA2 MoE teacher on the teacher tokens of a pipeline-A dataset; write it to ``out_dir``.
+
+    Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per maskable teacher token). The checkpoint is
+    written aside and moved into place when complete.
+    """
+    import datasets
+
+    out = Path(out_dir)
+    if out.exists():
+        raise ValueError(f"teacher output directory {out} exists; remove it or choose another")
+    splits = datasets.load_from_disk(str(dataset_dir))
+    train, heldout = splits["train"], splits["heldout"]
+    cfg_json = tiny_llada2_moe_config(
+        vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        **(config or {}),
+    )
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        init = write_tiny_llada2_moe_checkpoint(Path(tmp) / "init", seed=seed, **{k: v for k, v in cfg_json.items()
+                                                                               if k not in ("architectures", "model_type")})
+        model = load_llada2_moe(init).train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    before = heldout_nll(model, heldout, mask_id=mask_token_id, batch_size=batch_size, seed=seed)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    for step in range(steps):
+        idx = order[(step * batch_size + torch.arange(batch_size)) % len(train)].tolist()
+        rows = train[idx]
+        ids = torch.as_tensor(rows["teacher_input_ids"], dtype=torch.long)
+        att = torch.as_tensor(rows["teacher_attention_mask"], dtype=torch.long)
+        loss, _ = _mdlm_loss(model, ids, att, mask_id=mask_token_id, generator=make_generator(seed, step=step, rank=0, stream="teacher"))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % max(1, steps // 10) == 0:
+            logger.info("teacher pretraining step %d/%d | loss %.4f", step + 1, steps, loss.item())
+    after = heldout_nll(model, heldout, mask_id=mask_token_id, batch_size=batch_size, seed=seed)
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_llada2_moe_checkpoint(model, staging, cfg_json)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, staging / f.name)
+    result = {"heldout_nll_before": before, "heldout_nll": after}
+    (staging / "tide_ds_pretrain.json").write_text(json.dumps({"steps": steps, "lr": lr, "seed": seed, **result}, indent=1))
+    staging.rename(out)
+    logger.info("teacher held-out NLL %.4f -> %.4f; written to %s", before, after, out)
+    return result
