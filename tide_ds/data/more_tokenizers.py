@@ -74,7 +74,6 @@ QWEN35_BUILDER_VERSION = 1
 
 #: LLaDA2-style specials of a trained teacher tokenizer, appended in this order after the pieces.
 LLADA2_SPECIAL_TOKENS = ("<|endoftext|>", "<|role_start|>", "<|role_end|>", MASK_TOKEN, "<role>", "</role>")
-SPM_EOS_TOKEN = "<|endoftext|>"
 SPM_MODEL_FILE = "sentencepiece.model"
 SPM_BUILDER_VERSION = 1
 _SPM_MODEL_TYPES = ("bpe", "unigram")
