@@ -155,7 +155,7 @@ def test_single_pipeline_presets_imply_their_pipeline():
                 "['none', 'kl', 'tide_cross', 'tide_shared']",
             ],
         ),
-        ("tide_cross", None, ["distill.preset='tide_cross' exists for pipelines A and B; say which one"]),
+        ("tide_cross", None, ["distill.preset='tide_cross' exists for pipelines A and B; choose one with --distill.pipeline=A"]),
         ("tide_shraed", A, ["distill.preset='tide_shraed' is not one of", "did you mean 'tide_shared'"]),
         ("reverse_alm", A, ["distill.preset='reverse_alm' is not one of ['none'"]),
         ("calm", "C", ["pipeline='C' is not one of ['A', 'B']"]),

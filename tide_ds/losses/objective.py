@@ -265,7 +265,10 @@ def preset_objective(preset: str, *, pipeline: Pipeline | str | None = None) -> 
     by_pipeline = _PRESET_MODES[preset]
     if pipeline is None:
         if len(by_pipeline) > 1:
-            raise ValueError(f"distill.preset={preset!r} exists for pipelines A and B; choose one with --distill.pipeline=A (cross tokenizer) or --distill.pipeline=B (shared tokenizer)")
+            raise ValueError(
+                f"distill.preset={preset!r} exists for pipelines A and B; choose one with --distill.pipeline=A "
+                "(cross tokenizer) or --distill.pipeline=B (shared tokenizer)"
+            )
         (pipeline,) = by_pipeline
     if pipeline not in by_pipeline:
         (other,) = by_pipeline
