@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", "tide_bd3lm")
 SCHEDULES = ("linear", "cosine")
 LOSS_WEIGHT_TYPES = ("scheduler", "uniform")
 LOSS_NORM_TYPES = ("token", "sequence", "batch")
@@ -56,7 +56,7 @@ class ModelArgs:
     path: str = ""
     #: Tokenizer: "qwen3" builds the real Qwen3 tokenizer offline into the cache; otherwise a local tokenizer directory.
     tokenizer: str = "qwen3"
-    #: Attention backend of the student: sdpa (dense boolean mask), flex_attention (cached BlockMask) or eager.
+    #: Attention backend of the student: sdpa (dense boolean mask), flex_attention (cached BlockMask), eager, or tide_bd3lm (our Triton kernel on GPUs, its PyTorch reference elsewhere).
     attn_implementation: str = "sdpa"
     #: Hidden size of a fresh student (ignored with model.path).
     hidden_size: int = 64

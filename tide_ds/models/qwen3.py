@@ -12,9 +12,11 @@ Legend: B batch, L student length (one copy), K block size, V vocab, D hidden.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +38,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Attention backends the BD3LM forward supports (the reference has no FlashAttention-2 path either).
-ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", "tide_bd3lm")
+#: Our masked diffusion attention (``tide_kernels.bd3lm_attention``): the BD3LM mask is computed from
+#: indices inside the kernel, fully masked tiles are skipped, no mask tensor exists.
+TIDE_BD3LM = "tide_bd3lm"
 #: ``model_type`` values accepted in a student's config.json (``a2d-qwen3`` is dllm's registered name).
 MODEL_TYPES = ("qwen3", "a2d-qwen3")
 _STRUCTURAL_FIELDS = (
@@ -90,10 +95,47 @@ def tiny_student_config(
     return config
 
 
+@dataclass(frozen=True)
+class BD3LMMaskSpec:
+    """What the ``tide_bd3lm`` backend receives instead of a mask tensor: the mask's parameters."""
+
+    seq_len: int
+    block_size: int
+    clean_first: bool = False
+    implementation: str = "reference"
+
+
+def _tide_bd3lm_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention-interface adapter: ``q [B, H, 2L, Dh]`` -> ``out [B, 2L, H, Dh]``."""
+    from tide_kernels.bd3lm_attention import bd3lm_attention
+
+    spec = attention_mask
+    if not isinstance(spec, BD3LMMaskSpec):
+        raise TypeError("the tide_bd3lm attention backend runs only inside BD3LMStudent.forward (it needs the BD3LM mask spec)")
+    out = bd3lm_attention(
+        query, key, value, seq_len=spec.seq_len, block_size=spec.block_size, clean_first=spec.clean_first,
+        scale=scaling, implementation=spec.implementation,
+    )
+    return out.transpose(1, 2), None
+
+
+def register_tide_attention() -> None:
+    """Make ``tide_bd3lm`` known to transformers (idempotent; called when a model is built with it)."""
+    if TIDE_BD3LM not in transformers.AttentionInterface._global_mapping:
+        transformers.AttentionInterface.register(TIDE_BD3LM, _tide_bd3lm_attention)
+
+
+def kernel_implementation(device: torch.device) -> str:
+    """Triton kernels on GPUs; their PyTorch references elsewhere (DESIGN.md decision 6)."""
+    return "triton" if device.type == "cuda" else "reference"
+
+
 def _instantiate(
     config: transformers.Qwen3Config, *, attn_implementation: str, dtype: torch.dtype, init: bool
 ) -> transformers.Qwen3ForCausalLM:
     _check_attn(attn_implementation)
+    if attn_implementation == TIDE_BD3LM:
+        register_tide_attention()
     config = copy.deepcopy(config)
     config.is_causal = False
     if init:
@@ -221,6 +263,11 @@ def save_student(
     os.replace(tmp, out / "config.json")
 
 
+@functools.lru_cache(maxsize=None)
+def _log_kernel_choice(impl: str) -> None:
+    logger.info("student attention tide_bd3lm: %s implementation", impl)
+
+
 class BD3LMStudent(torch.nn.Module):
     """BD3LM forward of a Qwen3 student: hidden states of the noisy copy, attending per ALGORITHMS.md §2.3.
 
@@ -263,6 +310,10 @@ class BD3LMStudent(torch.nn.Module):
 
     def _mask(self, seq_len: int, device: torch.device):
         k = self.block_size
+        if self.attn_implementation == TIDE_BD3LM:
+            impl = kernel_implementation(device)
+            _log_kernel_choice(impl)
+            return BD3LMMaskSpec(seq_len, k, implementation=impl)
         if self.attn_implementation == "flex_attention":
             return flex_bd3lm_block_mask(seq_len, k, device=device)
         if self.attn_implementation == "eager":
