@@ -29,7 +29,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from tide_kernels.common import autotune_configs
 
 __all__ = ["fused_head_grad", "fused_head_lse"]

@@ -17,7 +17,6 @@ import functools
 import logging
 
 import torch
-
 from tide_kernels.common import check_dtype, is_interpreter
 from tide_kernels.fused_head.kernel import fused_head_grad, fused_head_lse
 from tide_kernels.fused_head.reference import LossFn, fused_head_loss_reference

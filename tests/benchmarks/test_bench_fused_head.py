@@ -20,9 +20,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import triton
+from tide_kernels.fused_head import (
+    dense_target_logprobs_reference,
+    fused_head_loss_triton,
+)
 
 from tide_ds.losses.fused_head import fused_head_loss
-from tide_kernels.fused_head import dense_target_logprobs_reference, fused_head_loss_triton
 
 pytestmark = [
     pytest.mark.bench,

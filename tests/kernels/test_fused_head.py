@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from tide_ds.losses.calm import calm_loss, chunk_sums
 from tide_kernels.fused_head import (
     dense_target_logprobs_reference,
     fused_head_loss_reference,
     fused_head_loss_triton,
     target_logprobs_triton,
 )
+
+from tide_ds.losses.calm import calm_loss, chunk_sums
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
