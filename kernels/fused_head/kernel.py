@@ -46,7 +46,10 @@ def _configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config
 
 # (BLOCK_N, BLOCK_V, BLOCK_D, warps, stages): not yet tuned on a device; the autotuner picks among these.
 _FWD_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 256, 64, 8, 3)])
-_GRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)])
+# The gradient kernel holds two [BLOCK_N, BLOCK_V] fp32 tiles (logits, dlogits): 128 x 128 with 8 warps is
+# the largest that should not spill; larger tiles would mean fewer atomics per element (V / BLOCK_V on dh,
+# N / BLOCK_N on dW).
+_GRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)])
 
 
 @triton.jit
