@@ -89,10 +89,12 @@ class ModelArgs:
 class DataArgs:
     """Training and evaluation data (tokenized offline; training never tokenizes)."""
 
-    #: "stdlib" builds the demo corpus (Python standard-library source) into the cache; otherwise a dataset saved with datasets' save_to_disk holding input_ids and labels.
+    #: "stdlib": standard-library source as plain text; "demo": the TIDE demo world (instruction corpus, pipeline-A dataset, a pretrained teacher; all built once into the cache); otherwise a dataset saved with datasets' save_to_disk.
     dataset: str = "stdlib"
     #: Student sequence length L (one copy; the model sees 2L tokens). Must be a multiple of diffusion.block_size.
     seq_len: int = 128
+    #: Teacher sequence length L_t for the demo's pipeline-A preprocessing.
+    teacher_seq_len: int = 256
     #: Split used for training.
     train_split: str = "train"
     #: Held-out split used for evaluation.
@@ -315,7 +317,7 @@ class RunConfig:
             )
 
         spec = self.distill.objective()
-        if spec.terms and not self.teacher.path:
+        if spec.terms and not self.teacher.path and self.data.dataset != "demo":
             raise ValueError(
                 f"distill.preset={self.distill.preset!r} (mode {spec.mode!r}) distils from a teacher, but "
                 "teacher.path is empty; set --teacher.path=<checkpoint dir> or use --distill.preset=none"

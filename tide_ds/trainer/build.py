@@ -216,3 +216,42 @@ def build_teacher(cfg: RunConfig, *, device: torch.device):
         block_size=cfg.diffusion.block_size,
         device=device,
     )
+
+
+def prepare_demo_run(cfg: RunConfig, tokenizer_dir: Path):
+    """Build (rank 0) or reuse the demo world and point the config at its dataset and teacher."""
+    import dataclasses
+
+    from tide_ds.demo import prepare_demo
+
+    world = _rank0_first(
+        lambda: prepare_demo(
+            student_tokenizer=tokenizer_dir, seq_len=cfg.data.seq_len, block_size=cfg.diffusion.block_size,
+            teacher_seq_len=cfg.data.teacher_seq_len, max_files=cfg.data.max_files or None, seed=cfg.train.seed,
+        )
+    )
+    data = dataclasses.replace(cfg.data, dataset=str(world.dataset))
+    teacher = dataclasses.replace(cfg.teacher, path=cfg.teacher.path or str(world.teacher))
+    logger.info("demo world: dataset %s, teacher %s (held-out NLL %.3f per teacher token)",
+                world.dataset, world.teacher, world.teacher_heldout_nll)
+    return dataclasses.replace(cfg, data=data, teacher=teacher), world
+
+
+def report_demo(cfg: RunConfig, world, nll: float, out: Path) -> None:
+    """Print the student's held-out NLL beside the teacher's and the no-distillation baseline's."""
+    from tide_ds.demo import record_result
+
+    known = record_result(world.key, cfg.distill.preset, nll)
+    lines = [
+        "",
+        "TIDE demo (held-out masked-diffusion NLL per token; teacher and student tokenize differently):",
+        f"  teacher ({world.teacher.name}, own SentencePiece tokenizer): {world.teacher_heldout_nll:.4f}",
+        f"  student, preset {cfg.distill.preset}: {nll:.4f}",
+    ]
+    if cfg.distill.preset != "none":
+        base = known.get("none")
+        lines.append(f"  student, no distillation (preset none): {base:.4f}" if base is not None else
+                     "  student, no distillation: not run yet; run the same command with --distill.preset=none "
+                     "--train.output_dir=runs/demo-none")
+    lines.append(f"  logs, metrics and checkpoints: {out}")
+    logger.info("\n".join(lines))

@@ -16,7 +16,7 @@ from tide_ds.diffusion.schedules import get_schedule
 from tide_ds.log import setup_logging
 from tide_ds.trainer import checkpoint
 from tide_ds.losses.tidal import TidalSchedule
-from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer
+from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer, prepare_demo_run, report_demo
 from tide_ds.trainer.distill import ChunkDistillModule, chunk_term, distill_step_a
 from tide_ds.trainer.engine import DiffusionCEModule, initialize_engine
 from tide_ds.trainer.metrics import MetricsWriter
@@ -52,6 +52,9 @@ def train(cfg: RunConfig) -> dict[str, float]:
     logger.info("resolved config:\n%s", cfg.to_yaml())
 
     tokenizer_dir, special = build_tokenizer(cfg)
+    demo = None
+    if cfg.data.dataset == "demo":
+        cfg, demo = prepare_demo_run(cfg, tokenizer_dir)
     data = build_data(cfg, tokenizer_dir=tokenizer_dir, special=special, rank=rank, world_size=world)
     spec = cfg.distill.objective()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -164,6 +167,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
     metrics.close()
     out = Path(cfg.train.output_dir).resolve()
     logger.info("done: heldout nll %.4f at step %d; logs and checkpoints in %s", last_eval["nll"], step, out)
+    if demo is not None and rank == 0:
+        report_demo(cfg, demo, last_eval["nll"], out)
     return last_eval
 
 

@@ -1,0 +1,118 @@
+"""The small world of the TIDE demo: everything a distillation run needs, built offline and cached.
+
+``data.dataset=demo`` makes the trainer call :func:`prepare_demo` (on rank 0, the others wait):
+
+1. the instruction corpus from the Python standard library (prompt = signature + docstring, response =
+   body), split by file;
+2. a teacher tokenizer of its own: SentencePiece BPE trained on the corpus text, with LLaDA2's specials;
+3. the pipeline-A dataset: Qwen3 student tokens, teacher tokens, alignment chunks (offline preprocessing);
+4. a teacher that knows the corpus: a small LLaDA2-format MoE trained as a masked diffusion LM on the
+   teacher side of the training split, written in the real LLaDA2 checkpoint layout.
+
+Each artefact is keyed by its inputs under ``$TIDE_DS_CACHE/demo`` and built once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from tide_ds.data.tokenizers import default_tokenizer_cache, file_lock
+
+logger = logging.getLogger(__name__)
+
+DEMO_FORMAT = 1
+HELDOUT_FRACTION = 0.02
+#: The demo teacher: wider than MODELS.md's tiny test config so that it learns the corpus in minutes.
+TEACHER_CONFIG = dict(hidden_size=96, intermediate_size=192, moe_intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+
+@dataclass(frozen=True)
+class DemoWorld:
+    dataset: Path
+    teacher: Path
+    teacher_tokenizer: Path
+    teacher_heldout_nll: float
+    key: str
+
+
+def _key(**parts) -> str:
+    return hashlib.sha256(json.dumps({"format": DEMO_FORMAT, **parts}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _text_file(jsonl: Path, out: Path, *, heldout_fraction: float) -> Path:
+    """The training split's message texts, for the teacher tokenizer (the held-out files stay unseen)."""
+    from tide_ds.data.instruct_corpus import split_of_row
+
+    if out.is_file():
+        return out
+    tmp = out.with_suffix(".tmp")
+    with open(jsonl) as src, open(tmp, "w") as dst:
+        for line in src:
+            row = json.loads(line)
+            if split_of_row(row, heldout_fraction=heldout_fraction) != "train":
+                continue
+            for message in row["messages"]:
+                dst.write(message["content"] + "\n")
+    tmp.rename(out)
+    return out
+
+
+def prepare_demo(
+    *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int, max_files: int | None,
+    teacher_vocab: int = 4000, teacher_steps: int = 150, seed: int = 0,
+) -> DemoWorld:
+    """Build (or reuse) the demo corpus, teacher tokenizer, pipeline-A dataset and pretrained teacher."""
+    from tide_ds.data.instruct_corpus import ensure_instruct_jsonl
+    from tide_ds.data.more_tokenizers import train_sentencepiece_tokenizer
+    from tide_ds.data.preprocess import PreprocessConfig, preprocess
+    from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
+    from tide_ds.teacher.pretrain import pretrain_llada2_teacher
+
+    root = default_tokenizer_cache() / "demo"
+    root.mkdir(parents=True, exist_ok=True)
+    jsonl = ensure_instruct_jsonl(max_files=max_files)
+    key = _key(jsonl=jsonl.name, vocab=teacher_vocab, seed=seed)
+    with file_lock(root / f".{key}.lock"):
+        text = _text_file(jsonl, root / f"text-{jsonl.stem}.txt", heldout_fraction=HELDOUT_FRACTION)
+        teacher_tok = train_sentencepiece_tokenizer([text], root / f"teacher-tokenizer-{key}", vocab_size=teacher_vocab, seed=seed)
+        data_key = _key(base=key, student=str(student_tokenizer), seq_len=seq_len, teacher_seq_len=teacher_seq_len,
+                        block=block_size)
+        dataset = root / f"pipeline-a-{data_key}"
+        if not dataset.exists():
+            result = preprocess(PreprocessConfig(
+                pipeline="A", input=jsonl, student_tokenizer=Path(student_tokenizer), teacher_tokenizer=teacher_tok,
+                out=dataset, seq_len=seq_len, teacher_seq_len=teacher_seq_len, block_size=block_size,
+                heldout_fraction=HELDOUT_FRACTION, num_proc=2,
+            ))
+            logger.info("demo dataset: %s", json.dumps(result.summary.get("rows", {})))
+        teacher = root / f"teacher-{_key(data=data_key, steps=teacher_steps, config=TEACHER_CONFIG)}"
+        if not teacher.exists():
+            special = resolve_special_ids(load_tokenizer(teacher_tok))
+            pretrain_llada2_teacher(
+                dataset, teacher, vocab_size=-(-special.vocab_size // 64) * 64, mask_token_id=special.mask_id,
+                eos_token_id=special.eos_id, steps=teacher_steps, batch_size=16, lr=3e-3, seed=seed,
+                config=TEACHER_CONFIG, tokenizer_dir=teacher_tok,
+            )
+        nll = json.loads((teacher / "tide_ds_pretrain.json").read_text())["heldout_nll"]
+    return DemoWorld(dataset=dataset, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_heldout_nll=nll,
+                     key=data_key)
+
+
+def results_file() -> Path:
+    return default_tokenizer_cache() / "demo" / "results.json"
+
+
+def record_result(data_key: str, preset: str, nll: float) -> dict:
+    """Remember the held-out NLL of a demo run per (dataset, preset), so later runs can compare."""
+    path = results_file()
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results.setdefault(data_key, {})[preset] = nll
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    tmp.replace(path)
+    return results[data_key]
