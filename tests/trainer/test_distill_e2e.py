@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_a_data import build_pipeline_a_dataset  # noqa: E402
-from test_train_e2e import TINY, _run  # noqa: E402
+from test_train_e2e import _run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

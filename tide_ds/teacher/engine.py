@@ -10,6 +10,7 @@ forward on every rank, whatever the rank's data: callers never skip a pass for a
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +183,4 @@ class TeacherEngine:
 
 
 def _local_world() -> int:
-    import os
-
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
