@@ -3,7 +3,7 @@
 Two masks (one of them per call):
 
 * BD3LM (spec ALGORITHMS.md §2.3): ``T = 2L`` tokens ``[x_t ; x_0]`` (or ``[x_0 ; x_t]`` with
-  ``clean_first``), the boolean mask of :func:`tide_ds.diffusion.block_mask.dense_bd3lm_mask`.
+  ``clean_first``), the boolean mask of :func:`tide_kernels.bd3lm_attention.mask.bd3lm_allowed`.
 * Key lengths (padded bidirectional attention, the teacher of §3.1): sequence ``b`` holds
   ``key_lens[b]`` real tokens, then padding. Query ``i`` may attend to key ``j`` iff both
   ``i, j < key_lens[b]``; a query with no key (a padding row) returns 0 and passes no gradient,
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from tide_ds.diffusion.block_mask import dense_bd3lm_mask
+from tide_kernels.bd3lm_attention.mask import bd3lm_dense_mask
 
 __all__ = ["bd3lm_attention_reference", "reference_mask"]
 
@@ -35,7 +35,7 @@ def reference_mask(
 ) -> torch.Tensor:
     """The boolean mask (True = may attend): ``[1, 1, 2L, 2L]`` (BD3LM) or ``[B, 1, T, T]`` (key lengths)."""
     if key_lens is None:
-        return dense_bd3lm_mask(seq_len, block_size, clean_first=clean_first, device=device)
+        return bd3lm_dense_mask(seq_len, block_size, clean_first=clean_first, device=device)
     valid_BT = torch.arange(num_tokens, device=device)[None, :] < key_lens.to(device)[:, None]
     return (valid_BT[:, :, None] & valid_BT[:, None, :])[:, None]
 

@@ -9,7 +9,8 @@ for ``x0_xt``. ``(q, kv)`` may attend when any of
 * offset block-causal:   ``beta(q) >  beta(kv)`` and ``c(kv)`` and not ``c(q)``
 * block-causal:          ``beta(q) >= beta(kv)`` and ``c(kv)`` and ``c(q)``
 
-holds. ``bd3lm_allowed`` evaluates it elementwise; the dense boolean mask (SDPA), the additive mask
+holds. ``bd3lm_allowed`` (defined in ``tide_kernels.bd3lm_attention.mask``, the one copy of the predicate,
+shared with the attention kernel's reference) evaluates it elementwise; the dense boolean mask (SDPA), the additive mask
 (eager attention) and the FlexAttention ``BlockMask`` are all built from it and cached per
 ``(L, K, order, device)`` because L and K are fixed for a run (the reference rebuilt them every step).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from tide_kernels.bd3lm_attention.mask import bd3lm_allowed, bd3lm_dense_mask
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 __all__ = [
@@ -47,34 +49,6 @@ def check_mask_args(seq_len: int, block_size: int) -> None:
         )
 
 
-def bd3lm_allowed(
-    q_idx: torch.Tensor, kv_idx: torch.Tensor, *, seq_len: int, block_size: int, clean_first: bool
-) -> torch.Tensor:
-    """Whether query ``q_idx`` may attend to key ``kv_idx`` in the 2L-token BD3LM layout.
-
-    Args:
-        q_idx, kv_idx: integer tensors of indices in ``[0, 2L)``, broadcastable against each other.
-        seq_len: L, the length of one copy.
-        block_size: K.
-        clean_first: False for order ``xt_x0`` (student), True for ``x0_xt`` (teacher option).
-
-    Returns:
-        bool tensor of the broadcast shape. Pure tensor ops (no branching on values), so it also serves
-        as a FlexAttention ``mask_mod``.
-    """
-    q_second = q_idx >= seq_len
-    kv_second = kv_idx >= seq_len
-    q_block = (q_idx - seq_len * q_second.long()) // block_size
-    kv_block = (kv_idx - seq_len * kv_second.long()) // block_size
-    # c(r) = g(r) for xt_x0, 1 - g(r) for x0_xt; clean_first is a Python constant, not a tensor value.
-    q_clean = q_second ^ clean_first
-    kv_clean = kv_second ^ clean_first
-    block_diagonal = (q_block == kv_block) & (q_clean == kv_clean)
-    offset_block_causal = (q_block > kv_block) & kv_clean & ~q_clean
-    block_causal = (q_block >= kv_block) & kv_clean & q_clean
-    return block_diagonal | offset_block_causal | block_causal
-
-
 def _canonical(device: torch.device | str) -> torch.device:
     """One cache key per physical device: ``"cuda"`` and ``"cuda:0"`` (when current) are the same."""
     device = torch.device(device)
@@ -88,11 +62,7 @@ def _canonical(device: torch.device | str) -> torch.device:
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _dense(seq_len: int, block_size: int, clean_first: bool, device: torch.device) -> torch.Tensor:
     check_mask_args(seq_len, block_size)
-    idx = torch.arange(2 * seq_len, device=device)
-    allowed = bd3lm_allowed(
-        idx[:, None], idx[None, :], seq_len=seq_len, block_size=block_size, clean_first=clean_first
-    )
-    return allowed[None, None]
+    return bd3lm_dense_mask(seq_len, block_size, clean_first=clean_first, device=device)
 
 
 def dense_bd3lm_mask(
