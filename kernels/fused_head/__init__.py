@@ -6,14 +6,20 @@ from tide_kernels.fused_head.op import (
     target_logprobs_triton,
 )
 from tide_kernels.fused_head.reference import (
+    LossFn,
+    auto_chunk_rows,
     dense_target_logprobs_reference,
     fused_head_loss_reference,
+    target_logprobs_reference,
 )
 
 __all__ = [
     "FusedHeadLossTritonFunction",
+    "LossFn",
+    "auto_chunk_rows",
     "dense_target_logprobs_reference",
     "fused_head_loss_reference",
     "fused_head_loss_triton",
+    "target_logprobs_reference",
     "target_logprobs_triton",
 ]

@@ -1,6 +1,6 @@
 """Autograd op and public entry points of the fused LM-head loss (Triton).
 
-:func:`fused_head_loss_triton` has the contract of :func:`tide_ds.losses.fused_head.fused_head_loss`:
+:func:`fused_head_loss_triton` has the contract of :func:`tide_kernels.fused_head.fused_head_loss_reference`:
 any loss of the student's per-token target log-probs ``lp_n = log softmax(h_n W^T)[y_n]``, without the
 ``[N, V]`` logits. The forward pass runs kernel 1 (``lse``, ``lp``), evaluates ``loss_fn`` on the small
 ``lp`` tensor with torch autograd to get ``g = dL/dlp`` (this is how a CALM chunk coefficient reaches
@@ -134,7 +134,7 @@ def fused_head_loss_triton(
         rows_N: bool ``[N]``, rows any term needs; other rows get ``lp = 0`` and no gradient.
         loss_fn: ``lp [N] float32 (float64) -> (scalar loss, {term name: scalar})``, differentiable in ``lp``,
             a pure function of ``lp`` (evaluated once, in the forward pass).
-        implementation: ``"triton"`` or ``"reference"`` (:func:`tide_ds.losses.fused_head.fused_head_loss`).
+        implementation: ``"triton"`` or ``"reference"`` (:func:`~tide_kernels.fused_head.reference.fused_head_loss_reference`).
         block_config: tests only: ``BLOCK_N``/``BLOCK_V``/``BLOCK_D`` instead of autotuning.
 
     Returns:

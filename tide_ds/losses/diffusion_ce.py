@@ -12,13 +12,7 @@ gradient. This plain-PyTorch path is also the reference of the Triton kernel of 
 from __future__ import annotations
 
 import torch
-
-#: Logit tile budget of one chunk, in float32 elements (64 Mi elements = 256 MiB).
-_TILE_ELEMENTS = 64 * 1024 * 1024
-
-
-def auto_chunk_rows(vocab_size: int) -> int:
-    return max(16, _TILE_ELEMENTS // max(1, vocab_size))
+from tide_kernels.fused_head.reference import auto_chunk_rows  # noqa: F401  (re-exported: one tile rule)
 
 
 def masked_diffusion_ce_reference(

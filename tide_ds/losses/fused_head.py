@@ -1,87 +1,84 @@
-"""Any loss of the student's per-token target log-probabilities, fused with the LM head.
+"""Losses of the per-token target log-probabilities, fused with the LM head: one entry point, two implementations.
 
 Legend: N flattened rows (the x_t half, B * L), D hidden, V vocabulary.
 
-CE and the CALM family depend on the student logits only through ``lp_n = log softmax(h_n W^T)[y_n]``.
-The upstream gradient of a token, ``g_n = dL/dlp_n``, is known only once every chunk is summed (the
-CALM coefficient of a chunk is shared by all its tokens, spec §5.4), so the forward pass runs in two
-sweeps over row tiles, never holding ``[N, V]``:
+CE and the CALM family depend on the student logits only through ``lp_n = log softmax(h_n W^T)[y_n]``;
+the teacher side needs ``lp`` alone, without gradient. Neither ever builds ``[N, V]`` logits
+(DESIGN.md decision 3). Two implementations, chosen by ``model.loss_implementation`` (DESIGN.md
+decision 6: a config choice, logged once, no silent fallback):
 
-1. logits tile by tile -> ``lse`` and ``lp`` (float32);
-2. ``L = loss_fn(lp)`` on the small ``[N]`` / ``[B, C]`` tensors with autograd, giving ``g = dL/dlp``;
-3. logits recomputed tile by tile -> ``dlogits = g * (onehot - softmax)`` -> ``dh``, ``dW``.
+* ``reference``: the plain-PyTorch row-tiled path, :mod:`tide_kernels.fused_head.reference` (and, for
+  the CE-only path, :func:`tide_ds.losses.diffusion_ce.fused_linear_masked_ce`);
+* ``triton``: the Triton kernels of :mod:`tide_kernels.fused_head` (online log-sum-exp over vocabulary
+  tiles, logits recomputed for the gradients);
+* ``auto`` resolves to ``triton`` on a CUDA device and ``reference`` elsewhere.
 
-The gradients are stored and only rescaled in backward, so the LM head weight is used in forward only
-(which keeps it correct under ZeRO-3, where the weight is gathered for the forward). This plain-PyTorch
-path is the reference of the Triton fused loss.
+Both keep the gradients of the hidden states and of the weight from the forward pass and only rescale
+them in backward, so the LM head weight is read in forward only (correct under ZeRO-3, where it is
+gathered for the forward).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import logging
 
 import torch
+from tide_kernels.common import is_interpreter
+from tide_kernels.fused_head import (
+    LossFn,
+    fused_head_loss_reference,
+    fused_head_loss_triton,
+    target_logprobs_reference,
+    target_logprobs_triton,
+)
 
-from tide_ds.losses.diffusion_ce import auto_chunk_rows
+from tide_ds.losses.diffusion_ce import fused_linear_masked_ce
 
-LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+__all__ = [
+    "LOSS_IMPLEMENTATIONS",
+    "LossFn",
+    "fused_head_loss",
+    "fused_masked_ce",
+    "resolve_loss_implementation",
+    "target_logprobs",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Values of ``model.loss_implementation``.
+LOSS_IMPLEMENTATIONS = ("auto", "reference", "triton")
 
 
-def _tiles(hidden_ND: torch.Tensor, rows_N: torch.Tensor, chunk: int):
-    """Row index tiles: on the CPU only the needed rows (free there), elsewhere all rows (no host sync)."""
-    if hidden_ND.device.type == "cpu":
-        rows = torch.nonzero(rows_N, as_tuple=True)[0]
-        return [rows[s : s + chunk] for s in range(0, rows.numel(), chunk)]
-    return [slice(s, s + chunk) for s in range(0, hidden_ND.shape[0], chunk)]
+@functools.cache
+def _log_choice(choice: str, resolved: str, device_type: str) -> None:
+    logger.info(
+        "LM-head losses (student loss, teacher log-probs): %s implementation (model.loss_implementation=%s, device %s)",
+        resolved, choice, device_type,
+    )
 
 
-class FusedHeadLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, targets_N, rows_N, loss_fn, chunk_rows, names_out):  # type: ignore[override]
-        acc = torch.float64 if hidden_ND.dtype == torch.float64 else torch.float32
-        weight = weight_VD if weight_VD.dtype == acc else weight_VD.to(acc)
-        tiles = _tiles(hidden_ND, rows_N, chunk_rows)
-        lp = torch.zeros(hidden_ND.shape[0], dtype=acc, device=hidden_ND.device)
-        lse = torch.zeros_like(lp)
-        for idx in tiles:
-            logits = hidden_ND[idx].to(acc) @ weight.t()  # [n, V]
-            lse[idx] = torch.logsumexp(logits, dim=-1)
-            lp[idx] = logits.gather(-1, targets_N[idx].long().unsqueeze(-1)).squeeze(-1) - lse[idx]
-        lp = lp * rows_N  # rows that are not needed carry exactly 0 (and get no gradient below)
-        with torch.enable_grad():
-            lp_var = lp.detach().requires_grad_(True)
-            loss, terms = loss_fn(lp_var)
-            (g,) = torch.autograd.grad(loss, lp_var, allow_unused=True)
-        g = torch.zeros_like(lp) if g is None else g * rows_N
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(hidden_ND) if need_h else None
-        grad_w = torch.zeros(weight_VD.shape, dtype=acc, device=weight_VD.device) if need_w else None
-        if need_h or need_w:
-            for idx in tiles:
-                h = hidden_ND[idx].to(acc)
-                probs = (h @ weight.t()).sub_(lse[idx].unsqueeze(-1)).exp_()  # [n, V] softmax
-                # d lp / d logits = onehot - softmax, times the upstream g of the row
-                probs.scatter_add_(-1, targets_N[idx].long().unsqueeze(-1), -torch.ones_like(lse[idx]).unsqueeze(-1))
-                probs.mul_(-g[idx].unsqueeze(-1))
-                if need_h:
-                    grad_h[idx] = (probs @ weight).to(grad_h.dtype)
-                if need_w:
-                    grad_w.addmm_(probs.t(), h)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight_VD.dtype
-        names_out.extend(terms)
-        values = torch.stack([v.detach().to(acc).reshape(()) for v in terms.values()]) if terms else lp.new_zeros(0)
-        ctx.mark_non_differentiable(lp, values)
-        return loss.detach().to(acc), lp, values
+def resolve_loss_implementation(choice: str, device: torch.device | str) -> str:
+    """``"reference"`` or ``"triton"`` for ``model.loss_implementation=choice`` on ``device``; logged once.
 
-    @staticmethod
-    def backward(ctx, grad_loss, *_):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None, None, None
+    ``auto`` is Triton on CUDA and the PyTorch reference elsewhere. ``triton`` on a device that is not
+    CUDA is a configuration error unless ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, for tests).
+    """
+    device = torch.device(device)
+    if choice not in LOSS_IMPLEMENTATIONS:
+        raise ValueError(f"model.loss_implementation={choice!r} is not one of {list(LOSS_IMPLEMENTATIONS)}")
+    if choice == "auto":
+        resolved = "triton" if device.type == "cuda" else "reference"
+    else:
+        resolved = choice
+    if resolved == "triton" and device.type != "cuda" and not is_interpreter():
+        raise ValueError(
+            f"model.loss_implementation='triton' needs a CUDA device, but this rank runs on {device.type}; "
+            "use --model.loss_implementation=auto (or reference) here, or set TRITON_INTERPRET=1 to run the "
+            "kernels in Triton's CPU interpreter (slow: for tests)"
+        )
+    _log_choice(choice, resolved, device.type)
+    return resolved
 
 
 def fused_head_loss(
@@ -92,6 +89,7 @@ def fused_head_loss(
     loss_fn: LossFn,
     *,
     chunk_rows: int = 0,
+    implementation: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``loss_fn`` of the student's target log-probs through the LM head, without ``[N, V]`` logits.
 
@@ -102,18 +100,58 @@ def fused_head_loss(
         rows_N: bool ``[N]``, rows any term needs (masked tokens); other rows get ``lp = 0`` and no gradient.
         loss_fn: ``lp [N] float32 -> (scalar loss, {term name: scalar})``, differentiable in ``lp``; it must
             be a pure function of ``lp`` (it is evaluated once, inside the forward pass).
+        chunk_rows: rows per logits tile of the reference path (0 = about 256 MiB); the kernels tile themselves.
+        implementation: ``auto``, ``reference`` or ``triton`` (see :func:`resolve_loss_implementation`).
 
     Returns:
-        ``(loss, lp [N] detached, {term: detached scalar})``.
+        ``(loss, lp [N] detached, {term: detached scalar})``, float32 (float64 for float64 inputs).
     """
-    if hidden_ND.dim() != 2 or weight_VD.dim() != 2 or hidden_ND.shape[1] != weight_VD.shape[1]:
-        raise ValueError(
-            f"expected hidden [N, D] and weight [V, D] with equal D, got {tuple(hidden_ND.shape)} and "
-            f"{tuple(weight_VD.shape)}"
-        )
-    if targets_N.shape != hidden_ND.shape[:1] or rows_N.shape != hidden_ND.shape[:1]:
-        raise ValueError(f"targets {tuple(targets_N.shape)} and rows {tuple(rows_N.shape)} must be [N] = [{hidden_ND.shape[0]}]")
-    chunk = chunk_rows or auto_chunk_rows(weight_VD.shape[0])
-    names: list[str] = []
-    loss, lp, values = FusedHeadLossFunction.apply(hidden_ND, weight_VD, targets_N, rows_N.bool(), loss_fn, chunk, names)
-    return loss, lp, dict(zip(names, values.unbind(0)))
+    if resolve_loss_implementation(implementation, hidden_ND.device) == "triton":
+        return fused_head_loss_triton(hidden_ND, weight_VD, targets_N, rows_N, loss_fn)
+    return fused_head_loss_reference(hidden_ND, weight_VD, targets_N, rows_N, loss_fn, chunk_rows=chunk_rows)
+
+
+def fused_masked_ce(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    coeff_N: torch.Tensor,
+    *,
+    chunk_rows: int = 0,
+    implementation: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked-diffusion CE ``sum(c * CE)`` through the LM head: ``(loss, nll_sum)``.
+
+    The contract of :func:`tide_ds.losses.diffusion_ce.fused_linear_masked_ce` (``nll_sum``: the detached
+    unweighted CE summed over rows with ``c != 0``), with the implementation chosen as in
+    :func:`fused_head_loss`; the Triton path is the fused head loss with ``lp``-linear ``loss_fn``.
+    """
+    if resolve_loss_implementation(implementation, hidden_ND.device) == "reference":
+        return fused_linear_masked_ce(hidden_ND, weight_VD, targets_N, coeff_N, chunk_rows=chunk_rows)
+    if coeff_N.shape != hidden_ND.shape[:1]:
+        raise ValueError(f"coeff {tuple(coeff_N.shape)} must be [N] = [{hidden_ND.shape[0]}]")
+
+    def loss_fn(lp_N: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return -(coeff_N.to(lp_N.dtype) * lp_N).sum(), {}
+
+    loss, lp, _ = fused_head_loss_triton(hidden_ND, weight_VD, targets_N, coeff_N != 0, loss_fn)
+    return loss, -lp.sum()
+
+
+@torch.no_grad()
+def target_logprobs(
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    rows_N: torch.Tensor,
+    *,
+    chunk_rows: int = 0,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Target log-probs ``lp [N]`` (0 on rows not needed), no gradient: the teacher side of the CALM family.
+
+    Float32 (float64 for float64 inputs); the implementation is chosen as in :func:`fused_head_loss`.
+    """
+    if resolve_loss_implementation(implementation, hidden_ND.device) == "triton":
+        return target_logprobs_triton(hidden_ND, weight_VD, targets_N, rows_N)
+    return target_logprobs_reference(hidden_ND, weight_VD, targets_N, rows_N, chunk_rows=chunk_rows)

@@ -16,24 +16,26 @@ from __future__ import annotations
 
 import torch
 
-from tide_ds.losses.diffusion_ce import auto_chunk_rows
+from tide_ds.losses.fused_head import target_logprobs as fused_target_logprobs
 
 
 @torch.no_grad()
 def target_logprobs(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, *, chunk_rows: int = 0
+    hidden_ND: torch.Tensor,
+    weight_VD: torch.Tensor,
+    targets_N: torch.Tensor,
+    rows_N: torch.Tensor,
+    *,
+    chunk_rows: int = 0,
+    implementation: str = "reference",
 ) -> torch.Tensor:
-    """``log softmax(h W^T)[target]`` in float32 for rows where ``rows_N``; 0 elsewhere. ``[N]``."""
-    out = torch.zeros(hidden_ND.shape[0], dtype=torch.float32, device=hidden_ND.device)
-    chunk = chunk_rows or auto_chunk_rows(weight_VD.shape[0])
-    rows = torch.nonzero(rows_N, as_tuple=True)[0] if hidden_ND.device.type == "cpu" else None
-    n = hidden_ND.shape[0] if rows is None else rows.numel()
-    for start in range(0, n, chunk):
-        idx = slice(start, start + chunk) if rows is None else rows[start : start + chunk]
-        logits = hidden_ND[idx].float() @ weight_VD.float().t()  # [n, V_t]
-        lp = logits.gather(-1, targets_N[idx].long().unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        out[idx] = lp
-    return out * rows_N
+    """``log softmax(h W^T)[target]`` in float32 for rows where ``rows_N``; 0 elsewhere. ``[N]``.
+
+    ``implementation`` (``model.loss_implementation``): the row-tiled PyTorch path or the Triton kernel
+    (:func:`tide_ds.losses.fused_head.target_logprobs`).
+    """
+    lp = fused_target_logprobs(hidden_ND, weight_VD, targets_N, rows_N, chunk_rows=chunk_rows, implementation=implementation)
+    return lp.float()
 
 
 @torch.no_grad()
