@@ -141,7 +141,7 @@ def test_to_yaml_round_trip():
 def test_readme_option_table_is_current():
     assert option_table() in (ROOT / "README.md").read_text(), (
         "README's option table is stale: regenerate it with "
-        "python -c 'from tide_ds.config import option_table; print(option_table())'"
+        "python tools/update_readme_options.py"
     )
 
 
@@ -151,7 +151,8 @@ def test_readme_option_table_is_current():
         (["--distill.preset=tide_cross", "--distill.pipeline=A"], r"teacher.path is empty; set --teacher.path"),
         (["--distill.preset=tide_cross", "--teacher.path=/t"], r"exists for pipelines A and B; choose one with --distill.pipeline=A"),
         (["--distill.preset=calm", "--distill.pipeline=B", "--teacher.path=/t"], r"defined for pipeline A only"),
-        (["--distill.preset=kl", "--teacher.path=/t"], r"pipeline-B .* not wired into launch/run.py yet"),
+        (["--distill.preset=kl", "--distill.shared_vocab_size=0", "--teacher.path=/t"], r"distill.shared_vocab_size"),
+        (["--teacher.concat_order=x0x1"], r"teacher.concat_order='x0x1' is not one of"),
         (["--distill.preset=calm", "--distill.comp_demo=yes", "--teacher.path=/t"], r"distill.comp_demo='yes' is not one of"),
         (["--distill.mode=reverse_almm", "--teacher.path=/t"], r"reverse_alm"),
         (["--teacher.placement=zero"], r"teacher.placement='zero' is not one of .*did you mean 'zero3'"),
@@ -173,3 +174,8 @@ def test_presets_resolve_to_typed_objectives():
     assert shared.mode == "alm_taid" and shared.comp_demo
     assert not spec("--distill.preset=tide_shared", "--distill.pipeline=A", "--distill.comp_demo=false").comp_demo
     assert spec("--distill.preset=calm", "--distill.mode=reverse_alm").mode == "reverse_alm"
+    assert spec("--distill.preset=kl").mode == "kl_aligned"
+    assert spec("--distill.preset=tide_cross", "--distill.pipeline=B").mode == "reverse_kl_aligned"
+    shared_b = spec("--distill.preset=tide_shared", "--distill.pipeline=B")
+    assert shared_b.mode == "taid_aligned" and shared_b.comp_demo and shared_b.pipeline.value == "B"
+    assert spec("--distill.mode=taid+kl").loss_terms == ("ce", "tidal", "kl")

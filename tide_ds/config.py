@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", "tide_bd3lm")
+LOSS_IMPLEMENTATIONS = ("auto", "reference", "triton")  # tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS
 SCHEDULES = ("linear", "cosine")
 LOSS_WEIGHT_TYPES = ("scheduler", "uniform")
 LOSS_NORM_TYPES = ("token", "sequence", "batch")
@@ -72,9 +73,12 @@ class ModelArgs:
     head_dim: int = 32
     #: Rows of the LM head per chunk in the plain-PyTorch fused CE (bounds the [rows, V] logits tile); 0 = automatic.
     ce_chunk_rows: int = 0
+    #: Fused LM-head losses (student CE and CALM family, teacher target log-probs): auto (Triton kernels on GPUs, the row-tiled PyTorch reference elsewhere), reference, or triton (on a CPU only under TRITON_INTERPRET=1).
+    loss_implementation: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        _choice("model.loss_implementation", self.loss_implementation, LOSS_IMPLEMENTATIONS)
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.ce_chunk_rows", self.ce_chunk_rows, allow_zero=True)
@@ -152,9 +156,16 @@ class TeacherArgs:
     dtype: str = "auto"
     #: Attention backend of the teacher: sdpa or eager.
     attn_implementation: str = "sdpa"
+    #: Order of the BD3LM teacher's two copies (WeDLM): x0_xt (WeDLM's own) or xt_x0; bidirectional teachers ignore it.
+    concat_order: str = "x0_xt"
+    #: The teacher's mask token id; -1 reads it from the checkpoint (config.json or tokenizer), which is then checked.
+    mask_token_id: int = -1
 
     def __post_init__(self) -> None:
         _choice("teacher.placement", self.placement, ("replicate", "zero3", "zero3_offload", "auto"))
+        _choice("teacher.concat_order", self.concat_order, ("x0_xt", "xt_x0"))
+        if self.mask_token_id < -1:
+            raise ValueError(f"teacher.mask_token_id={self.mask_token_id} must be -1 (from the checkpoint) or an id >= 0")
         _choice("teacher.dtype", self.dtype, ("auto", "bfloat16", "float32"))
         _choice("teacher.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         if self.family:
@@ -183,6 +194,8 @@ class DistillArgs:
     kl_weight: float = 1.0
     #: Temperature of KL, reverse KL and token TIDAL.
     kl_temperature: float = 2.0
+    #: Pipeline B: the shared vocabulary prefix V' both logit vectors are cut to (151646 for Qwen-family pairs).
+    shared_vocab_size: int = 151646
     #: Weight of token TIDAL.
     tidal_weight: float = 1.0
     #: TIDAL lambda at the start of training.
@@ -204,6 +217,7 @@ class DistillArgs:
             _choice("distill.comp_demo", self.comp_demo, ("true", "false"))
         if not 0.0 < self.demo_ratio < 1.0:
             raise ValueError(f"distill.demo_ratio={self.demo_ratio!r} must lie in (0, 1)")
+        _positive("distill.shared_vocab_size", self.shared_vocab_size)
         for name in ("calm_temperature", "kl_temperature"):
             _positive(f"distill.{name}", getattr(self, name))
         for name in ("calm_weight", "kl_weight", "tidal_weight"):
@@ -321,12 +335,6 @@ class RunConfig:
             raise ValueError(
                 f"distill.preset={self.distill.preset!r} (mode {spec.mode!r}) distils from a teacher, but "
                 "teacher.path is empty; set --teacher.path=<checkpoint dir> or use --distill.preset=none"
-            )
-        if spec.pipeline is not None and spec.pipeline.value == "B":
-            raise ValueError(
-                f"distill mode {spec.mode!r} is a pipeline-B (shared tokenizer) objective; the trainer runs "
-                "pipeline A so far (--distill.pipeline=A with presets calm, tide_cross, tide_shared); the "
-                "pipeline-B losses exist in tide_ds.losses but are not wired into launch/run.py yet"
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -65,9 +65,12 @@ class TeacherModule(torch.nn.Module):
     def forward(self, input_ids, attention_mask, target_ids, target_rows, x_0=None, logit_rows=None):
         hidden_BLD = self.hidden(input_ids, attention_mask, x_0)
         weight = self.family.lm_head_weight(self.model)
-        lp = tf.target_logprobs(hidden_BLD.flatten(0, 1), weight, target_ids.flatten(), target_rows.flatten())
+        lp = None
+        if target_rows is not None:
+            lp = tf.target_logprobs(hidden_BLD.flatten(0, 1), weight, target_ids.flatten(), target_rows.flatten())
+            lp = lp.view_as(target_ids.float())
         logits = None if logit_rows is None else tf.row_logits(hidden_BLD, weight, logit_rows, vocab_limit=self.vocab_limit)
-        return lp.view_as(target_ids.float()), logits
+        return lp, logits
 
 
 @dataclass
@@ -98,12 +101,41 @@ class TeacherEngine:
         block_size: int = 32,
         concat_order: str = "x0_xt",
         vocab_limit: int | None = None,
+        mask_token_id: int | None = None,
         device: torch.device | None = None,
     ) -> TeacherEngine:
+        """Load the teacher at ``path`` as a frozen engine; ``vocab_limit`` is pipeline B's shared prefix V'.
+
+        ``mask_token_id`` overrides the checkpoint's (config.json / tokenizer) when given; a checkpoint
+        that declares a different one is an error. With ``vocab_limit``, the teacher's vocabulary must hold
+        the prefix and its mask token must lie outside it (spec §3.5).
+        """
         import deepspeed
 
         fam = get_family(family) if family else get_family(detect_family(path))
         plan = fam.plan(path)
+        declared = getattr(plan.config, "mask_token_id", None)
+        if mask_token_id is not None:
+            if declared is not None and int(declared) != mask_token_id:
+                raise ValueError(
+                    f"teacher.mask_token_id={mask_token_id} but the teacher at {path} declares mask_token_id="
+                    f"{declared}; drop the option or fix the checkpoint"
+                )
+            plan.config.mask_token_id = mask_token_id
+        if vocab_limit is not None:
+            v_t = plan.config.vocab_size
+            if vocab_limit > v_t:
+                raise ValueError(
+                    f"distill.shared_vocab_size={vocab_limit} exceeds the teacher's vocabulary ({v_t} rows, {path}); "
+                    "pipeline B needs a teacher with the student's tokenizer"
+                )
+            mask = getattr(plan.config, "mask_token_id", None)
+            if mask is not None and int(mask) < vocab_limit:
+                raise ValueError(
+                    f"the teacher's mask token id {mask} lies inside the shared vocabulary prefix "
+                    f"distill.shared_vocab_size={vocab_limit}; the prefix must hold only tokens both tokenizers mean "
+                    "the same way (spec §3.5): lower distill.shared_vocab_size"
+                )
         size = teacher_size(plan, dtype=dtype)
         device = device or torch.device("cpu")
         world = dist.world_size()
@@ -147,11 +179,11 @@ class TeacherEngine:
             deepspeed.zero.register_external_parameter(module, fam.lm_head_weight(model))
         engine, *_ = deepspeed.initialize(model=module, config=ds)
         engine.eval()
-        mask_id = getattr(model.config, "mask_token_id", None)
+        mask_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
         if mask_id is None:
             raise ValueError(
                 f"teacher {path} declares no mask token (config.json mask_token_id or a mask token in its "
-                "tokenizer files); set teacher.mask_token_id"
+                "tokenizer files); set --teacher.mask_token_id"
             )
         return cls(engine, family=fam, mask_token_id=int(mask_id), report=report)
 
@@ -180,6 +212,29 @@ class TeacherEngine:
         first = self.target_logprobs(clean_BL, mask_b_BL, attention_mask=attention_mask, target_rows=mask_b_BL)
         second = self.target_logprobs(clean_BL, mask_a_BL, attention_mask=attention_mask, target_rows=mask_a_BL)
         return tf.merge_passes(first, second, mask_a_BL)
+
+    def row_logits(
+        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, rows_BN: torch.Tensor, *, attention_mask=None
+    ) -> torch.Tensor:
+        """One pass with ``masked`` positions hidden: float32 logits ``[B, N, V']`` at teacher positions ``rows_BN``.
+
+        ``V'`` is the shared-vocabulary prefix given at build time (pipeline B, spec §3.2-§3.5).
+        """
+        _, logits = self(self.noised(clean_BL, masked_BL), attention_mask=attention_mask, target_rows=None,
+                         x_0=clean_BL, logit_rows=rows_BN)
+        return logits
+
+    def comp_demo_row_logits(
+        self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, rows_BN: torch.Tensor,
+        rows_in_a_BN: torch.Tensor, *, attention_mask=None,
+    ) -> torch.Tensor:
+        """Token-level CompDemo (§8.1): pass 1 masks B, pass 2 masks A; rows in A take pass 2's logits.
+
+        Always two passes, on every rank.
+        """
+        first = self.row_logits(clean_BL, mask_b_BL, rows_BN, attention_mask=attention_mask)
+        second = self.row_logits(clean_BL, mask_a_BL, rows_BN, attention_mask=attention_mask)
+        return torch.where(rows_in_a_BN.unsqueeze(-1), second, first)
 
 
 def _local_world() -> int:

@@ -111,17 +111,22 @@ def build_data(cfg: RunConfig, *, tokenizer_dir: Path, special: SpecialIds, rank
             raise ValueError(f"{option}={name!r} is not a split of {path}; splits: {list(splits)}")
         _check_split(splits[name], name=name, option=option, cfg=cfg)
     columns = ["input_ids", "labels"]
-    if cfg.distill.objective().uses_chunks:
-        from tide_ds.trainer.distill import CHUNK_COLUMNS
+    spec = cfg.distill.objective()
+    if spec.uses_chunks or spec.aligned:
+        from tide_ds.trainer.distill import ALIGN_COLUMNS, CHUNK_COLUMNS
 
-        missing = [c for c in CHUNK_COLUMNS if c not in splits[cfg.data.train_split].column_names]
-        if missing:
-            raise ValueError(
-                f"distill.preset={cfg.distill.preset!r} needs a pipeline-A dataset (teacher tokens and alignment "
-                f"chunks), but data.dataset={str(path)!r} lacks the columns {missing}; build one with the offline "
-                "preprocessing for pipeline A"
-            )
-        columns += list(CHUNK_COLUMNS)
+        needed, kind = (CHUNK_COLUMNS, "A") if spec.uses_chunks else (ALIGN_COLUMNS, "B")
+        what = "teacher tokens and alignment chunks" if kind == "A" else "teacher tokens and aligned position pairs"
+        for name in (cfg.data.train_split, cfg.data.eval_split):
+            missing = [c for c in needed if c not in splits[name].column_names]
+            if missing:
+                raise ValueError(
+                    f"distill mode {spec.mode!r} needs a pipeline-{kind} dataset ({what}), but split {name!r} of "
+                    f"data.dataset={str(path)!r} lacks the columns {missing}; build one with "
+                    f"`python -m tide_ds.data.preprocess --pipeline {kind} ...`"
+                    + ("" if kind == "A" else ", or use a non-aligned mode (--distill.mode=kl, reverse_kl, taid)")
+                )
+        columns += list(needed)
     train_ds = splits[cfg.data.train_split].with_format("numpy", columns=columns)
     eval_ds = splits[cfg.data.eval_split].with_format("numpy", columns=columns)
     train = TrainBatches(
@@ -207,6 +212,7 @@ def build_teacher(cfg: RunConfig, *, device: torch.device):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, t.dtype)
+    pipeline_b = cfg.distill.objective().pipeline is not None and cfg.distill.objective().pipeline.value == "B"
     return TeacherEngine.build(
         t.path,
         family=t.family or None,
@@ -214,6 +220,9 @@ def build_teacher(cfg: RunConfig, *, device: torch.device):
         dtype=dtype,
         attn_implementation=t.attn_implementation,
         block_size=cfg.diffusion.block_size,
+        concat_order=t.concat_order,
+        vocab_limit=cfg.distill.shared_vocab_size if pipeline_b else None,
+        mask_token_id=None if t.mask_token_id < 0 else t.mask_token_id,
         device=device,
     )
 

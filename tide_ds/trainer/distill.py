@@ -1,11 +1,16 @@
-"""The distillation step of pipeline A (cross tokenizer, chunk terms), spec ALGORITHMS.md Appendix A.
+"""The distillation steps: pipeline A (cross tokenizer, chunk terms, spec ALGORITHMS.md Appendix A) and
+pipeline B (shared tokenizer, token terms on the shared vocabulary, Appendix B).
 
 noise -> chunk-consistent masks (§4.4) -> teacher target log-probs under no_grad (one pass, or CompDemo's
 two on every rank) -> teacher chunk log-likelihoods -> student BD3LM forward -> CE + CALM / Reverse CALM /
 chunk TIDAL through the fused LM-head loss -> backward -> step. Every loss term is returned on its own.
 
-Batch columns (from the offline preprocessing): ``input_ids, labels, student_chunk_ids [B, L]``,
+Pipeline-A batch columns (from the offline preprocessing): ``input_ids, labels, student_chunk_ids [B, L]``,
 ``teacher_input_ids, teacher_attention_mask, teacher_chunk_ids [B, L_t]`` (chunk id -1 = no chunk).
+
+Pipeline B, aligned modes (§3.3): ``teacher_input_ids, teacher_attention_mask [B, L_t]``, position pairs
+``align_student, align_teacher [B, N]`` (-1 padded) and ``n_aligned [B]``. Non-aligned modes (§3.2) need
+only ``input_ids, labels``: the teacher reads the student's own ids.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from tide_ds.config import RunConfig
 from tide_ds.diffusion.chunk_masking import chunk_consistent_masks, gather_chunks
 from tide_ds.diffusion.masking import token_loss_weights
 from tide_ds.losses.calm import calm_loss, chunk_sums
+from tide_ds.losses.diffusion_ce import fused_linear_masked_ce
+from tide_ds.losses.fused_divergence import DivergenceTerm, fused_head_divergence
 from tide_ds.losses.fused_head import fused_head_loss
 from tide_ds.losses.objective import LossTerm, ObjectiveSpec, TermKind
 from tide_ds.losses.tidal import TidalSchedule
@@ -24,6 +31,7 @@ from tide_ds.trainer.engine import DiffusionCEModule
 from tide_ds.trainer.step import add_noise, noise_generator
 
 CHUNK_COLUMNS = ("student_chunk_ids", "teacher_input_ids", "teacher_attention_mask", "teacher_chunk_ids")
+ALIGN_COLUMNS = ("teacher_input_ids", "teacher_attention_mask", "align_student", "align_teacher", "n_aligned")
 
 
 class ChunkDistillModule(DiffusionCEModule):
@@ -59,7 +67,8 @@ class ChunkDistillModule(DiffusionCEModule):
             return ce + self.weight * term, {"ce": ce, self.term.name: term}
 
         loss, _, terms = fused_head_loss(
-            hidden, self.student.lm_head_weight, x_0.flatten(), rows.flatten(), loss_fn, chunk_rows=self.chunk_rows
+            hidden, self.student.lm_head_weight, x_0.flatten(), rows.flatten(), loss_fn, chunk_rows=self.chunk_rows,
+            implementation=self.loss_implementation,
         )
         return loss, terms
 
@@ -123,4 +132,169 @@ def distill_step_a(
                  "active_chunks": masks.chunk_active.sum().float()}
         for key, value in stats.items():
             sums[key] = sums.get(key, 0) + value / (1 if key == "active_chunks" else ga)
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline B: shared tokenizer, token-level KL / reverse KL / TIDAL (spec §3.2, §3.3, §6, §7.3, §8.1)
+
+_DIVERGENCE_KIND = {(TermKind.KL, False): "forward", (TermKind.KL, True): "reverse", (TermKind.TIDAL, False): "tidal"}
+
+
+def divergence_terms(spec: ObjectiveSpec, cfg: RunConfig) -> tuple[DivergenceTerm, ...]:
+    """The spec's token-level terms with their weights (§10: ``kl_weight`` for KL, ``tidal_weight`` for TIDAL)."""
+    weights = {"kl": cfg.distill.kl_weight, "tidal": cfg.distill.tidal_weight}
+    return tuple(
+        DivergenceTerm(term.name, _DIVERGENCE_KIND[(term.kind, term.reverse)], weights[term.weight_group])
+        for term in spec.terms
+    )
+
+
+class TokenDistillModule(DiffusionCEModule):
+    """Student side of pipeline B: ``forward(x_t, x_0, coeff, rows, selected, teacher_logits, lam, omega)
+    -> (loss, {term: value})``. CE runs on the full student sequence (§3.3 step 7) through the fused CE;
+    the token terms run on the student rows ``rows [B, N]`` against the teacher's row logits
+    ``[B, N, V']`` through the fused head divergence. With only ``(x_t, x_0, coeff)`` it is the plain CE
+    module (held-out evaluation)."""
+
+    def __init__(self, student: torch.nn.Module, *, terms: tuple[DivergenceTerm, ...], temperature: float, chunk_rows: int = 0):
+        super().__init__(student, chunk_rows=chunk_rows)
+        self.terms = terms
+        self.temperature = temperature
+
+    def forward(self, x_t, x_0, coeff, rows=None, selected=None, teacher_logits=None, lam=None, omega=None):
+        if rows is None:
+            return super().forward(x_t, x_0, coeff)
+        hidden_BLD = self.student(x_t, x_0)
+        weight = self.student.lm_head_weight
+        ce, _ = fused_linear_masked_ce(hidden_BLD.flatten(0, 1), weight, x_0.flatten(), coeff.flatten(),
+                                       chunk_rows=self.chunk_rows)
+        b, n = rows.shape
+        d = hidden_BLD.shape[-1]
+        picked = hidden_BLD.gather(1, rows.long().clamp(0, hidden_BLD.shape[1] - 1).unsqueeze(-1).expand(b, n, d))
+        total, values = fused_head_divergence(
+            picked.flatten(0, 1), weight, teacher_logits.flatten(0, 1), selected.flatten(), self.terms,
+            temperature=self.temperature,
+            lam_N=None if lam is None else lam[:, None].expand(b, n).flatten(),
+            omega_N=None if omega is None else omega[:, None].expand(b, n).flatten(),
+            chunk_rows=self.chunk_rows,
+        )
+        return ce + total, {"ce": ce.detach(), **values}
+
+
+def compact_rows(*rows_BN: torch.Tensor, selected_BN: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """On the CPU, keep only selected rows (moved to the front of each sample, N cut to the largest count).
+
+    Rows that are not selected cost a teacher LM-head row and a gather for nothing; finding them needs
+    the count on the host, which is free on the CPU. On accelerators the shapes stay static (no host sync).
+    Returns ``(*rows, selected)`` in the same layout.
+    """
+    if selected_BN.device.type != "cpu":
+        return (*rows_BN, selected_BN)
+    order = torch.sort((~selected_BN).to(torch.int8), dim=1, stable=True).indices
+    keep = max(1, int(selected_BN.sum(1).max()))
+    order = order[:, :keep]
+    return (*(r.gather(1, order) for r in rows_BN), selected_BN.gather(1, order))
+
+
+def _scatter_pairs(flags_BN: torch.Tensor, positions_BN: torch.Tensor, valid_BN: torch.Tensor, length: int) -> torch.Tensor:
+    """Teacher-position flags ``[B, length]`` from per-pair flags: a masked scatter (invalid pairs write nothing).
+
+    The reference scattered invalid pairs (index 0, value False) into position 0, harmless only because
+    position 0 is a template token there (spec §3.3 step 2); here they go to a spare column that is dropped.
+    """
+    out = torch.zeros(flags_BN.shape[0], length + 1, dtype=torch.bool, device=flags_BN.device)
+    index = torch.where(valid_BN, positions_BN.long().clamp(0, length - 1), torch.full_like(positions_BN.long(), length))
+    out.scatter_(1, index, flags_BN & valid_BN)
+    return out[:, :length]
+
+
+def distill_step_b(
+    engine,
+    teacher,
+    batches,
+    *,
+    cfg: RunConfig,
+    spec: ObjectiveSpec,
+    step: int,
+    rank: int,
+    schedule,
+    mask_token_id: int,
+    tidal: TidalSchedule | None,
+) -> dict[str, torch.Tensor]:
+    """Micro-steps of optimizer step ``step`` for pipeline B; device-side sums of every term for logging.
+
+    Aligned modes (§3.3): the student mask is propagated through the position pairs (``mu``), the teacher
+    reads its own template with the propagated mask, and the terms compare aligned-and-masked rows.
+    Non-aligned modes (§3.2): the teacher reads the student's ids with the student's mask, every masked
+    position is a row. CompDemo (§8.1) splits the student mask and maps both halves the same way.
+    """
+    device = engine.device
+    ga = cfg.train.gradient_accumulation_steps
+    sums: dict[str, torch.Tensor] = {}
+    for micro in range(ga):
+        batch = next(batches)
+        micro_step = step * ga + micro
+        gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=micro_step, rank=rank, stream="noise", device=device)
+        nb = add_noise(batch, cfg=cfg, schedule=schedule, mask_token_id=mask_token_id, generator=gen, device=device)
+        split = None
+        if spec.comp_demo:  # always two passes on every rank
+            demo_gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=micro_step, rank=rank, stream="demo", device=device)
+            split = complementary_split(nb.masked, demo_ratio=cfg.distill.demo_ratio, generator=demo_gen)
+        b, length = nb.x_0.shape
+        if spec.aligned:
+            t_ids = batch["teacher_input_ids"].to(device)
+            t_att = batch["teacher_attention_mask"].to(device)
+            s_pos = batch["align_student"].to(device).long()
+            t_pos = batch["align_teacher"].to(device).long()
+            n_pairs = batch["n_aligned"].to(device).long()
+            valid = (torch.arange(s_pos.shape[1], device=device)[None] < n_pairs[:, None]) & (s_pos >= 0) & (t_pos >= 0)
+            s_idx = s_pos.clamp(0, length - 1)
+
+            def through_pairs(student_flags_BL):
+                return student_flags_BL.gather(1, s_idx) & valid
+
+            selected = through_pairs(nb.masked)
+            in_a = through_pairs(split[0]) if split is not None else None
+            s_rows, t_rows, *extra, selected = compact_rows(
+                s_idx, t_pos.clamp(0, t_ids.shape[1] - 1), *(() if in_a is None else (in_a,)), selected_BN=selected
+            )
+            in_a = extra[0] if extra else None
+            l_t = t_ids.shape[1]
+            if split is None:
+                t_masked = _scatter_pairs(through_pairs(nb.masked), t_pos, valid, l_t)
+                logits = teacher.row_logits(t_ids, t_masked, t_rows, attention_mask=t_att)
+            else:
+                t_a = _scatter_pairs(through_pairs(split[0]), t_pos, valid, l_t)
+                t_b = _scatter_pairs(through_pairs(split[1]), t_pos, valid, l_t)
+                logits = teacher.comp_demo_row_logits(t_ids, t_a, t_b, t_rows, in_a, attention_mask=t_att)
+            counts = {"aligned_pairs": valid.sum().float()}
+        else:
+            positions = torch.arange(length, device=device).expand(b, length)
+            in_a = split[0] if split is not None else None
+            s_rows, *extra, selected = compact_rows(
+                positions, *(() if in_a is None else (in_a,)), selected_BN=nb.masked
+            )
+            in_a = extra[0] if extra else None
+            if split is None:
+                logits = teacher.row_logits(nb.x_0, nb.masked, s_rows)
+            else:
+                logits = teacher.comp_demo_row_logits(nb.x_0, split[0], split[1], s_rows, in_a)
+            counts = {}
+        coeff = token_loss_weights(
+            nb.t, nb.masked, nb.maskable,
+            weight_type=cfg.diffusion.loss_weight_type, norm_type=cfg.diffusion.loss_norm_type, schedule=schedule,
+        )
+        progress = min(1.0, step / max(1, cfg.train.max_steps))
+        lam = tidal.sample_lambda(nb.t, progress=progress) if tidal else None
+        omega = tidal.sample_weight(nb.t) if tidal else None
+        loss, terms = engine(nb.x_t, nb.x_0, coeff, s_rows, selected, logits, lam, omega)
+        engine.backward(loss)
+        engine.step()
+        stats = {"loss": loss.detach().float(), **{k: v.float() for k, v in terms.items()}}
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0) + value / ga
+        counts["distill_rows"] = selected.sum().float()
+        for key, value in counts.items():
+            sums[key] = sums.get(key, 0) + value
     return sums

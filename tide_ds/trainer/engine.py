@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tide_ds.config import RunConfig
-from tide_ds.losses.diffusion_ce import fused_linear_masked_ce
+from tide_ds.losses.fused_head import fused_masked_ce
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +117,15 @@ class DiffusionCEModule(torch.nn.Module):
     """What the student engine runs: BD3LM forward, then the fused masked-diffusion CE.
 
     ``forward(x_t [B, L], x_0 [B, L], coeff [B, L] float32) -> (loss, nll_sum)``. The LM head runs
-    only on the x_t half, inside the loss (DESIGN.md decision 3).
+    only on the x_t half, inside the loss (DESIGN.md decision 3). ``loss_implementation`` is
+    ``model.loss_implementation`` (resolved by ``tide_ds.losses.fused_head.resolve_loss_implementation``).
     """
 
-    def __init__(self, student: torch.nn.Module, *, chunk_rows: int = 0) -> None:
+    def __init__(self, student: torch.nn.Module, *, chunk_rows: int = 0, loss_implementation: str = "auto") -> None:
         super().__init__()
         self.student = student
         self.chunk_rows = chunk_rows
+        self.loss_implementation = loss_implementation
 
     def register_for_zero3(self) -> None:
         """The loss reads the LM head weight outside the head's own forward: let ZeRO-3 gather it."""
@@ -133,12 +135,13 @@ class DiffusionCEModule(torch.nn.Module):
 
     def forward(self, x_t: torch.Tensor, x_0: torch.Tensor, coeff: torch.Tensor):
         hidden_BLD = self.student(x_t, x_0)
-        return fused_linear_masked_ce(
+        return fused_masked_ce(
             hidden_BLD.flatten(0, 1),
             self.student.lm_head_weight,
             x_0.flatten(),
             coeff.flatten(),
             chunk_rows=self.chunk_rows,
+            implementation=self.loss_implementation,
         )
 
 

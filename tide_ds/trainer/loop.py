@@ -17,7 +17,14 @@ from tide_ds.log import setup_logging
 from tide_ds.trainer import checkpoint
 from tide_ds.losses.tidal import TidalSchedule
 from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer, prepare_demo_run, report_demo
-from tide_ds.trainer.distill import ChunkDistillModule, chunk_term, distill_step_a
+from tide_ds.trainer.distill import (
+    ChunkDistillModule,
+    TokenDistillModule,
+    chunk_term,
+    distill_step_a,
+    distill_step_b,
+    divergence_terms,
+)
 from tide_ds.trainer.engine import DiffusionCEModule, initialize_engine
 from tide_ds.trainer.metrics import MetricsWriter
 from tide_ds.trainer.step import evaluate, train_step
@@ -43,6 +50,16 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def check_shared_vocab(cfg: RunConfig, student: torch.nn.Module) -> None:
+    """Pipeline B compares the first V' logits of both models: the student must have that many rows."""
+    rows = student.lm_head_weight.shape[0]
+    if cfg.distill.shared_vocab_size > rows:
+        raise ValueError(
+            f"distill.shared_vocab_size={cfg.distill.shared_vocab_size} exceeds the student's vocabulary ({rows} rows); "
+            "pipeline B needs student and teacher on the same tokenizer (151646 for Qwen-family pairs)"
+        )
+
+
 def train(cfg: RunConfig) -> dict[str, float]:
     """Train the student as ``cfg`` says; return the last held-out evaluation."""
     setup_logging()
@@ -62,11 +79,19 @@ def train(cfg: RunConfig) -> dict[str, float]:
     teacher, tidal = None, None
     if spec.terms:
         teacher = build_teacher(cfg, device=device)
-        term = chunk_term(spec)
-        module = ChunkDistillModule(
-            student, term=term, weight=cfg.distill.calm_weight, temperature=cfg.distill.calm_temperature,
-            chunk_rows=cfg.model.ce_chunk_rows,
-        )
+        if spec.uses_chunks:
+            module = ChunkDistillModule(
+                student, term=chunk_term(spec), weight=cfg.distill.calm_weight,
+                temperature=cfg.distill.calm_temperature, chunk_rows=cfg.model.ce_chunk_rows,
+            )
+            distill_step = distill_step_a
+        else:
+            check_shared_vocab(cfg, student)
+            module = TokenDistillModule(
+                student, terms=divergence_terms(spec, cfg), temperature=cfg.distill.kl_temperature,
+                chunk_rows=cfg.model.ce_chunk_rows,
+            )
+            distill_step = distill_step_b
         if spec.uses_tidal:
             d = cfg.distill
             tidal = TidalSchedule(lambda_init=d.tidal_lambda_init, lambda_max=d.tidal_lambda_max, growth=d.tidal_growth,
@@ -116,7 +141,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 engine, data.train, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=special.mask_id
             )
         else:
-            stats = distill_step_a(
+            stats = distill_step(
                 engine, teacher, data.train, cfg=cfg, spec=spec, step=step, rank=rank, schedule=schedule,
                 mask_token_id=special.mask_id, tidal=tidal,
             )
