@@ -40,7 +40,8 @@ class TeacherModule(torch.nn.Module):
     """
 
     def __init__(
-        self, model: torch.nn.Module, family: TeacherFamily, *, block_size: int, concat_order: str, vocab_limit: int | None
+        self, model: torch.nn.Module, family: TeacherFamily, *, block_size: int, concat_order: str, vocab_limit: int | None,
+        loss_implementation: str = "reference",
     ) -> None:
         super().__init__()
         self.model = model
@@ -48,6 +49,7 @@ class TeacherModule(torch.nn.Module):
         self.block_size = block_size
         self.concat_order = concat_order
         self.vocab_limit = vocab_limit
+        self.loss_implementation = loss_implementation  # target log-probs: "reference" (row tiles) or "triton"
 
     def hidden(self, input_ids, attention_mask, x_0):
         if self.family.bidirectional:
@@ -67,7 +69,8 @@ class TeacherModule(torch.nn.Module):
         weight = self.family.lm_head_weight(self.model)
         lp = None
         if target_rows is not None:
-            lp = tf.target_logprobs(hidden_BLD.flatten(0, 1), weight, target_ids.flatten(), target_rows.flatten())
+            lp = tf.target_logprobs(hidden_BLD.flatten(0, 1), weight, target_ids.flatten(), target_rows.flatten(),
+                                    implementation=self.loss_implementation)
             lp = lp.view_as(target_ids.float())
         logits = None if logit_rows is None else tf.row_logits(hidden_BLD, weight, logit_rows, vocab_limit=self.vocab_limit)
         return lp, logits
@@ -102,6 +105,7 @@ class TeacherEngine:
         concat_order: str = "x0_xt",
         vocab_limit: int | None = None,
         mask_token_id: int | None = None,
+        loss_implementation: str = "reference",
         device: torch.device | None = None,
     ) -> TeacherEngine:
         """Load the teacher at ``path`` as a frozen engine; ``vocab_limit`` is pipeline B's shared prefix V'.
@@ -174,7 +178,8 @@ class TeacherEngine:
             size.param_bytes / 2**20,
             size.param_bytes / world / 2**20,
         )
-        module = TeacherModule(model, fam, block_size=block_size, concat_order=concat_order, vocab_limit=vocab_limit)
+        module = TeacherModule(model, fam, block_size=block_size, concat_order=concat_order, vocab_limit=vocab_limit,
+                               loss_implementation=loss_implementation)
         if decision.kind != "replicate":
             deepspeed.zero.register_external_parameter(module, fam.lm_head_weight(model))
         engine, *_ = deepspeed.initialize(model=module, config=ds)

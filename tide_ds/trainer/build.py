@@ -203,6 +203,7 @@ def build_student(cfg: RunConfig, *, special: SpecialIds) -> torch.nn.Module:
 
 def build_teacher(cfg: RunConfig, *, device: torch.device):
     """The frozen teacher engine of ``teacher.*`` (placement decided and logged there)."""
+    from tide_ds.losses.fused_head import resolve_loss_implementation
     from tide_ds.teacher.engine import TeacherEngine
 
     t = cfg.teacher
@@ -223,6 +224,7 @@ def build_teacher(cfg: RunConfig, *, device: torch.device):
         concat_order=t.concat_order,
         vocab_limit=cfg.distill.shared_vocab_size if pipeline_b else None,
         mask_token_id=None if t.mask_token_id < 0 else t.mask_token_id,
+        loss_implementation=resolve_loss_implementation(cfg.model.loss_implementation, device),
         device=device,
     )
 

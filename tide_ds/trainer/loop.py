@@ -15,6 +15,7 @@ from tide_ds.config import RunConfig
 from tide_ds.diffusion.schedules import get_schedule
 from tide_ds.log import setup_logging
 from tide_ds.trainer import checkpoint
+from tide_ds.losses.fused_head import resolve_loss_implementation
 from tide_ds.losses.tidal import TidalSchedule
 from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer, prepare_demo_run, report_demo
 from tide_ds.trainer.distill import (
@@ -64,6 +65,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     """Train the student as ``cfg`` says; return the last held-out evaluation."""
     setup_logging()
     device = init_distributed()
+    loss_implementation = resolve_loss_implementation(cfg.model.loss_implementation, device)  # fails early, logs once
     rank, world = dist.rank(), dist.world_size()
     decision = checkpoint.prepare_run_dir(cfg)
     logger.info("resolved config:\n%s", cfg.to_yaml())
@@ -99,6 +101,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         logger.info("objective: mode %s, terms %s, CompDemo %s", spec.mode, spec.loss_terms, spec.comp_demo)
     else:
         module = DiffusionCEModule(student, chunk_rows=cfg.model.ce_chunk_rows)
+    module.loss_implementation = loss_implementation
     engine, _ = initialize_engine(cfg, module, world_size=world)
     schedule = get_schedule(cfg.diffusion.schedule)
 
