@@ -30,7 +30,6 @@ import struct
 import torch
 import triton
 import triton.language as tl
-
 from tide_kernels.common import autotune_configs, is_interpreter
 
 __all__ = ["bd3lm_attention_bwd", "bd3lm_attention_fwd"]

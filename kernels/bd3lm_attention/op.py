@@ -6,7 +6,6 @@ import functools
 import logging
 
 import torch
-
 from tide_kernels.bd3lm_attention.kernel import bd3lm_attention_bwd, bd3lm_attention_fwd
 from tide_kernels.bd3lm_attention.reference import bd3lm_attention_reference
 from tide_kernels.common import check_dtype, is_interpreter

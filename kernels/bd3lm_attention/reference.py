@@ -18,7 +18,6 @@ Legend: B batch, H query heads, H_kv key/value heads, T tokens (2L in BD3LM mode
 from __future__ import annotations
 
 import torch
-
 from tide_kernels.bd3lm_attention.mask import bd3lm_dense_mask
 
 __all__ = ["bd3lm_attention_reference", "reference_mask"]

@@ -19,15 +19,19 @@ import torch
 import transformers
 import triton
 import triton.language as tl
-
-from tests.tolerances import assert_close
-from tide_ds.diffusion.block_mask import dense_bd3lm_mask
-from tide_ds.models.qwen3 import BD3LMStudent, build_student, tiny_student_config
-from tide_kernels.bd3lm_attention import BD3LMAttentionFunction, bd3lm_attention, bd3lm_attention_reference
+from tide_kernels.bd3lm_attention import (
+    BD3LMAttentionFunction,
+    bd3lm_attention,
+    bd3lm_attention_reference,
+)
 from tide_kernels.bd3lm_attention import kernel as kernel_module
 from tide_kernels.bd3lm_attention import op as op_module
 from tide_kernels.bd3lm_attention.kernel import _key_len, _key_ranges, _query_ranges
 from tide_kernels.bd3lm_attention.reference import reference_mask
+
+from tests.tolerances import assert_close
+from tide_ds.diffusion.block_mask import dense_bd3lm_mask
+from tide_ds.models.qwen3 import BD3LMStudent, build_student, tiny_student_config
 
 OP = "bd3lm_attention"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
