@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_are_the_demo_and_valid():
     cfg = build_config()
-    assert cfg.distill.preset == "none"
-    assert cfg.data.dataset == "stdlib" and cfg.model.tokenizer == "qwen3"
+    assert cfg.distill.preset == "tide_cross" and cfg.distill.objective().mode == "reverse_alm"
+    assert cfg.data.dataset == "demo" and cfg.model.tokenizer == "qwen3" and not cfg.teacher.path
     assert cfg.data.seq_len % cfg.diffusion.block_size == 0
 
 
@@ -148,8 +148,8 @@ def test_readme_option_table_is_current():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["--distill.preset=tide_cross", "--distill.pipeline=A"], r"teacher.path is empty; set --teacher.path"),
-        (["--distill.preset=tide_cross", "--teacher.path=/t"], r"exists for pipelines A and B; choose one with --distill.pipeline=A"),
+        (["--distill.preset=tide_cross", "--data.dataset=/d"], r"teacher.path is empty; set --teacher.path"),
+        (["--distill.preset=kl", "--distill.pipeline=A", "--teacher.path=/t"], r"defined for pipeline B only"),
         (["--distill.preset=calm", "--distill.pipeline=B", "--teacher.path=/t"], r"defined for pipeline A only"),
         (["--distill.preset=kl", "--distill.shared_vocab_size=0", "--teacher.path=/t"], r"distill.shared_vocab_size"),
         (["--teacher.concat_order=x0x1"], r"teacher.concat_order='x0x1' is not one of"),

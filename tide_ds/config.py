@@ -93,11 +93,11 @@ class ModelArgs:
 class DataArgs:
     """Training and evaluation data (tokenized offline; training never tokenizes)."""
 
-    #: "stdlib": standard-library source as plain text; "demo": the TIDE demo world (instruction corpus, pipeline-A dataset, a pretrained teacher; all built once into the cache); otherwise a dataset saved with datasets' save_to_disk.
-    dataset: str = "stdlib"
+    #: "demo": the TIDE demo world of distill.pipeline (instruction corpus, preprocessed dataset, a pretrained teacher; all built once into the cache); "stdlib": standard-library source as plain text (CE only); otherwise a dataset saved with datasets' save_to_disk.
+    dataset: str = "demo"
     #: Student sequence length L (one copy; the model sees 2L tokens). Must be a multiple of diffusion.block_size.
     seq_len: int = 128
-    #: Teacher sequence length L_t for the demo's pipeline-A preprocessing.
+    #: Teacher sequence length L_t for the demo's preprocessing (data.dataset=demo).
     teacher_seq_len: int = 256
     #: Split used for training.
     train_split: str = "train"
@@ -177,9 +177,9 @@ class DistillArgs:
     """The objective: masked-diffusion CE plus the distillation terms of a preset or mode (spec §5–§10)."""
 
     #: Paper variant: none (CE only), calm, tide_cross, tide_shared, kl (spec §9.3).
-    preset: str = "none"
-    #: Pipeline: A (cross tokenizer, chunk terms) or B (shared tokenizer, token terms); empty infers it from the preset.
-    pipeline: str = ""
+    preset: str = "tide_cross"
+    #: Pipeline: A (cross tokenizer, chunk terms), B (shared tokenizer, token terms), or auto (calm -> A, kl -> B, otherwise A).
+    pipeline: str = "auto"
     #: Reference mode string (e.g. reverse_alm, taid_aligned+kl_aligned); overrides the preset's mode when set.
     mode: str = ""
     #: CompDemo (two complementary teacher passes); empty follows the preset (on for tide_shared).
@@ -211,8 +211,7 @@ class DistillArgs:
 
     def __post_init__(self) -> None:
         _choice("distill.preset", self.preset, PRESETS)
-        if self.pipeline:
-            _choice("distill.pipeline", self.pipeline, ("A", "B"))
+        _choice("distill.pipeline", self.pipeline, ("auto", "A", "B"))
         if self.comp_demo:
             _choice("distill.comp_demo", self.comp_demo, ("true", "false"))
         if not 0.0 < self.demo_ratio < 1.0:
@@ -224,17 +223,39 @@ class DistillArgs:
             _positive(f"distill.{name}", getattr(self, name), allow_zero=True)
         self.objective()  # parse once now, so a bad preset/mode/pipeline fails before any work
 
+    @property
+    def resolved_pipeline(self) -> str:
+        """"A" or "B": the explicit choice, else the preset's only pipeline, else A (the paper's best, TIDE-Cross)."""
+        if self.pipeline != "auto":
+            return self.pipeline
+        if self.mode:
+            from tide_ds.losses.objective import parse_mode
+
+            spec = parse_mode(self.mode)
+            return spec.pipeline.value if spec.pipeline is not None else "A"
+        from tide_ds.losses.objective import preset_pipelines
+
+        pipelines = preset_pipelines(self.preset)
+        return pipelines[0] if len(pipelines) == 1 else "A"
+
     def objective(self):
         """The typed objective (``tide_ds.losses.objective.ObjectiveSpec``)."""
         from tide_ds.losses.objective import parse_mode, preset_objective
 
-        spec = preset_objective(self.preset, pipeline=self.pipeline or None)
-        if self.mode:
-            comp = spec.comp_demo if not self.comp_demo else self.comp_demo == "true"
+        if self.mode:  # the mode replaces the preset's; CompDemo follows distill.comp_demo, else the preset
+            if self.comp_demo:
+                comp = self.comp_demo == "true"
+            else:
+                try:
+                    comp = preset_objective(self.preset, pipeline=self.resolved_pipeline).comp_demo
+                except ValueError:  # the preset has no form on the mode's pipeline
+                    comp = False
             spec = parse_mode(self.mode, comp_demo=comp)
-        elif self.comp_demo:
+        else:
+            spec = preset_objective(self.preset, pipeline=self.resolved_pipeline)
+        if not self.mode and self.comp_demo:
             spec = parse_mode(spec.mode, comp_demo=self.comp_demo == "true") if spec.terms else spec
-        if self.pipeline and spec.pipeline is not None and spec.pipeline.value != self.pipeline:
+        if self.pipeline != "auto" and spec.pipeline is not None and spec.pipeline.value != self.pipeline:
             raise ValueError(
                 f"distill.mode={spec.mode!r} belongs to pipeline {spec.pipeline.value}, but distill.pipeline="
                 f"{self.pipeline!r}; drop one of them"
@@ -255,7 +276,7 @@ class TrainArgs:
     #: Micro-steps per optimizer step.
     gradient_accumulation_steps: int = 1
     #: Number of optimizer steps.
-    max_steps: int = 150
+    max_steps: int = 100
     #: Peak learning rate (AdamW).
     lr: float = 3e-3
     #: Warm-up length as a fraction of max_steps (linear warm-up, then cosine decay to min_lr_ratio * lr).

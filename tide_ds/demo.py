@@ -1,13 +1,22 @@
-"""The small world of the TIDE demo: everything a distillation run needs, built offline and cached.
+"""The small worlds of the TIDE demo: everything a distillation run needs, built offline and cached.
 
-``data.dataset=demo`` makes the trainer call :func:`prepare_demo` (on rank 0, the others wait):
+``data.dataset=demo`` makes the trainer call :func:`prepare_demo` for ``distill.pipeline`` (on rank 0, the
+others wait). Both worlds start from the instruction corpus of the Python standard library (prompt =
+signature + docstring, response = body), split by file.
 
-1. the instruction corpus from the Python standard library (prompt = signature + docstring, response =
-   body), split by file;
-2. a teacher tokenizer of its own: SentencePiece BPE trained on the corpus text, with LLaDA2's specials;
-3. the pipeline-A dataset: Qwen3 student tokens, teacher tokens, alignment chunks (offline preprocessing);
-4. a teacher that knows the corpus: a small LLaDA2-format MoE trained as a masked diffusion LM on the
+Pipeline A (cross tokenizer, the default):
+
+1. a teacher tokenizer of its own: SentencePiece BPE trained on the corpus text, with LLaDA2's specials;
+2. the pipeline-A dataset: Qwen3 student tokens, teacher tokens, alignment chunks (offline preprocessing);
+3. a teacher that knows the corpus: a small LLaDA2-format MoE trained as a masked diffusion LM on the
    teacher side of the training split, written in the real LLaDA2 checkpoint layout.
+
+Pipeline B (shared tokenizer):
+
+1. the pipeline-B dataset: Qwen3 student tokens in the Qwen3 chat format, the same text in WeDLM's chat
+   format and the student's tokenizer for the teacher, and verified position pairs;
+2. a teacher that knows the corpus: a small WeDLM (Qwen3 architecture, the student's tokenizer) trained
+   as a BD3LM on the teacher side, written with WeDLM's config and Qwen3 key names.
 
 Each artefact is keyed by its inputs under ``$TIDE_DS_CACHE/demo`` and built once.
 """
@@ -29,6 +38,11 @@ HELDOUT_FRACTION = 0.02
 #: The demo teacher: wider than MODELS.md's tiny test config so that it learns the corpus in minutes.
 TEACHER_CONFIG = dict(hidden_size=96, intermediate_size=192, moe_intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+#: The pipeline-B demo teacher (dense Qwen3/WeDLM): its LM head over the Qwen3 vocabulary dominates the cost.
+TEACHER_CONFIG_B = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+#: Embedding rows of the pipeline-B teacher: Qwen3's padded vocabulary.
+QWEN3_ROWS = 151936
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,7 @@ class DemoWorld:
     teacher_tokenizer: Path
     teacher_heldout_nll: float
     key: str
+    pipeline: str = "A"
 
 
 def _key(**parts) -> str:
@@ -64,18 +79,28 @@ def _text_file(jsonl: Path, out: Path, *, heldout_fraction: float) -> Path:
 
 def prepare_demo(
     *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int, max_files: int | None,
-    teacher_vocab: int = 4000, teacher_steps: int = 150, seed: int = 0,
+    teacher_vocab: int = 4000, teacher_steps: int = 150, seed: int = 0, pipeline: str = "A",
 ) -> DemoWorld:
-    """Build (or reuse) the demo corpus, teacher tokenizer, pipeline-A dataset and pretrained teacher."""
+    """Build (or reuse) the demo world of ``pipeline``: corpus, dataset, pretrained teacher (and its tokenizer)."""
     from tide_ds.data.instruct_corpus import ensure_instruct_jsonl
+
+    if pipeline not in ("A", "B"):
+        raise ValueError(f"pipeline={pipeline!r} must be A or B")
+    root = default_tokenizer_cache() / "demo"
+    root.mkdir(parents=True, exist_ok=True)
+    jsonl = ensure_instruct_jsonl(max_files=max_files)
+    build = _prepare_a if pipeline == "A" else _prepare_b
+    return build(root, jsonl, student_tokenizer=Path(student_tokenizer), seq_len=seq_len, block_size=block_size,
+                 teacher_seq_len=teacher_seq_len, teacher_vocab=teacher_vocab, teacher_steps=teacher_steps, seed=seed)
+
+
+def _prepare_a(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int,
+               teacher_vocab: int, teacher_steps: int, seed: int) -> DemoWorld:
     from tide_ds.data.more_tokenizers import train_sentencepiece_tokenizer
     from tide_ds.data.preprocess import PreprocessConfig, preprocess
     from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
     from tide_ds.teacher.pretrain import pretrain_llada2_teacher
 
-    root = default_tokenizer_cache() / "demo"
-    root.mkdir(parents=True, exist_ok=True)
-    jsonl = ensure_instruct_jsonl(max_files=max_files)
     key = _key(jsonl=jsonl.name, vocab=teacher_vocab, seed=seed)
     with file_lock(root / f".{key}.lock"):
         text = _text_file(jsonl, root / f"text-{jsonl.stem}.txt", heldout_fraction=HELDOUT_FRACTION)
@@ -85,7 +110,7 @@ def prepare_demo(
         dataset = root / f"pipeline-a-{data_key}"
         if not dataset.exists():
             result = preprocess(PreprocessConfig(
-                pipeline="A", input=jsonl, student_tokenizer=Path(student_tokenizer), teacher_tokenizer=teacher_tok,
+                pipeline="A", input=jsonl, student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tok,
                 out=dataset, seq_len=seq_len, teacher_seq_len=teacher_seq_len, block_size=block_size,
                 heldout_fraction=HELDOUT_FRACTION, num_proc=2,
             ))
@@ -100,7 +125,38 @@ def prepare_demo(
             )
         nll = json.loads((teacher / "tide_ds_pretrain.json").read_text())["heldout_nll"]
     return DemoWorld(dataset=dataset, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_heldout_nll=nll,
-                     key=data_key)
+                     key=data_key, pipeline="A")
+
+
+def _prepare_b(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int,
+               teacher_vocab: int, teacher_steps: int, seed: int) -> DemoWorld:
+    from tide_ds.data.preprocess import PreprocessConfig, preprocess
+    from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
+    from tide_ds.teacher.pretrain import pretrain_wedlm_teacher
+
+    data_key = _key(pipeline="B", jsonl=jsonl.name, student=str(student_tokenizer), seq_len=seq_len,
+                    teacher_seq_len=teacher_seq_len, block=block_size, seed=seed)
+    with file_lock(root / f".{data_key}.lock"):
+        dataset = root / f"pipeline-b-{data_key}"
+        if not dataset.exists():
+            result = preprocess(PreprocessConfig(
+                pipeline="B", input=jsonl, student_tokenizer=student_tokenizer, teacher_tokenizer=student_tokenizer,
+                out=dataset, seq_len=seq_len, teacher_seq_len=teacher_seq_len, block_size=block_size,
+                heldout_fraction=HELDOUT_FRACTION, num_proc=2,
+            ))
+            logger.info("demo dataset: %s", json.dumps(result.summary.get("rows", {})))
+        teacher = root / f"teacher-b-{_key(data=data_key, steps=teacher_steps, config=TEACHER_CONFIG_B)}"
+        if not teacher.exists():
+            special = resolve_special_ids(load_tokenizer(student_tokenizer))
+            pretrain_wedlm_teacher(
+                dataset, teacher, vocab_size=max(QWEN3_ROWS, special.vocab_size), mask_token_id=special.mask_id,
+                eos_token_id=special.eos_id, pad_token_id=special.pad_id, block_size=block_size,
+                steps=teacher_steps, batch_size=16, lr=3e-3, seed=seed, config=TEACHER_CONFIG_B,
+                tokenizer_dir=student_tokenizer,
+            )
+        nll = json.loads((teacher / "tide_ds_pretrain.json").read_text())["heldout_nll"]
+    return DemoWorld(dataset=dataset, teacher=teacher, teacher_tokenizer=student_tokenizer, teacher_heldout_nll=nll,
+                     key=data_key, pipeline="B")
 
 
 def results_file() -> Path:

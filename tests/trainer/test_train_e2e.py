@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 TINY = [
+    "--data.dataset=stdlib",
+    "--distill.preset=none",
     "--data.max_files=60",
     "--data.seq_len=64",
     "--diffusion.block_size=16",

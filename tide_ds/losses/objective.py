@@ -23,7 +23,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["MODES", "PRESETS", "LossTerm", "ObjectiveSpec", "Pipeline", "TermKind", "parse_mode", "preset_objective"]
+__all__ = ["MODES", "PRESETS", "LossTerm", "ObjectiveSpec", "Pipeline", "TermKind", "parse_mode", "preset_objective",
+           "preset_pipelines"]
 
 
 class Pipeline(enum.Enum):
@@ -242,6 +243,15 @@ _PRESET_MODES: dict[str, dict[Pipeline, tuple[str, bool]]] = {
     "tide_cross": {Pipeline.A: ("reverse_alm", False), Pipeline.B: ("reverse_kl_aligned", False)},
     "tide_shared": {Pipeline.A: ("alm_taid", True), Pipeline.B: ("taid_aligned", True)},
 }
+
+
+def preset_pipelines(preset: str) -> tuple[str, ...]:
+    """The pipelines ``preset`` exists for (``("A", "B")`` for ``none`` and the two TIDE presets)."""
+    if preset == "none":
+        return ("A", "B")
+    if preset not in _PRESET_MODES:
+        raise ValueError(f"distill.preset={preset!r} is not one of {list(PRESETS)}{_suggest(preset, PRESETS)}")
+    return tuple(p.value for p in _PRESET_MODES[preset])
 
 
 def preset_objective(preset: str, *, pipeline: Pipeline | str | None = None) -> ObjectiveSpec:

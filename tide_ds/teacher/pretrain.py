@@ -1,9 +1,13 @@
-"""Train a small LLaDA2-format MoE teacher from scratch as a masked diffusion LM (for the demo).
+"""Train small teachers from scratch as masked diffusion LMs (for the demo worlds).
 
-The demo needs a teacher that knows its corpus. Where no real checkpoint is at hand, this trains one: a
-tiny LLaDA2.0-style MoE (``Glm4MoeForCausalLM`` route, bidirectional) with the MDLM objective of spec
-§1 on the teacher side of a pipeline-A dataset (``teacher_input_ids``, padding never masked), and writes
-it in the real LLaDA2 checkpoint layout, so it loads through the same adapter as LLaDA2.0-mini.
+The demos need a teacher that knows its corpus. Where no real checkpoint is at hand, this trains one on
+the teacher side of a preprocessed dataset (``teacher_input_ids``, padding never masked):
+
+* pipeline A: a tiny LLaDA2.0-style MoE (``Glm4MoeForCausalLM`` route, bidirectional) with the MDLM
+  objective of spec §1, written in the real LLaDA2 checkpoint layout (loads like LLaDA2.0-mini);
+* pipeline B: a tiny WeDLM (Qwen3 architecture, the student's tokenizer) trained as a BD3LM on
+  ``[x_0 ; x_t]`` (WeDLM's ``x0_xt`` order, block-diffusion mask of spec §2.3), written with WeDLM's
+  config and Qwen3 key names (loads like WeDLM-8B).
 
 Single process, plain PyTorch AdamW: the teacher is tiny, and this is preparation, not the method.
 """
@@ -25,6 +29,8 @@ from tide_ds.diffusion.masking import loss_weight
 from tide_ds.diffusion.schedules import get_schedule
 from tide_ds.diffusion.timesteps import sample_timesteps
 from tide_ds.losses.diffusion_ce import fused_linear_masked_ce
+from tide_ds.models import wedlm
+from tide_ds.models.layers import write_tiny_checkpoint
 from tide_ds.models.llada2_moe import (
     load_llada2_moe,
     save_llada2_moe_checkpoint,
@@ -36,15 +42,21 @@ from tide_ds.models.llada2_moe import (
 logger = logging.getLogger(__name__)
 
 
-def _mdlm_loss(model, ids_BL, attention_BL, *, mask_id: int, generator: torch.Generator, normalise: bool = True):
-    """Masked-diffusion CE of one batch (spec §1.3–§1.4): (loss, weighted sum, maskable count)."""
+def _bidirectional_hidden(model, x_t, x_0, attention_BL):
+    return teacher_forward_hidden(model, x_t, attention_mask_BL=attention_BL)
+
+
+def _mdlm_loss(model, ids_BL, attention_BL, *, mask_id: int, generator: torch.Generator, normalise: bool = True,
+               forward=_bidirectional_hidden):
+    """Masked-diffusion CE of one batch (spec §1.3–§1.4): (loss, maskable count). ``forward(model, x_t, x_0, att)``
+    gives the hidden states of the noisy copy."""
     schedule = get_schedule("linear")
     maskable = attention_BL.bool()
     t = sample_timesteps(ids_BL.shape[0], time_epsilon=1e-3, generator=generator)
     u = torch.rand(ids_BL.shape, generator=generator)
     masked = (u < schedule.mask_prob(t)[:, None]) & maskable
     x_t = torch.where(masked, torch.full_like(ids_BL, mask_id), ids_BL)
-    hidden = teacher_forward_hidden(model, x_t, attention_mask_BL=attention_BL)
+    hidden = forward(model, x_t, ids_BL, attention_BL)
     coeff = loss_weight(t, weight_type="scheduler", schedule=schedule)[:, None] * masked
     n = maskable.sum().clamp_min(1)
     if normalise:
@@ -54,7 +66,8 @@ def _mdlm_loss(model, ids_BL, attention_BL, *, mask_id: int, generator: torch.Ge
 
 
 @torch.no_grad()
-def heldout_nll(model, split, *, mask_id: int, batch_size: int, seed: int, max_samples: int = 64) -> float:
+def heldout_nll(model, split, *, mask_id: int, batch_size: int, seed: int, max_samples: int = 64,
+                forward=_bidirectional_hidden) -> float:
     """ELBO per maskable teacher token on a held-out split, with a fixed noise seed."""
     model.eval()
     total, count = 0.0, 0.0
@@ -64,7 +77,7 @@ def heldout_nll(model, split, *, mask_id: int, batch_size: int, seed: int, max_s
         ids = torch.as_tensor(rows["teacher_input_ids"], dtype=torch.long)
         att = torch.as_tensor(rows["teacher_attention_mask"], dtype=torch.long)
         gen = make_generator(seed, step=i, rank=0, stream="teacher-eval")
-        loss, m = _mdlm_loss(model, ids, att, mask_id=mask_id, generator=gen, normalise=False)
+        loss, m = _mdlm_loss(model, ids, att, mask_id=mask_id, generator=gen, normalise=False, forward=forward)
         total += loss.item()
         count += m.item()
     model.train()
@@ -105,19 +118,35 @@ def pretrain_llada2_teacher(
         init = write_tiny_llada2_moe_checkpoint(Path(tmp) / "init", seed=seed, **{k: v for k, v in cfg_json.items()
                                                                                if k not in ("architectures", "model_type")})
         model = load_llada2_moe(init).train().requires_grad_(True)
+    before, after = _train(model, train, heldout, mask_id=mask_token_id, steps=steps, batch_size=batch_size, lr=lr,
+                           seed=seed)
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_llada2_moe_checkpoint(model, staging, cfg_json)
+    result = {"heldout_nll_before": before, "heldout_nll": after}
+    _publish(staging, out, tokenizer_dir=tokenizer_dir, record={"steps": steps, "lr": lr, "seed": seed, **result})
+    logger.info("teacher held-out NLL %.4f -> %.4f; written to %s", before, after, out)
+    return result
+
+
+def _train(model, train, heldout, *, mask_id: int, steps: int, batch_size: int, lr: float, seed: int,
+           forward=_bidirectional_hidden) -> tuple[float, float]:
+    """AdamW with warmup and cosine decay on the teacher columns; (held-out NLL before, after)."""
+    mask_token_id = mask_id
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     )
-    before = heldout_nll(model, heldout, mask_id=mask_token_id, batch_size=batch_size, seed=seed)
+    before = heldout_nll(model, heldout, mask_id=mask_token_id, batch_size=batch_size, seed=seed, forward=forward)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     for step in range(steps):
         idx = order[(step * batch_size + torch.arange(batch_size)) % len(train)].tolist()
         rows = train[idx]
         ids = torch.as_tensor(rows["teacher_input_ids"], dtype=torch.long)
         att = torch.as_tensor(rows["teacher_attention_mask"], dtype=torch.long)
-        loss, _ = _mdlm_loss(model, ids, att, mask_id=mask_token_id, generator=make_generator(seed, step=step, rank=0, stream="teacher"))
+        loss, _ = _mdlm_loss(model, ids, att, mask_id=mask_token_id,
+                             generator=make_generator(seed, step=step, rank=0, stream="teacher"), forward=forward)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,16 +154,71 @@ def pretrain_llada2_teacher(
         sched.step()
         if (step + 1) % max(1, steps // 10) == 0:
             logger.info("teacher pretraining step %d/%d | loss %.4f", step + 1, steps, loss.item())
-    after = heldout_nll(model, heldout, mask_id=mask_token_id, batch_size=batch_size, seed=seed)
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_llada2_moe_checkpoint(model, staging, cfg_json)
+    after = heldout_nll(model, heldout, mask_id=mask_token_id, batch_size=batch_size, seed=seed, forward=forward)
+    return before, after
+
+
+def _publish(staging: Path, out: Path, *, tokenizer_dir, record: dict) -> None:
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
                 shutil.copy2(f, staging / f.name)
-    result = {"heldout_nll_before": before, "heldout_nll": after}
-    (staging / "tide_ds_pretrain.json").write_text(json.dumps({"steps": steps, "lr": lr, "seed": seed, **result}, indent=1))
+    (staging / "tide_ds_pretrain.json").write_text(json.dumps(record, indent=1))
     staging.rename(out)
+
+
+def pretrain_wedlm_teacher(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    block_size: int,
+    steps: int = 150,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    tokenizer_dir: str | Path | None = None,
+) -> dict[str, float]:
+    """Train a tiny WeDLM teacher (BD3LM, ``x0_xt``) on the teacher tokens of a pipeline-B dataset; write it.
+
+    The teacher side of a pipeline-B dataset is the WeDLM chat template in the student's own tokenizer,
+    EOS-padded to whole blocks (spec §11.3). Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per
+    maskable teacher token); the checkpoint is written aside and moved into place when complete.
+    """
+    import datasets
+
+    out = Path(out_dir)
+    if out.exists():
+        raise ValueError(f"teacher output directory {out} exists; remove it or choose another")
+    splits = datasets.load_from_disk(str(dataset_dir))
+    train, heldout = splits["train"], splits["heldout"]
+    cfg_json = wedlm.tiny_wedlm_config(
+        vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        bos_token_id=pad_token_id, **(config or {}),
+    )
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
+        init = wedlm.write_tiny_wedlm_checkpoint(Path(tmp) / "init", seed=seed, **{
+            k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")})
+        model = wedlm.load_wedlm(init).train().requires_grad_(True)
+
+    def forward(m, x_t, x_0, att):
+        return wedlm.teacher_forward_hidden(m, x_t, x_0_BL=x_0, block_size=block_size, attention_mask_BL=att,
+                                            concat_order="x0_xt")
+
+    before, after = _train(model, train, heldout, mask_id=mask_token_id, steps=steps, batch_size=batch_size, lr=lr,
+                           seed=seed, forward=forward)
+    staging = out.with_name(f".{out.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if cfg_json.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    write_tiny_checkpoint(staging, cfg_json, state, shard=False)
+    result = {"heldout_nll_before": before, "heldout_nll": after}
+    _publish(staging, out, tokenizer_dir=tokenizer_dir,
+             record={"steps": steps, "lr": lr, "seed": seed, "block_size": block_size, **result})
     logger.info("teacher held-out NLL %.4f -> %.4f; written to %s", before, after, out)
     return result

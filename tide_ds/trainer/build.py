@@ -239,6 +239,7 @@ def prepare_demo_run(cfg: RunConfig, tokenizer_dir: Path):
         lambda: prepare_demo(
             student_tokenizer=tokenizer_dir, seq_len=cfg.data.seq_len, block_size=cfg.diffusion.block_size,
             teacher_seq_len=cfg.data.teacher_seq_len, max_files=cfg.data.max_files or None, seed=cfg.train.seed,
+            pipeline=cfg.distill.resolved_pipeline,
         )
     )
     data = dataclasses.replace(cfg.data, dataset=str(world.dataset))
@@ -249,20 +250,38 @@ def prepare_demo_run(cfg: RunConfig, tokenizer_dir: Path):
 
 
 def report_demo(cfg: RunConfig, world, nll: float, out: Path) -> None:
-    """Print the student's held-out NLL beside the teacher's and the no-distillation baseline's."""
+    """Print the student's held-out NLL beside the teacher's and the no-distillation baseline's (the last
+    preset-none run with the same world, student, schedule, seed and world size, if any)."""
+    import dataclasses
+    import hashlib
+    import json
+
     from tide_ds.demo import record_result
 
-    known = record_result(world.key, cfg.distill.preset, nll)
+    from tide_ds import dist
+
+    # Comparable runs only: same world, student, schedule, seed and world size (the preset varies).
+    run = {"world": world.key, "model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion),
+           "train": {k: getattr(cfg.train, k) for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps",
+                                                          "lr", "seed")},
+           "world_size": dist.world_size()}
+    run_key = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    known = record_result(run_key, cfg.distill.preset, nll)
+    cross = world.pipeline == "A"
     lines = [
         "",
-        "TIDE demo (held-out masked-diffusion NLL per token; teacher and student tokenize differently):",
-        f"  teacher ({world.teacher.name}, own SentencePiece tokenizer): {world.teacher_heldout_nll:.4f}",
-        f"  student, preset {cfg.distill.preset}: {nll:.4f}",
+        f"TIDE demo, pipeline {world.pipeline} (held-out masked-diffusion NLL per token"
+        + ("; teacher and student tokenize differently, so their numbers are per their own tokens):" if cross else "):"),
+        f"  teacher ({world.teacher.name}, "
+        + ("own SentencePiece tokenizer" if cross else "WeDLM layout, the student's Qwen3 tokenizer") + "):"
+        f" {world.teacher_heldout_nll:.4f}",
+        f"  student, preset {cfg.distill.preset} (mode {cfg.distill.objective().mode}): {nll:.4f}",
     ]
     if cfg.distill.preset != "none":
         base = known.get("none")
+        pipe = "" if cross else " --distill.pipeline=B"
         lines.append(f"  student, no distillation (preset none): {base:.4f}" if base is not None else
-                     "  student, no distillation: not run yet; run the same command with --distill.preset=none "
-                     "--train.output_dir=runs/demo-none")
+                     "  student, no distillation: not run yet; run the same command with --distill.preset=none"
+                     f"{pipe} --train.output_dir=runs/demo-none")
     lines.append(f"  logs, metrics and checkpoints: {out}")
     logger.info("\n".join(lines))
