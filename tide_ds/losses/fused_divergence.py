@@ -19,6 +19,10 @@ computed and unselected rows get weight 0, keeping shapes static.
 
 Like the fused head loss, the gradients are formed in forward and only rescaled in backward, so the LM
 head weight is read in forward only (correct under ZeRO-3, where the weight is gathered for the forward).
+
+There is no Triton kernel for these terms yet: this row-tiled PyTorch path runs whatever
+``model.loss_implementation`` says (that option selects the CE / CALM-family kernels). Its cost per
+tile is two ``[n, D] x [D, V']`` matmuls, the same as the reference's, without the ``[N, V']`` residency.
 """
 
 from __future__ import annotations

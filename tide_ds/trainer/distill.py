@@ -21,9 +21,8 @@ from tide_ds.config import RunConfig
 from tide_ds.diffusion.chunk_masking import chunk_consistent_masks, gather_chunks
 from tide_ds.diffusion.masking import token_loss_weights
 from tide_ds.losses.calm import calm_loss, chunk_sums
-from tide_ds.losses.diffusion_ce import fused_linear_masked_ce
 from tide_ds.losses.fused_divergence import DivergenceTerm, fused_head_divergence
-from tide_ds.losses.fused_head import fused_head_loss
+from tide_ds.losses.fused_head import fused_head_loss, fused_masked_ce
 from tide_ds.losses.objective import LossTerm, ObjectiveSpec, TermKind
 from tide_ds.losses.tidal import TidalSchedule
 from tide_ds.teacher.forward import complementary_split
@@ -167,8 +166,8 @@ class TokenDistillModule(DiffusionCEModule):
             return super().forward(x_t, x_0, coeff)
         hidden_BLD = self.student(x_t, x_0)
         weight = self.student.lm_head_weight
-        ce, _ = fused_linear_masked_ce(hidden_BLD.flatten(0, 1), weight, x_0.flatten(), coeff.flatten(),
-                                       chunk_rows=self.chunk_rows)
+        ce, _ = fused_masked_ce(hidden_BLD.flatten(0, 1), weight, x_0.flatten(), coeff.flatten(),
+                                chunk_rows=self.chunk_rows, implementation=self.loss_implementation)
         b, n = rows.shape
         d = hidden_BLD.shape[-1]
         picked = hidden_BLD.gather(1, rows.long().clamp(0, hidden_BLD.shape[1] - 1).unsqueeze(-1).expand(b, n, d))
