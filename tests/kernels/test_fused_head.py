@@ -11,6 +11,8 @@ bf16 matmuls).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from tide_kernels.fused_head import (
@@ -20,7 +22,7 @@ from tide_kernels.fused_head import (
     target_logprobs_triton,
 )
 
-from tide_ds.losses.calm import calm_loss, chunk_sums
+from tide_ds.losses.calm import CHUNK_EPS, calm_loss, chunk_sums
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -133,6 +135,79 @@ def test_calm_teacher_equals_student(generator):
         loss_fn = _ce_calm_fn(rows, reverse=reverse, teacher_ll=teacher_ll)
         out = _run(fused_head_loss_triton, h, w, y, rows, loss_fn)
         _check(_dense(h, w, y, rows, loss_fn), out, torch.float64)
+
+
+def test_no_active_chunk(generator):
+    """Rows are masked but no chunk is active: the CALM term is 0 and the gradients are CE's alone."""
+    h, w, y, rows = _inputs(generator, 19, 16, 101, torch.float64, active=1.0)
+    chunk_ids = (torch.arange(19) % 4).view(1, -1)
+    teacher_ll = -torch.rand(1, 4, generator=generator, dtype=torch.float64) * 3
+    inactive = torch.zeros(1, 4, dtype=torch.bool)
+
+    def loss_fn(lp):
+        ce = -(lp * rows).sum() / rows.sum()
+        calm = calm_loss(chunk_sums(lp.view(1, -1), chunk_ids, 4), teacher_ll, inactive, temperature=2.0, reverse=True)
+        return ce + calm, {"ce": ce, "calm": calm}
+
+    out = _run(fused_head_loss_triton, h, w, y, rows, loss_fn)
+    _check(_dense(h, w, y, rows, loss_fn), out, torch.float64)
+    assert out[2]["calm"].item() == 0.0
+    ce_only = _run(fused_head_loss_triton, h, w, y, rows, _ce_fn(rows))
+    torch.testing.assert_close(out[3], ce_only[3], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out[4], ce_only[4], atol=1e-12, rtol=1e-12)
+
+
+def _bounded_gradient_case(generator, *, reverse: bool):
+    """W = I (V = D), so the kernel's dh *is* dL/dlogits. Logits of +-25 make chunks the student is sure of
+    (s -> 1) and chunks it finds implausible (s -> 0); the teacher is sure yes, sure no, or undecided."""
+    v = n = 24
+    num_chunks, temperature = 6, 2.0
+    w = torch.eye(v, dtype=torch.float64)
+    y = torch.randperm(v, generator=generator)
+    h = torch.randn(n, v, generator=generator, dtype=torch.float64)
+    chunk_ids = (torch.arange(n) % num_chunks).view(1, -1)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=torch.float64)[chunk_ids[0]]
+    h[torch.arange(n), y] = 25.0 * sign  # the target logit: far above or far below the others
+    teacher_ll = torch.tensor([[-1e-9, -1e-9, -300.0, -300.0, -temperature * 0.6931, -2.0]], dtype=torch.float64)
+    rows = torch.ones(n, dtype=torch.bool)
+    active = torch.ones(1, num_chunks, dtype=torch.bool)
+
+    def loss_fn(lp):
+        ll = chunk_sums(lp.view(1, -1), chunk_ids, num_chunks)
+        term = calm_loss(ll, teacher_ll, active, temperature=temperature, reverse=reverse)
+        return term, {"calm": term}
+
+    return h, w, y, rows, loss_fn, temperature, num_chunks
+
+
+def _token_coefficients(out, y):
+    """g_n = dL/dlp_n recovered from the kernel's dh = dL/dlogits (W = I): dlogits[n, y_n] = g_n (1 - p_n)."""
+    _, lp, _, dh, _ = out
+    return dh.gather(-1, y[:, None])[:, 0] / -torch.expm1(lp)
+
+
+def test_reverse_calm_gradient_is_bounded_in_the_kernel(generator):
+    """Spec §5.4: |dB/dl| <= log((1 - eps) / eps) / T for Reverse CALM whatever the student, and every token of a
+    chunk receives its chunk's coefficient (here / C, the mean over active chunks). The kernel's gradients equal
+    the reference's, the coefficients they carry respect the bound and reach it where student and teacher are
+    both sure; forward CALM on the same inputs exceeds it by orders of magnitude (its 1 / (1 - s))."""
+    h, w, y, rows, loss_fn, temperature, num_chunks = _bounded_gradient_case(generator, reverse=True)
+    out = _run(fused_head_loss_triton, h, w, y, rows, loss_fn)
+    _check(_dense(h, w, y, rows, loss_fn), out, torch.float64)
+    bound = math.log((1 - CHUNK_EPS) / CHUNK_EPS) / temperature / num_chunks
+    g = _token_coefficients(out, y)
+    assert torch.isfinite(g).all() and g.abs().max().item() <= bound * (1 + 1e-6), (g.abs().max().item(), bound)
+    assert g.abs().max().item() >= 0.99 * bound  # s ~ 1 and q at its clip: the bound is attained
+    assert out[3].abs().sum(dim=-1).max().item() <= 2 * bound  # hence every row of dL/dlogits too
+
+    h, w, y, rows, loss_fn, *_ = _bounded_gradient_case(generator, reverse=False)
+    forward = _run(fused_head_loss_triton, h, w, y, rows, loss_fn)
+    dense = _dense(h, w, y, rows, loss_fn)
+    # Here dlogits = g (1 - p) with 1 - p ~ 1e-10 formed by a subtraction in either implementation (from two
+    # softmax formulas), so its relative precision is ~1e-16 / 1e-10: compare by relative RMS error at 1e-6.
+    for r, o in ((dense[3], forward[3]), (dense[4], forward[4])):
+        assert ((o - r).norm() / r.norm()).item() < 1e-6
+    assert _token_coefficients(forward, y).abs().max().item() > 1e3 * bound
 
 
 def test_no_active_rows_gives_zero_gradients(generator):
