@@ -36,10 +36,9 @@ def test_choice_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger=dispatch.__name__):
         for _ in range(3):
             dispatch.resolve_loss_implementation("auto", torch.device("cpu"))
-    assert [r.getMessage() for r in caplog.records] == [
-        "LM-head losses (student loss, teacher log-probs): reference implementation "
-        "(model.loss_implementation=auto, device cpu)"
-    ]
+    expected = ("LM-head losses (student loss, teacher log-probs): reference implementation "
+                "(model.loss_implementation=auto, device cpu)")
+    assert [r.getMessage() for r in caplog.records] == [expected]
 
 
 def _inputs(n=37, d=16, v=101, seed=0):
@@ -64,9 +63,9 @@ def test_fused_masked_ce_triton_matches_reference():
     h, w, y, c = _inputs()
     ref = _grads(lambda a, b: fused_linear_masked_ce(a, b, y, c), h, w)
     for impl in ("reference", "triton"):
-        out = _grads(lambda a, b: dispatch.fused_masked_ce(a, b, y, c, implementation=impl), h, w)
+        out = _grads(lambda a, b, impl=impl: dispatch.fused_masked_ce(a, b, y, c, implementation=impl), h, w)
         for name, r, o in zip(("loss", "nll_sum", "dh", "dw"), ref, out):
-            torch.testing.assert_close(o, r, atol=1e-10, rtol=1e-10, msg=lambda m, name=name: f"{impl} {name}: {m}")
+            torch.testing.assert_close(o, r, atol=1e-10, rtol=1e-10, msg=lambda m, n=f"{impl} {name}": f"{n}: {m}")
 
 
 def test_fused_head_loss_dispatch():
@@ -77,7 +76,7 @@ def test_fused_head_loss_dispatch():
         ce = -(c * lp).sum()
         return ce + (lp**2).sum() * 0.1, {"ce": ce}
 
-    outs = [_grads(lambda a, b: dispatch.fused_head_loss(a, b, y, rows, loss_fn, implementation=impl), h, w)
+    outs = [_grads(lambda a, b, impl=impl: dispatch.fused_head_loss(a, b, y, rows, loss_fn, implementation=impl), h, w)
             for impl in ("reference", "triton")]
     for name, r, o in zip(("loss", "lp", "dh", "dw"), *outs):
         torch.testing.assert_close(o, r, atol=1e-10, rtol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
