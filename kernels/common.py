@@ -8,7 +8,14 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["FLOAT_DTYPES", "autotune_configs", "check_dtype", "is_interpreter", "tl_dtype"]
+__all__ = [
+    "FLOAT_DTYPES",
+    "autotune_configs",
+    "check_dtype",
+    "is_interpreter",
+    "scaled_forward_grads",
+    "tl_dtype",
+]
 
 #: Floating dtypes the kernels accept; float64 only makes sense in the interpreter (exactness tests).
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,3 +52,28 @@ def check_dtype(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...
     if tensor.dtype not in allowed:
         expected = ", ".join(str(d).removeprefix("torch.") for d in allowed)
         raise ValueError(f"{name}.dtype={tensor.dtype} is not supported; expected one of {expected}")
+
+
+
+def scaled_forward_grads(ctx, grad_out: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor | None, ...]:
+    """Backward of a fused loss: the gradients its forward computed (``ctx.save_for_backward``), times the
+    upstream scalar ``grad_out``, cast to ``dtypes``.
+
+    They are scaled in place and the saved tensor itself is returned (when no cast is needed), so the peak
+    holds one copy of the ``[V, D]`` weight gradient: autograd releases the saved tensors after this call and
+    hands the very tensor to ``param.grad``. The out-of-place ``grad * grad_out`` held two. In place through
+    ``.data`` (no version bump), with the factor already applied remembered on the device, so a repeated
+    backward (``retain_graph=True``, gradcheck) gets ``grad_out / previous`` and stays exact for equal factors;
+    after a zero upstream gradient the stored values are lost, and a repeat yields NaN rather than a wrong
+    number. No host synchronisation.
+    """
+    previous = getattr(ctx, "applied_scale", None)
+    factor = grad_out.detach() if previous is None else grad_out.detach() / previous
+    ctx.applied_scale = grad_out.detach().clone()
+    out = []
+    for grad, dtype in zip(ctx.saved_tensors, dtypes):
+        if grad is not None:
+            grad.data.mul_(factor.to(grad.dtype))
+            grad = grad if grad.dtype == dtype else grad.to(dtype)
+        out.append(grad)
+    return tuple(out)

@@ -17,7 +17,7 @@ import functools
 import logging
 
 import torch
-from tide_kernels.common import check_dtype, is_interpreter
+from tide_kernels.common import check_dtype, is_interpreter, scaled_forward_grads
 from tide_kernels.fused_head.kernel import fused_head_grad, fused_head_lse
 from tide_kernels.fused_head.reference import LossFn, fused_head_loss_reference
 
@@ -54,7 +54,7 @@ class FusedHeadLossTritonFunction(torch.autograd.Function):
         if grad_h is not None:
             grad_h = grad_h.to(hidden_ND.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight_VD.dtype
+        ctx.grad_dtypes = (hidden_ND.dtype, weight_VD.dtype)
         names_out.extend(terms)
         values = torch.stack([v.detach().to(lp.dtype).reshape(()) for v in terms.values()]) if terms else lp.new_zeros(0)
         ctx.mark_non_differentiable(lp, values)
@@ -63,11 +63,7 @@ class FusedHeadLossTritonFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
+        grad_h, grad_w = scaled_forward_grads(ctx, grad_loss, ctx.grad_dtypes)
         return grad_h, grad_w, None, None, None, None, None
 
 

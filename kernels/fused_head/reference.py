@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from tide_kernels.common import scaled_forward_grads
 
 __all__ = [
     "FusedHeadLossFunction",
@@ -120,7 +121,7 @@ class FusedHeadLossFunction(torch.autograd.Function):
                 if need_w:
                     grad_w.addmm_(probs.t(), h)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight_VD.dtype
+        ctx.grad_dtypes = (hidden_ND.dtype, weight_VD.dtype)
         names_out.extend(terms)
         values = torch.stack([v.detach().to(acc).reshape(()) for v in terms.values()]) if terms else lp.new_zeros(0)
         ctx.mark_non_differentiable(lp, values)
@@ -128,11 +129,7 @@ class FusedHeadLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
+        grad_h, grad_w = scaled_forward_grads(ctx, grad_loss, ctx.grad_dtypes)
         return grad_h, grad_w, None, None, None, None, None
 
 

@@ -94,3 +94,25 @@ def test_teacher_target_logprobs_dispatch():
     dense = torch.log_softmax(h @ w.t(), -1).gather(-1, y.clamp_min(0)[:, None])[:, 0] * rows
     torch.testing.assert_close(tri, dense.float())
     torch.testing.assert_close(tri, ref)
+
+
+@pytest.mark.parametrize("entry", ["fused_masked_ce", "fused_head_loss"])
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_repeated_backward_rescales_the_stored_gradients(entry, impl):
+    """The fused losses scale their stored gradients in place (one copy of dW at the peak); a second backward
+    through the same forward (retain_graph) still gets exactly its own upstream factor."""
+    h, w, y, c = _inputs(seed=3)
+
+    def run(h, w):
+        if entry == "fused_masked_ce":
+            return dispatch.fused_masked_ce(h, w, y, c, implementation=impl)[0]
+        return dispatch.fused_head_loss(h, w, y, c != 0, lambda lp: (-(c * lp).sum(), {}), implementation=impl)[0]
+
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = run(h1, w1)
+    (2.0 * loss).backward(retain_graph=True)
+    (-3.0 * loss).backward()
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    (-1.0 * run(h2, w2)).backward()
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-12, rtol=1e-12)

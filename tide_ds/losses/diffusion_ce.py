@@ -12,6 +12,7 @@ gradient. This plain-PyTorch path is also the reference of the Triton kernel of 
 from __future__ import annotations
 
 import torch
+from tide_kernels.common import scaled_forward_grads
 from tide_kernels.fused_head.reference import auto_chunk_rows  # noqa: F401  (re-exported: one tile rule)
 
 
@@ -65,18 +66,14 @@ class FusedLinearCEFunction(torch.autograd.Function):
                     grad_h[idx] = (probs @ weight).to(grad_h.dtype)
                 if need_w:
                     grad_w.addmm_(probs.t(), h)
-        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
-        ctx.weight_dtype = weight_VD.dtype
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.grad_dtypes = (hidden_ND.dtype, weight_VD.dtype)
         ctx.mark_non_differentiable(nll_sum)
         return loss, nll_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_nll_sum):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        if grad_h is not None:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype)
+        grad_h, grad_w = scaled_forward_grads(ctx, grad_loss, ctx.grad_dtypes)  # in place: one copy of dW at the peak
         return grad_h, grad_w, None, None, None
 
 
