@@ -30,3 +30,14 @@ def warn_once(logger: logging.Logger, message: str) -> None:
     if message not in _warned:
         _warned.add(message)
         logger.warning(message)
+
+
+def setup_cli_logging() -> None:
+    """For single-process tools (generate, eval, export): INFO lines of ``tide_ds`` on stderr, so that
+    stdout carries only the tool's output."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("tide_ds")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
