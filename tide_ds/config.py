@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import inspect
 import re
+import signal
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,23 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
         close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"{option}={value!r} is not one of {list(choices)}{hint}")
+
+
+def parse_signals(option: str, spec: str) -> list[signal.Signals]:
+    """``"USR1,TERM"`` -> ``[SIGUSR1, SIGTERM]``; empty -> ``[]``. A name that is no catchable signal fails."""
+    out: list[signal.Signals] = []
+    for raw in spec.split(","):
+        name = raw.strip().upper()
+        if not name:
+            continue
+        full = name if name.startswith("SIG") else f"SIG{name}"
+        if full in ("SIGKILL", "SIGSTOP"):
+            raise ValueError(f"{option}: {raw.strip()!r} cannot be caught; use USR1, USR2, TERM or INT")
+        if full not in signal.Signals.__members__:
+            raise ValueError(f"{option}: {raw.strip()!r} is not a signal name; use a comma-separated list such as USR1,TERM")
+        if signal.Signals[full] not in out:
+            out.append(signal.Signals[full])
+    return out
 
 
 def _positive(option: str, value: float, *, allow_zero: bool = False) -> None:
@@ -109,8 +127,11 @@ class DataArgs:
     eval_samples: int = 64
     #: Limit of source files read for the demo corpus (0 = all).
     max_files: int = 0
+    #: Pretraining steps of the demo world's teacher (data.dataset=demo; built once per value and cached).
+    demo_teacher_steps: int = 150
 
     def __post_init__(self) -> None:
+        _positive("data.demo_teacher_steps", self.demo_teacher_steps)
         _positive("data.seq_len", self.seq_len)
         _positive("data.eval_samples", self.eval_samples, allow_zero=True)
         _positive("data.max_files", self.max_files, allow_zero=True)
@@ -309,6 +330,8 @@ class TrainArgs:
     resume: str = "never"
     #: Move an existing output_dir aside (renamed with a timestamp, never deleted) and start fresh.
     overwrite: bool = False
+    #: Signals that ask for a checkpoint at the next step boundary and an exit with code 75 for a requeue (comma-separated; empty disables).
+    preempt_signals: str = "USR1,TERM"
     #: Write TensorBoard scalars.
     tensorboard: bool = True
     #: Show a progress bar on rank 0.
@@ -326,6 +349,7 @@ class TrainArgs:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1)")
         _choice("train.resume", self.resume, RESUME_MODES)
+        parse_signals("train.preempt_signals", self.preempt_signals)
         if self.resume == "auto" and self.overwrite:
             raise ValueError(
                 "train.resume=auto and train.overwrite=true contradict each other: "

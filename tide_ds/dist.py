@@ -36,10 +36,25 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
-    """Broadcast a picklable object from ``src`` to every rank."""
+def broadcast_object(obj: object, src: int = 0, group=None) -> object:
+    """Broadcast a picklable object from ``src`` to every rank (of ``group``, default the world)."""
     if not is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+_PATIENT_GROUP = None
+
+
+def patient_group(hours: float = 12.0):
+    """A gloo group over all ranks with a long timeout, for waits on slow one-rank work (building shared
+    inputs: a demo world, a dataset, a tokenizer) that the default group's timeout (10 min under gloo, 30
+    under NCCL) would turn into a crash. Created once (a collective: every rank must call it)."""
+    global _PATIENT_GROUP
+    if _PATIENT_GROUP is None and is_initialized():
+        import datetime
+
+        _PATIENT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=hours))
+    return _PATIENT_GROUP

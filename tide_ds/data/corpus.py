@@ -104,8 +104,8 @@ def split_of(relpath: str, *, heldout_fraction: float) -> str:
     return "heldout" if _unit_hash("split", relpath) < heldout_fraction else "train"
 
 
-def _select(relpaths: list[str], *, heldout_fraction: float, max_files: int | None) -> list[str]:
-    """At most ``max_files`` paths in the split proportions (at least one held-out file when both fit).
+def _select(relpaths: list[str], *, heldout_fraction: float, max_files: int | None, min_heldout: int = 1) -> list[str]:
+    """At most ``max_files`` paths in the split proportions (at least ``min_heldout`` held-out files when they fit).
 
     Within each split the files come in a fixed pseudo-random order, so a small selection still
     spreads over the whole library instead of taking its alphabetical head.
@@ -115,7 +115,7 @@ def _select(relpaths: list[str], *, heldout_fraction: float, max_files: int | No
     by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
     for p in sorted(relpaths, key=lambda p: _unit_hash("subset", p)):
         by_split[split_of(p, heldout_fraction=heldout_fraction)].append(p)
-    n_heldout = max(1, round(max_files * heldout_fraction)) if max_files >= 2 else 0
+    n_heldout = min(max(min_heldout, round(max_files * heldout_fraction)), max_files // 2) if max_files >= 2 else 0
     n_heldout = min(n_heldout, len(by_split["heldout"]))
     chosen = by_split["heldout"][:n_heldout] + by_split["train"][: max_files - n_heldout]
     return sorted(chosen)

@@ -130,7 +130,10 @@ def instruct_rows(*, max_files: int | None = None, heldout_fraction: float = 0.0
     """
     root = stdlib_root()
     paths = {p.relative_to(root).as_posix(): p for p in stdlib_source_files()}
-    for relpath in _select(sorted(paths), heldout_fraction=heldout_fraction, max_files=max_files):
+    if max_files is not None:  # a small selection takes files that define functions, and a few held-out ones
+        paths = {k: p for k, p in paths.items() if "def " in p.read_text(encoding="utf-8", errors="replace")}
+    for relpath in _select(sorted(paths), heldout_fraction=heldout_fraction, max_files=max_files,
+                           min_heldout=1 if max_files is None else 3):
         source = paths[relpath].read_text(encoding="utf-8")
         try:
             samples = list(functions_of_source(source))
@@ -171,6 +174,8 @@ def ensure_instruct_jsonl(cache_dir: str | Path | None = None, *, max_files: int
     cache = Path(cache_dir) if cache_dir is not None else default_tokenizer_cache()
     args = {"format": INSTRUCT_FORMAT, "python": platform.python_version(), "stdlib": str(stdlib_root()),
             "max_files": max_files, "heldout_fraction": heldout_fraction if max_files else None}
+    if max_files:  # version 2 of the small selection (files with functions, >= 3 held out)
+        args["selection"] = 2
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
     out = (cache / "corpora" / f"stdlib-instruct-{key}.jsonl").absolute()
     if out.is_file():

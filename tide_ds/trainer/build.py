@@ -25,15 +25,20 @@ QWEN3_EMBEDDING_ROWS = 151936
 
 
 def _rank0_first(fn: Callable[[], object]) -> object:
-    """Run ``fn`` on rank 0, then on the others (which then find rank 0's cached result)."""
+    """Run ``fn`` on rank 0, then on the others (which then find rank 0's cached result).
+
+    The others wait in a gloo group with a long timeout (``dist.patient_group``): building a demo world
+    takes longer than the default group's 10 minutes on a small machine.
+    """
     result, error = None, None
+    group = dist.patient_group()  # a collective: created before rank 0 starts the long work
     if dist.rank() == 0:
         try:
             result = fn()
         except Exception as err:  # re-raised below, after every rank knows
             error = f"{type(err).__name__}: {err}"
             first = err
-    error = dist.broadcast_object(error)
+    error = dist.broadcast_object(error, group=group)
     if error is not None:
         if dist.rank() == 0:
             raise first
@@ -239,7 +244,7 @@ def prepare_demo_run(cfg: RunConfig, tokenizer_dir: Path):
         lambda: prepare_demo(
             student_tokenizer=tokenizer_dir, seq_len=cfg.data.seq_len, block_size=cfg.diffusion.block_size,
             teacher_seq_len=cfg.data.teacher_seq_len, max_files=cfg.data.max_files or None, seed=cfg.train.seed,
-            pipeline=cfg.distill.resolved_pipeline,
+            pipeline=cfg.distill.resolved_pipeline, teacher_steps=cfg.data.demo_teacher_steps,
         )
     )
     data = dataclasses.replace(cfg.data, dataset=str(world.dataset))

@@ -1,0 +1,60 @@
+"""The embedded default (`deepspeed launch/run.py`, the full TIDE demo) on a reduced world.
+
+Fresh cache: the demo builds its corpus, teacher tokenizer, pipeline-A dataset and teacher, then
+distils. A CE-only run of the same configuration first, so the TIDE run's report can show the
+no-distillation baseline beside the student and the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
+from test_train_e2e import ROOT, _env, _free_port  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# The default recipe, only smaller: fewer source files, a shorter teacher pretraining, a few steps.
+REDUCED = ["--data.max_files=40", "--data.demo_teacher_steps=20", "--data.eval_samples=16", "--train.max_steps=6",
+           "--train.eval_every=0", "--train.log_every=1", "--train.progress_bar=false", "--train.tensorboard=false",
+           "--train.micro_batch_size=4"]
+
+
+def _launch(out: Path, cache: Path, *extra: str):
+    import subprocess
+
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "launch" / "run.py"), f"--train.output_dir={out}", *REDUCED, *extra]
+    return subprocess.run(cmd, cwd=ROOT, env={**_env(), "TIDE_DS_CACHE": str(cache)}, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_default_run_is_the_tide_demo_with_baseline_report(tmp_path):
+    cache = tmp_path / "cache"
+    base = _launch(tmp_path / "none", cache, "--distill.preset=none")
+    assert base.returncode == 0, base.stdout[-4000:] + base.stderr[-4000:]
+    tide = _launch(tmp_path / "tide", cache)
+    log = tide.stdout + tide.stderr
+    assert tide.returncode == 0, log[-8000:]
+    assert "mode reverse_alm" in log and "objective: mode reverse_alm" in log
+    records = [json.loads(line) for line in (tmp_path / "tide" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 6 and all(r["calm_rev"] > 0 and r["active_chunks"] > 0 for r in train)
+    final = [r for r in records if r["kind"] == "eval"][-1]["nll"]
+    base_final = [json.loads(x) for x in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()]
+    base_nll = [r for r in base_final if r["kind"] == "eval"][-1]["nll"]
+    # The report: teacher, student, baseline (the earlier comparable run) and where the run lives.
+    teacher = re.search(r"teacher \(.*own SentencePiece tokenizer\): ([0-9.]+)", log)
+    student = re.search(r"student, preset tide_cross \(mode reverse_alm\): ([0-9.]+)", log)
+    baseline = re.search(r"student, no distillation \(preset none\): ([0-9.]+)", log)
+    assert teacher and student and baseline, log[-3000:]
+    assert float(student.group(1)) == pytest.approx(final, abs=1e-4)
+    assert float(baseline.group(1)) == pytest.approx(base_nll, abs=1e-4)
+    assert f"logs, metrics and checkpoints: {tmp_path / 'tide'}" in log
+    world = json.loads(next((cache / "demo").glob("teacher-*/tide_ds_pretrain.json")).read_text())
+    assert world["steps"] == 20 and world["heldout_nll"] < world["heldout_nll_before"]
