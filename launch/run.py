@@ -59,9 +59,12 @@ def main(argv: list[str]) -> int:
         return 0
 
     from tide_ds.trainer.loop import shutdown, train
+    from tide_ds.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
 
     try:
         train(cfg)
+    except Preempted:  # checkpoint written on every rank; 75 tells the sbatch script to requeue
+        return PREEMPTED_EXIT_CODE
     except ValueError as err:  # user errors found while building the run: one clear line per rank 0
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"tide-ds: error: {err}", file=sys.stderr)

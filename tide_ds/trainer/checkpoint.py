@@ -32,6 +32,7 @@ from typing import Any
 
 from tide_ds import dist
 from tide_ds.config import RunConfig
+from tide_ds.trainer import universal
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ def save_checkpoint(engine, cfg: RunConfig, *, step: int, trainer_state: dict[st
         shutil.rmtree(staging / tag, ignore_errors=True)
         staging.mkdir(parents=True, exist_ok=True)
     dist.barrier()
+    # the layout a resume compares against (tide_ds.trainer.universal): a change needs a conversion
+    trainer_state = {**trainer_state, "world_size": dist.world_size(), "zero_stage": int(engine.zero_optimization_stage())}
     engine.save_checkpoint(str(staging), tag=tag, client_state={"tide_ds": trainer_state}, save_latest=False)
     dist.barrier()
     final = root / tag
@@ -159,14 +162,24 @@ def save_checkpoint(engine, cfg: RunConfig, *, step: int, trainer_state: dict[st
 
 
 def load_checkpoint(engine, ckpt_dir: str | Path) -> dict[str, Any]:
-    """Load model, optimizer and scheduler states into ``engine``; return the trainer state."""
+    """Load model, optimizer and scheduler states into ``engine``; return the trainer state.
+
+    A checkpoint written with another world size or ZeRO stage is loaded through DeepSpeed's
+    universal checkpoint and verified (``tide_ds.trainer.universal``).
+    """
     ckpt_dir = Path(ckpt_dir)
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    change = universal.layout_change(
+        universal.saved_layout(ckpt_dir, state), world_size=dist.world_size(), zero_stage=int(engine.zero_optimization_stage())
+    )
+    if change and universal.zero_partition_files(ckpt_dir):
+        universal.load_resharded(engine, ckpt_dir, reason=change)
+        return state
     path, client_state = engine.load_checkpoint(
         str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt_dir}")
-    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     if client_state and "tide_ds" in client_state and client_state["tide_ds"]["step"] != state["step"]:
         raise RuntimeError(f"checkpoint {ckpt_dir}: trainer_state.json and the DeepSpeed client state disagree")
     return state

@@ -14,7 +14,7 @@ from tide_ds import dist
 from tide_ds.config import RunConfig
 from tide_ds.diffusion.schedules import get_schedule
 from tide_ds.log import setup_logging
-from tide_ds.trainer import checkpoint
+from tide_ds.trainer import checkpoint, preemption
 from tide_ds.losses.fused_head import resolve_loss_implementation
 from tide_ds.losses.tidal import TidalSchedule
 from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer, prepare_demo_run, report_demo
@@ -64,6 +64,7 @@ def check_shared_vocab(cfg: RunConfig, student: torch.nn.Module) -> None:
 def train(cfg: RunConfig) -> dict[str, float]:
     """Train the student as ``cfg`` says; return the last held-out evaluation."""
     setup_logging()
+    guard = preemption.install(cfg.train.preempt_signals)  # a signal only sets a flag, checked after each step
     device = init_distributed()
     loss_implementation = resolve_loss_implementation(cfg.model.loss_implementation, device)  # fails early, logs once
     rank, world = dist.rank(), dist.world_size()
@@ -188,6 +189,9 @@ def train(cfg: RunConfig) -> dict[str, float]:
             last_eval = run_eval(step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
             save(step)
+        if guard.should_stop():  # some rank got a preemption signal: all checkpoint here and exit for a requeue
+            saved = cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps
+            guard.stop(step, save=None if saved else save, close=metrics.close)
     if bar is not None:
         bar.close()
     last_eval = run_eval(step)
