@@ -28,7 +28,7 @@ from tide_ds.losses.calm import CHUNK_EPS, calm_loss, chunk_sums
 from tide_ds.losses.fused_head import fused_head_loss, target_logprobs
 
 __all__ = ["StudentProblem", "authors_student_loss", "authors_teacher_logprobs", "fused_student_loss",
-           "fused_teacher_logprobs", "student_problem"]
+           "fused_teacher_logprobs", "student_problem", "teacher_problem"]
 
 TEMPERATURE = 5.0  # the paper's pipeline-A script (spec §5.2)
 
@@ -115,6 +115,18 @@ def fused_student_loss(p: StudentProblem, *, implementation: str, temperature: f
     loss, _, _ = fused_head_loss(hidden_ND, p.weight_VD, p.x0_BL.flatten(), p.masked_BL.flatten(), loss_fn,
                                  implementation=implementation)
     return loss
+
+
+def teacher_problem(
+    *, batch: int, seq_len: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device | str, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Teacher hidden states ``[B, L_t, D]``, LM head ``[V_t, D]``, clean ids ``[B, L_t]``, needed rows (half)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden_BLD = torch.randn(batch, seq_len, hidden, generator=g) / hidden**0.5 * 4
+    weight_VD = torch.randn(vocab, hidden, generator=g) * 0.02 * 4
+    targets = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    rows = torch.rand(batch, seq_len, generator=g) < 0.5
+    return hidden_BLD.to(device, dtype), weight_VD.to(device, dtype), targets.to(device), rows.to(device)
 
 
 def authors_teacher_logprobs(hidden_BLD: torch.Tensor, weight_VD: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:

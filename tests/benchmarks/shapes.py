@@ -1,14 +1,22 @@
 """Benchmark shapes with real sizes (STYLE.md §5), one place for every kernel benchmark.
 
-Legend: B batch, L student length (one copy; the attention sees 2L tokens), K block size, H query heads,
-H_kv key/value heads, Dh head dim.
+Legend: B batch, L student length (one copy; the attention sees 2L tokens), L_t teacher length, K block
+size, H query heads, H_kv key/value heads, Dh head dim, D hidden, V vocabulary.
+
+Under ``TIDE_BENCH_DRY_RUN=1`` without a GPU the lists hold tiny shapes instead (a logic check on the CPU).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["BD3LM_ATTENTION_SHAPES", "AttentionShape"]
+import torch
+
+from tests.benchmarks.harness import DRY_RUN
+
+__all__ = ["BD3LM_ATTENTION_SHAPES", "STUDENT_LOSS_SHAPES", "TEACHER_LOGPROB_SHAPES", "AttentionShape", "HeadShape"]
+
+_TINY = DRY_RUN and not torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
@@ -28,9 +36,36 @@ class AttentionShape:
                 f"-d{self.head_dim}")
 
 
+@dataclass(frozen=True)
+class HeadShape:
+    """One LM-head problem: hidden ``[B, L, D]`` (the student: both halves, ``[B, 2L, D]``), weight ``[V, D]``."""
+
+    batch: int
+    seq_len: int
+    hidden: int
+    vocab: int
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def id(self) -> str:
+        return f"B{self.batch}-L{self.seq_len}-D{self.hidden}-V{self.vocab}"
+
+
 # The Qwen3-0.6B student (MODELS.md §7.1: 16 query / 8 KV heads, head dim 128), TIDE's block size 32.
 # B x L stays 8 x 512 = 4096 tokens per copy, so longer sequences trade batch for length.
 BD3LM_ATTENTION_SHAPES = [
     AttentionShape(batch=8 * 512 // seq_len, seq_len=seq_len, block_size=32, num_heads=16, num_kv_heads=8, head_dim=128)
     for seq_len in (512, 1024, 2048, 4096)
 ]
+# The student head (Qwen3-0.6B: V = 151,936, D = 1,024), N = 8 x 512 x_t rows (the paper's batch).
+STUDENT_LOSS_SHAPES = [HeadShape(batch=8, seq_len=512, hidden=1024, vocab=151_936)]
+# The LLaDA2.0-mini teacher head (V = 157,184, D = 2,048), L_t = 1,024.
+TEACHER_LOGPROB_SHAPES = [HeadShape(batch=8, seq_len=1024, hidden=2048, vocab=157_184)]
+
+if _TINY:
+    BD3LM_ATTENTION_SHAPES = [AttentionShape(batch=1, seq_len=32, block_size=8, num_heads=4, num_kv_heads=2, head_dim=16)]
+    STUDENT_LOSS_SHAPES = [HeadShape(batch=2, seq_len=32, hidden=32, vocab=1000)]
+    TEACHER_LOGPROB_SHAPES = [HeadShape(batch=2, seq_len=48, hidden=64, vocab=1200)]

@@ -1,10 +1,11 @@
 """BD3LM attention benchmark (ANCHORS.md §2.3 targets): SDPA with the dense mask, FlexAttention, ours.
 
 Providers:
-    sdpa:   the reference model path (transformers' ``sdpa_attention_forward``): repeat K/V over the GQA
-            group, then ``F.scaled_dot_product_attention`` with the cached dense boolean ``[1, 1, 2L, 2L]`` mask.
-    flex:   ``torch.compile(flex_attention)`` with the cached ``BlockMask`` (``enable_gqa=True``).
-    triton: :func:`tide_kernels.bd3lm_attention.bd3lm_attention`.
+    sdpa:           the reference model path (transformers' ``sdpa_attention_forward``): repeat K/V over the
+                    GQA group, then ``F.scaled_dot_product_attention`` with the dense boolean ``[1, 1, 2L, 2L]`` mask.
+    sdpa_compiled:  the same under ``torch.compile``.
+    flex:           ``torch.compile(flex_attention)`` with the cached ``BlockMask`` (``enable_gqa=True``).
+    triton:         :func:`tide_kernels.bd3lm_attention.bd3lm_attention` (ours).
 
 TFLOP/s counts useful work only: ``4 * B * H * Dh * allowed`` for the forward, with ``allowed`` the number
 of True entries of the §2.3 mask (about a quarter of ``(2L)^2``); the backward counts 2.5x that (five
@@ -22,21 +23,19 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
+from tide_kernels.bd3lm_attention import bd3lm_attention, bd3lm_attention_reference
 from torch.nn.attention.flex_attention import flex_attention
 
+from tests.benchmarks.harness import BENCH_MARKS, bench_device, peak_mib, time_ms
 from tests.benchmarks.shapes import BD3LM_ATTENTION_SHAPES, AttentionShape
 from tests.tolerances import assert_close
 from tide_ds.diffusion.block_mask import dense_bd3lm_mask, flex_bd3lm_block_mask
-from tide_kernels.bd3lm_attention import bd3lm_attention, bd3lm_attention_reference
 
-pytestmark = [
-    pytest.mark.bench,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU"),
-]
+pytestmark = BENCH_MARKS
 
 OP = "bd3lm_attention"
-DTYPE = torch.bfloat16
+# bf16 on the GPU; the CPU dry run uses float64 (the interpreter mis-multiplies bf16 dots, triton#11584).
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float64
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
@@ -48,29 +47,36 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionSha
 
 
 @functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _sdpa_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+    return _compiled(_sdpa)(q, k, v, shape)
 
 
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
     block_mask = flex_bd3lm_block_mask(shape.seq_len, shape.block_size, device=q.device)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return _compiled(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 def _triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
     return bd3lm_attention(q, k, v, seq_len=shape.seq_len, block_size=shape.block_size)
 
 
-PROVIDERS = {"sdpa": _sdpa, "flex": _flex, "triton": _triton}
+PROVIDERS = {"sdpa": _sdpa, "sdpa_compiled": _sdpa_compiled, "flex": _flex, "triton": _triton}
+if not torch.cuda.is_available():  # the CPU dry run: FlexAttention has no CPU backward; compiling takes minutes
+    PROVIDERS = {"sdpa": _sdpa, "triton": _triton}
 
 
 def _inputs(shape: AttentionShape) -> tuple[torch.Tensor, ...]:
     """q, k, v as the student produces them (``[B, 2L, heads, Dh]`` memory seen as ``[B, heads, 2L, Dh]``), and g."""
-    generator = torch.Generator(device="cuda").manual_seed(0)
+    device = bench_device()
+    generator = torch.Generator(device=device).manual_seed(0)
     tokens = 2 * shape.seq_len
 
     def make(heads: int) -> torch.Tensor:
-        x = torch.randn(shape.batch, tokens, heads, shape.head_dim, generator=generator, device="cuda", dtype=DTYPE)
+        x = torch.randn(shape.batch, tokens, heads, shape.head_dim, generator=generator, device=device, dtype=DTYPE)
         return x.transpose(1, 2)
 
     q, k, v, g = make(shape.num_heads), make(shape.num_kv_heads), make(shape.num_kv_heads), make(shape.num_heads)
@@ -84,17 +90,6 @@ def _forward_backward(fn, q, k, v, g) -> tuple[torch.Tensor, ...]:
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _peak_mib(fn, inputs: tuple[torch.Tensor, ...]) -> float:
-    for x in inputs:
-        x.grad = None  # as in the timed calls: backward allocates the gradients
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def _call(attention, mode: str, q, k, v, g, shape: AttentionShape):
     if mode == "fwd":
         return lambda: attention(q, k, v, shape)
@@ -103,26 +98,27 @@ def _call(attention, mode: str, q, k, v, g, shape: AttentionShape):
 
 @pytest.mark.parametrize("shape", BD3LM_ATTENTION_SHAPES, ids=lambda s: s.id)
 def test_bench_bd3lm_attention(shape: AttentionShape, bench_recorder) -> None:
-    bench_recorder.set_baselines(OP, ("sdpa", "flex"))
+    bench_recorder.set_baselines(OP, ("sdpa", "sdpa_compiled", "flex"))
     q, k, v, g = _inputs(shape)
     mask = {"seq_len": shape.seq_len, "block_size": shape.block_size}
 
     # Correctness at the benchmark shape first: against the reference on the same inputs upcast to fp32
     # (the reference computes in fp32; its own error is far below the bf16 tolerance).
+    ref_dtype = torch.float64 if DTYPE == torch.float64 else torch.float32
     tri = _forward_backward(lambda *x: bd3lm_attention(*x, **mask), q, k, v, g)
-    ref = _forward_backward(lambda *x: bd3lm_attention_reference(*x, **mask), *(x.detach().float() for x in (q, k, v, g)))
+    ref = _forward_backward(lambda *x: bd3lm_attention_reference(*x, **mask), *(x.detach().to(ref_dtype) for x in (q, k, v, g)))
     for name, r, t in zip(("out", "dq", "dk", "dv"), ref, tri):
         assert_close(name, r, t, op=OP, dtype=DTYPE)
     del tri, ref
 
-    allowed = int(dense_bd3lm_mask(shape.seq_len, shape.block_size, device="cuda").sum())
+    allowed = int(dense_bd3lm_mask(shape.seq_len, shape.block_size, device=q.device).sum())
     fwd_flops = 4 * shape.batch * shape.num_heads * shape.head_dim * allowed
     for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):
         for provider, attention in PROVIDERS.items():
             fn = _call(attention, mode, q, k, v, g, shape)
             fn()  # compile / autotune outside the timed region
-            ms = triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=[q, k, v], quantiles=[0.5, 0.2, 0.8])
+            ms = time_ms(fn, grad_to_none=[q, k, v])
             bench_recorder.add(
-                op=OP, mode=mode, shape=shape.id, provider=provider, ms=tuple(ms), peak_mib=_peak_mib(fn, (q, k, v)),
+                op=OP, mode=mode, shape=shape.id, provider=provider, ms=ms, peak_mib=peak_mib(fn, (q, k, v)),
                 tflops=flops / (ms[0] * 1e-3) / 1e12,
             )

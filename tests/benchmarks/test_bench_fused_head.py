@@ -1,131 +1,137 @@
-"""Fused LM-head loss benchmark: dense logits, the plain-PyTorch tiled path, and the Triton op.
+"""LM-head loss benchmarks: the student's CE + Reverse CALM (forward+backward) and the teacher's target
+log-probs (forward, no gradient), at the paper's shapes (``shapes.py``).
 
-Providers (all compute CE of the target log-probs of every row and its gradients w.r.t. hidden and W):
-    dense:  full ``[N, V]`` logits in bf16 (``hidden @ W^T``), ``log_softmax`` in fp32, gather, autograd.
-    tiled:  :func:`tide_ds.losses.fused_head.fused_head_loss` (row tiles, gradients in the forward).
-    triton: :func:`tide_kernels.fused_head.fused_head_loss_triton`.
+Providers (``loss_paths.py``):
+    authors:           the reference implementation's path: LM head on both halves, float32 logits,
+                       cross_entropy, gather - logsumexp, dense alignment bmm, clipped probabilities, autograd
+                       (teacher: full float32 logits, log_softmax, gather);
+    authors_compiled:  the same under ``torch.compile``;
+    chunked:           ours in plain PyTorch (``--model.loss_implementation=reference``: row tiles, gradients
+                       in the forward pass);
+    triton:            ours with the Triton kernels (``--model.loss_implementation=triton``, the default on GPUs).
 
-Shape: the Qwen3-0.6B student head (V = 151,936, D = 1,024), N = 8 x 512 rows of bf16, 50 % of them
-needed (rows_N), as in a masked-diffusion batch. Timed: forward+backward (the fused paths do their
-gradient work in forward, so forward alone is not comparable). Peak memory is the allocator's peak
-during one call above what was allocated before it (inputs excluded).
+TFLOP/s counts the useful work of the x_t half only, the same for every provider: the student ``6 N V D``
+(logits, dh, dW; N = B x L) and the teacher ``2 N V D``. Peak memory is the allocator's peak during one
+call above what was allocated before it (inputs excluded, gradients included). Each benchmark first checks
+Triton against the authors' path run in float32 on the same inputs.
 
 Run: ``python -m pytest -m bench -s tests/benchmarks/test_bench_fused_head.py``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import pytest
 import torch
-import triton
-from tide_kernels.fused_head import (
-    dense_target_logprobs_reference,
-    fused_head_loss_triton,
+
+from tests.benchmarks.harness import (
+    BENCH_MARKS,
+    DRY_RUN,
+    bench_device,
+    peak_mib,
+    time_ms,
+)
+from tests.benchmarks.loss_paths import (
+    authors_student_loss,
+    authors_teacher_logprobs,
+    fused_student_loss,
+    fused_teacher_logprobs,
+    student_problem,
+    teacher_problem,
+)
+from tests.benchmarks.shapes import (
+    STUDENT_LOSS_SHAPES,
+    TEACHER_LOGPROB_SHAPES,
+    HeadShape,
 )
 
-from tide_ds.losses.fused_head import fused_head_loss
+pytestmark = BENCH_MARKS
 
-pytestmark = [
-    pytest.mark.bench,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA GPU"),
-]
-
-OP = "fused_head"
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
-@dataclass(frozen=True)
-class HeadShape:
-    """One LM-head problem: hidden ``[N, D]``, weight ``[V, D]`` (tests/benchmarks/shapes.py is not ours to edit)."""
-
-    rows: int
-    hidden: int
-    vocab: int
-
-    @property
-    def id(self) -> str:
-        return f"N{self.rows}-D{self.hidden}-V{self.vocab}"
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn)
 
 
-FUSED_HEAD_SHAPES = [HeadShape(rows=8 * 512, hidden=1024, vocab=151_936)]
+STUDENT_PROVIDERS = {
+    "authors": authors_student_loss,
+    "authors_compiled": lambda p: _compiled(authors_student_loss)(p),
+    "chunked": lambda p: fused_student_loss(p, implementation="reference"),
+    "triton": lambda p: fused_student_loss(p, implementation="triton"),
+}
 
 
-def _ce(rows_N: torch.Tensor):
-    count = rows_N.sum().clamp_min(1)
-
-    def loss_fn(lp):
-        ce = -(lp * rows_N).sum() / count
-        return ce, {"ce": ce}
-
-    return loss_fn
+def _relative(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    actual, ref = actual.double(), ref.double()
+    return ((actual - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _dense(h, w, y, rows):
-    # The usual model path: logits in the input dtype, log-softmax in fp32.
-    logits = (h @ w.t()).float()
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1) * rows
-    return _ce(rows)(lp)[0]
+@pytest.mark.parametrize("shape", STUDENT_LOSS_SHAPES, ids=lambda s: s.id)
+def test_bench_student_loss(shape: HeadShape, bench_recorder) -> None:
+    op = "student_loss"
+    bench_recorder.set_baselines(op, ("authors", "authors_compiled"))
+    device = bench_device()
+    size = {"batch": shape.batch, "seq_len": shape.seq_len, "hidden": shape.hidden, "vocab": shape.vocab}
+    problem = student_problem(**size, dtype=DTYPE, device=device)
 
-
-def _tiled(h, w, y, rows):
-    return fused_head_loss(h, w, y, rows, _ce(rows))[0]
-
-
-def _triton(h, w, y, rows):
-    return fused_head_loss_triton(h, w, y, rows, _ce(rows))[0]
-
-
-PROVIDERS = {"dense": _dense, "tiled": _tiled, "triton": _triton}
-
-
-def _inputs(shape: HeadShape) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(shape.rows, shape.hidden, generator=generator, device="cuda", dtype=DTYPE)
-    w = (torch.randn(shape.vocab, shape.hidden, generator=generator, device="cuda", dtype=DTYPE) * 0.05)
-    y = torch.randint(0, shape.vocab, (shape.rows,), generator=generator, device="cuda")
-    rows = torch.rand(shape.rows, generator=generator, device="cuda") < 0.5
-    return h.requires_grad_(), w.requires_grad_(), y, rows
-
-
-def _peak_mib(fn, inputs: tuple[torch.Tensor, ...]) -> float:
-    for x in inputs:
+    # Correctness at the benchmark shape: Triton on the benchmark inputs against the authors' path in float32.
+    reference = student_problem(**size, dtype=torch.float32, device=device)
+    ref_loss = authors_student_loss(reference)
+    ref_loss.backward()
+    loss = STUDENT_PROVIDERS["triton"](problem)
+    loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-2 * abs(ref_loss.item()), (loss.item(), ref_loss.item())
+    for name, ref, ours in zip(("dh", "dW"), reference.leaves, problem.leaves):
+        rel = _relative(ours.grad, ref.grad)
+        assert rel < 3e-2, f"{name}: relative RMS error {rel:.2e} against the float32 authors' path"
+    del reference, ref_loss
+    for x in problem.leaves:
         x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
-
-@pytest.mark.parametrize("shape", FUSED_HEAD_SHAPES, ids=lambda s: s.id)
-def test_bench_fused_head(shape: HeadShape, bench_recorder) -> None:
-    bench_recorder.set_baselines(OP, ("dense",))
-    h, w, y, rows = _inputs(shape)
-
-    # Correctness at the benchmark shape: Triton against the fp32 dense reference on the same inputs.
-    def grads(fn, *args):
-        a, b = (x.detach().clone().requires_grad_() for x in args[:2])
-        loss = fn(a, b, *args[2:])
-        loss.backward()
-        return loss.detach().float(), a.grad.float(), b.grad.float()
-
-    ref = grads(lambda a, b, yy, rr: _ce(rr)(dense_target_logprobs_reference(a, b, yy, rr))[0], h.float(), w.float(), y, rows)
-    tri = grads(_triton, h, w, y, rows)
-    for name, r, t in zip(("loss", "dh", "dw"), ref, tri):
-        rel = ((t - r).norm() / r.norm().clamp_min(1e-30)).item()
-        assert rel < 2e-2, f"{name}: relative error {rel:.2e} at the benchmark shape"
-    del ref, tri
-
-    # Useful work: logits (2NVD) forward, dh and dW (4NVD) backward.
     flops = 6 * shape.rows * shape.vocab * shape.hidden
-    for provider, head in PROVIDERS.items():
-        fn = lambda head=head: head(h, w, y, rows).backward()
-        fn()  # autotune / warm up outside the timed region
-        ms = triton.testing.do_bench(fn, warmup=10, rep=50, grad_to_none=[h, w], quantiles=[0.5, 0.2, 0.8])
-        bench_recorder.add(
-            op=OP, mode="fwd+bwd", shape=shape.id, provider=provider, ms=tuple(ms), peak_mib=_peak_mib(fn, (h, w)),
-            tflops=flops / (ms[0] * 1e-3) / 1e12,
-        )
+    for provider, loss_fn in STUDENT_PROVIDERS.items():
+        fn = lambda loss_fn=loss_fn: loss_fn(problem).backward()
+        fn()  # compile / autotune outside the timed region
+        ms = time_ms(fn, grad_to_none=list(problem.leaves))
+        bench_recorder.add(op=op, mode="fwd+bwd", shape=shape.id, provider=provider, ms=ms,
+                           peak_mib=peak_mib(fn, problem.leaves), tflops=flops / (ms[0] * 1e-3) / 1e12)
+
+
+TEACHER_PROVIDERS = {
+    "authors": lambda h, w, y, rows: authors_teacher_logprobs(h, w, y),
+    "authors_compiled": lambda h, w, y, rows: _compiled(authors_teacher_logprobs)(h, w, y),
+    "chunked": lambda h, w, y, rows: fused_teacher_logprobs(h, w, y, rows, implementation="reference"),
+    "triton": lambda h, w, y, rows: fused_teacher_logprobs(h, w, y, rows, implementation="triton"),
+}
+
+
+@pytest.mark.parametrize("shape", TEACHER_LOGPROB_SHAPES, ids=lambda s: s.id)
+@torch.no_grad()
+def test_bench_teacher_logprobs(shape: HeadShape, bench_recorder) -> None:
+    op = "teacher_logprobs"
+    bench_recorder.set_baselines(op, ("authors", "authors_compiled"))
+    size = {"batch": shape.batch, "seq_len": shape.seq_len, "hidden": shape.hidden, "vocab": shape.vocab}
+    h, w, y, rows = teacher_problem(**size, dtype=DTYPE, device=bench_device())
+
+    ref = authors_teacher_logprobs(h.float(), w.float(), y)
+    ours = TEACHER_PROVIDERS["triton"](h, w, y, rows)
+    err = (ours - ref)[rows].abs().max().item()
+    assert err < 2e-2 and (ours[~rows] == 0).all(), f"max abs error {err:.2e} against the float32 authors' path"
+    del ref, ours
+
+    flops = 2 * shape.rows * shape.vocab * shape.hidden
+    for provider, logprobs in TEACHER_PROVIDERS.items():
+        fn = lambda logprobs=logprobs: logprobs(h, w, y, rows)
+        fn()
+        ms = time_ms(fn)
+        bench_recorder.add(op=op, mode="fwd", shape=shape.id, provider=provider, ms=ms, peak_mib=peak_mib(fn, ()),
+                           tflops=flops / (ms[0] * 1e-3) / 1e12)
+
+
+if DRY_RUN and not torch.cuda.is_available():
+    # torch.compile on a CPU takes about a minute per graph here: the dry run checks the other providers.
+    STUDENT_PROVIDERS.pop("authors_compiled")
+    TEACHER_PROVIDERS.pop("authors_compiled")

@@ -125,6 +125,7 @@ def test_bd3lm_attention_tile_shapes(generator, block_m, block_n) -> None:
 BF16 = pytest.param(torch.bfloat16, id="torch.bfloat16", marks=needs_cuda)
 
 
+@pytest.mark.any_device
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16], ids=str)
 def test_bd3lm_attention_low_precision(generator, device, dtype) -> None:
     q, k, v, g = _qkv(generator, batch=1, heads=4, kv_heads=2, tokens=32, head_dim=32, dtype=dtype, device=device)
@@ -222,12 +223,14 @@ def test_bd3lm_attention_in_qwen3_student(generator) -> None:
         assert_close("hidden" if i == 0 else f"grad {i}", ref, tri, op=OP, dtype=torch.float64)
 
 
+@pytest.mark.any_device
 def test_bd3lm_attention_reference_implementation(generator) -> None:
     q, k, v, _ = _qkv(generator, batch=1, heads=2, kv_heads=1, tokens=8, head_dim=8, dtype=torch.float32)
     out = bd3lm_attention(q, k, v, seq_len=4, block_size=2, implementation="reference")
     torch.testing.assert_close(out, bd3lm_attention_reference(q, k, v, seq_len=4, block_size=2))
 
 
+@pytest.mark.any_device
 def test_bd3lm_attention_logs_choice_once(generator, caplog) -> None:
     q, k, v, _ = _qkv(generator, batch=1, heads=2, kv_heads=1, tokens=8, head_dim=8, dtype=torch.float32)
     op_module._log_choice.cache_clear()
@@ -237,6 +240,7 @@ def test_bd3lm_attention_logs_choice_once(generator, caplog) -> None:
     assert [r.getMessage() for r in caplog.records] == ["bd3lm_attention: using the reference implementation"]
 
 
+@pytest.mark.any_device
 def test_bd3lm_attention_reference_mask_is_spec_example() -> None:
     """The reference's mask is §2.3's (worked example L=4, K=2); key-lengths rows/columns of padding are off."""
     mask = reference_mask(num_tokens=8, seq_len=4, block_size=2, clean_first=False, key_lens=None, device="cpu")
@@ -266,6 +270,7 @@ BAD_ARGS = [
 ]
 
 
+@pytest.mark.any_device
 @pytest.mark.parametrize("override, message", BAD_ARGS)
 def test_bd3lm_attention_rejects_bad_inputs(override, message) -> None:
     args = {"q": _t(1, 4, 8, 16), "k": _t(1, 2, 8, 16), "v": _t(1, 2, 8, 16), "seq_len": 4, "block_size": 2}
@@ -419,6 +424,7 @@ def test_bd3lm_attention_compiles_for_sm90() -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.any_device
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -432,6 +438,7 @@ def test_bd3lm_attention_student_shape_cuda(dtype, head_dim) -> None:
         _assert_matches(_reference64(q, k, v, g, **mask), _run(bd3lm_attention, q, k, v, g, **mask), dtype)
 
 
+@pytest.mark.any_device
 @needs_cuda
 def test_bd3lm_attention_key_lens_cuda() -> None:
     generator = torch.Generator().manual_seed(0)

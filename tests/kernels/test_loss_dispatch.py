@@ -22,6 +22,7 @@ def test_resolve_loss_implementation(choice, device, expected):
     assert dispatch.resolve_loss_implementation(choice, torch.device(device)) == expected
 
 
+@pytest.mark.any_device
 def test_triton_on_cpu_without_interpreter_is_a_config_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"model.loss_implementation='triton' needs a CUDA device.*runs on cpu"):
@@ -31,6 +32,7 @@ def test_triton_on_cpu_without_interpreter_is_a_config_error(monkeypatch):
         dispatch.resolve_loss_implementation("cuda", torch.device("cpu"))
 
 
+@pytest.mark.any_device
 def test_choice_is_logged_once(caplog):
     dispatch._log_choice.cache_clear()
     with caplog.at_level(logging.INFO, logger=dispatch.__name__):
