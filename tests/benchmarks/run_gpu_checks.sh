@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU correctness check and benchmark of tide-ds, in one run of under five minutes.
+# Every GPU correctness check and benchmark of tide-ds, in one run of under seven minutes.
 #   bash tests/benchmarks/run_gpu_checks.sh        (on a machine with a CUDA GPU, from anywhere in the repo)
 # Prints each phase, then one table of every benchmark with the targets. Results, ready to commit,
 # go to $TIDE_BENCH_DIR (default bench_results/): <op>.json (rows + GPU, versions, git sha, date; rewritten
 # after every measurement, so a phase cut by its timeout keeps what it measured) and commit.txt.
-# Each phase has its own timeout; together they stay under five minutes.
+# Each phase has its own timeout; together they stay under seven minutes.
 # TIDE_BENCH_DRY_RUN=1 on a machine without a GPU checks the benchmark logic instead (tiny shapes, Triton's
 # interpreter, results in a temporary directory unless TIDE_BENCH_DIR is set).
 set -uo pipefail
@@ -32,6 +32,11 @@ timeout 100 python -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks
 if [ "$dry" = "0" ]; then
     phase "teacher load memory, replicate vs zero3 (2 ranks)"
     timeout 35 python tests/benchmarks/bench_teacher_memory.py --out "$TIDE_BENCH_DIR/teacher_memory.json" 2>&1 | tail -n 6
+fi
+if [ "$dry" = "0" ]; then
+    phase "deployment: student vs LLaDA2.0-mini at real-size shapes (random bf16 weights), 256 new tokens"
+    timeout 120 python tests/benchmarks/bench_deploy.py --scale real --repeats 1 --timeout 110 \
+        --out "$TIDE_BENCH_DIR/deploy_real.json" 2>&1 | tail -n 5
 fi
 
 phase "all results"
