@@ -1,8 +1,11 @@
 """Held-out masked-diffusion NLL (the ELBO per maskable token) of a loaded student, with the trainer's own code.
 
-The numbers are those the training run logs as ``eval/nll`` and ``eval/masked_ce``: the same held-out
+The estimator is the one the training run logs as ``eval/nll`` and ``eval/masked_ce``: the same held-out
 split, the same fixed noise seed (``train.eval_seed``), the same loss module and
-:func:`tide_ds.trainer.step.evaluate`, here in one process without DeepSpeed.
+:func:`tide_ds.trainer.step.evaluate`, here in one process without DeepSpeed. A run with one rank logs
+exactly these numbers; with W ranks the trainer draws each rank's noise from its own stream (seeded by
+the rank), so the numbers of a multi-rank run differ from this single-process value by the noise of
+the estimate, not by its definition.
 """
 
 from __future__ import annotations

@@ -113,8 +113,10 @@ def propose_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A proposal and a confidence per position: ``(tokens [B, N] long, confidence [B, N] float64)``.
 
-    Gumbel-max in float64: ``argmax(z / temperature + g)``, ``g = -log(-log u)``, is a draw from
-    ``softmax(z / temperature)`` (the spec's ``e^z / (-log u)^temperature`` has the same argmax).
+    Sampling is Gumbel-max in float64: ``argmax(z / temperature + g)``, ``g = -log(-log u)``, is a draw
+    from ``softmax(z / temperature)`` (the spec's ``e^z / (-log u)^temperature`` has the same argmax).
+    Greedy proposals and the low-confidence scores ``softmax(z)[token] = exp(z_token - logsumexp z)``
+    are computed in float32, which ranks the same and avoids a float64 copy of ``[B, N, V]``.
     """
     z = logits_BNV.float().clone()
     if suppress_ids is not None and suppress_ids.numel():
