@@ -26,5 +26,8 @@ setup(
         "numpy>=1.26",
         "ninja>=1.11",  # DeepSpeed JIT-builds its CPU comm op
     ],
-    extras_require={"test": ["pytest>=8.0", "hypothesis>=6.100"]},
+    extras_require={
+        "test": ["pytest>=8.0", "hypothesis>=6.100"],
+        "evidence": ["matplotlib>=3.7"],  # the plot of python -m tide_ds.experiments.evidence
+    },
 )

@@ -1,0 +1,194 @@
+"""The evidence experiment's aggregation and reporting on synthetic run directories (no training): run status
+(finished only with the final evaluation and checkpoint; unfinished, failed and missing runs are flagged, never
+dropped), mean ± sample std over seeds, paired deltas, direction verdicts, the markdown tables and the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tide_ds.experiments import evidence, report
+
+STEPS = 40
+
+
+def fake_run(run_dir: Path, *, nll: float | None, last_step: int = STEPS, checkpoint: bool = True,
+             exit_code: int | None = 0, ce0: float = 12.0) -> Path:
+    """A run directory as the trainer and the runner leave it: train records every 10 steps, evaluations at
+    0 and 20 (and at STEPS with the final NLL when ``nll`` is given), a checkpoint, the runner's exit file."""
+    run_dir.mkdir(parents=True)
+    lines = [{"step": 0, "kind": "eval", "nll": 12.5}]
+    for step in range(10, last_step + 1, 10):
+        lines.append({"step": step, "kind": "train", "loss": ce0 - step / 10, "ce": ce0 - step / 10})
+        if step == 20:
+            lines.append({"step": 20, "kind": "eval", "nll": 11.0})
+    if nll is not None:
+        lines.append({"step": STEPS, "kind": "eval", "nll": nll})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if checkpoint:
+        ckpt = run_dir / "checkpoints" / f"step_{last_step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "trainer_state.json").write_text("{}")
+    if exit_code is not None:
+        (run_dir / report.EXIT_FILE).write_text(json.dumps({"exit_code": exit_code, "wall_s": 10.0, "cpu_s": 9.0}))
+    return run_dir
+
+
+def collect(tmp_path: Path, variant: str, seed: int) -> report.RunResult:
+    return report.collect_run(tmp_path / variant / f"seed{seed}", variant=variant, seed=seed, max_steps=STEPS)
+
+
+def test_run_status_finished_unfinished_failed_missing(tmp_path):
+    fake_run(tmp_path / "v" / "seed1", nll=9.5)
+    fake_run(tmp_path / "v" / "seed2", nll=None, last_step=20, exit_code=None)  # killed mid-run
+    fake_run(tmp_path / "v" / "seed3", nll=None, last_step=30, exit_code=1)  # crashed
+    fake_run(tmp_path / "v" / "seed4", nll=9.0, checkpoint=False)  # final eval written, checkpoint not
+    runs = {s: collect(tmp_path, "v", s) for s in (1, 2, 3, 4, 5)}
+    assert runs[1].status == "finished" and runs[1].final_nll == 9.5
+    assert runs[1].eval_nll == [(0, 12.5), (20, 11.0), (40, 9.5)]
+    assert runs[1].train_ce == [(10, 11.0), (20, 10.0), (30, 9.0), (40, 8.0)]
+    assert (runs[1].wall_s, runs[1].cpu_s) == (10.0, 9.0)
+    assert runs[2].status == "unfinished" and runs[2].describe() == "unfinished at step 20/40"
+    assert runs[3].status == "failed" and runs[3].describe() == "failed (exit code 1, last step 30/40)"
+    assert runs[4].status == "unfinished" and runs[4].final_nll is None
+    assert runs[5].status == "missing" and runs[5].describe() == "missing"
+
+
+def test_metrics_reader_skips_cut_lines_and_keeps_the_last_record_of_a_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(
+        json.dumps({"step": 0, "kind": "eval", "nll": 12.0}) + "\n"
+        + json.dumps({"step": 0, "kind": "eval", "nll": 12.5}) + "\n"  # a restart re-evaluates step 0
+        + json.dumps({"step": 5, "kind": "train", "ce": 11.0}) + "\n"
+        + '{"step": 10, "kind": "tra'  # cut by a crash
+    )
+    train, evals = report.read_metrics(path)
+    assert evals[0]["nll"] == 12.5 and list(train) == [5]
+
+
+def test_mean_std_and_paired_delta():
+    mean, std = report.mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3) and std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert math.isnan(report.mean_std([3.0])[1])
+    with pytest.raises(ValueError, match="no run of this variant finished"):
+        report.mean_std([])
+    # differences -0.1, -0.12, -0.08: mean -0.1, std 0.02, t = -0.1 / (0.02 / sqrt 3) = -8.66 > 4.303
+    d = report.paired_delta({1: 9.9, 2: 9.88, 3: 9.92, 4: 1.0}, {1: 10.0, 2: 10.0, 3: 10.0})
+    assert d.n == 3 and d.mean == pytest.approx(-0.1) and d.std == pytest.approx(0.02)
+    assert d.t == pytest.approx(-0.1 / (0.02 / math.sqrt(3))) and d.resolved
+    noisy = report.paired_delta({1: 9.9, 2: 10.1, 3: 9.95}, {1: 10.0, 2: 10.0, 3: 10.0})
+    assert not noisy.resolved
+    assert report.paired_delta({1: 9.0}, {1: 10.0, 2: 10.0}) is None  # one common seed: no test
+
+
+def synthetic(tmp_path: Path) -> list[report.RunResult]:
+    """Reference ``P/none`` at 10.0 ± small; ``P/good`` 0.1 lower on every seed; ``P/bad`` 0.2 higher on
+    seeds 1-2, seed 3 unfinished."""
+    values = {"P/none": [10.0, 10.02, 9.98], "P/good": [9.9, 9.93, 9.87], "P/bad": [10.2, 10.21, None]}
+    runs = []
+    for variant, nlls in values.items():
+        for seed, nll in enumerate(nlls, start=1):
+            fake_run(tmp_path / variant / f"seed{seed}", nll=nll, last_step=STEPS if nll else 20,
+                     exit_code=0 if nll else None)
+            runs.append(collect(tmp_path, variant, seed))
+    return runs
+
+
+LABELS = {"P/none": "none", "P/good": "good", "P/bad": "bad"}
+REFS = {"P/good": "P/none", "P/bad": "P/none"}
+
+
+def test_summary_flags_unfinished_runs_and_averages_the_finished(tmp_path):
+    summaries = {s.variant: s for s in report.summarize(synthetic(tmp_path), labels=LABELS, references=REFS)}
+    good, bad, none = summaries["P/good"], summaries["P/bad"], summaries["P/none"]
+    assert good.mean == pytest.approx(9.9) and good.std == pytest.approx(0.03)
+    assert good.delta.mean == pytest.approx(-0.1) and good.delta.n == 3
+    assert bad.values == {1: 10.2, 2: 10.21} and bad.mean == pytest.approx(10.205)
+    assert [r.seed for r in bad.not_finished] == [3] and bad.delta.n == 2
+    assert none.delta is None and none.reference is None
+    data = bad.to_json()
+    assert data["finished"] == 2 and data["planned"] == 3 and data["not_finished"] == {"3": "unfinished at step 20/40"}
+
+    table = report.variant_table(list(summaries.values()))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "9.9000 ± 0.0300" in rows["good"] and "-0.1000 ± " in rows["good"] and "*" in rows["good"]
+    assert "10.2050 ± 0.0071 (2/3)" in rows["bad"] and "3: –" in rows["bad"]
+    assert "seed 3 unfinished at step 20/40" in rows["bad"]
+    assert "(reference)" in rows["none"]
+    assert report.fmt_mean_std(None, None, 0, 3) == "– (0/3 finished)"
+
+
+def test_direction_verdicts(tmp_path):
+    summaries = report.summarize(synthetic(tmp_path), labels=LABELS, references=REFS)
+    rows = report.check_direction(summaries, [
+        report.Expectation("P/good", "P/none", "lower", "s"),
+        report.Expectation("P/good", "P/none", "higher", "s"),
+        report.Expectation("P/good", "P/none", "similar", "s"),
+        report.Expectation("P/bad", "P/none", "higher", "s"),  # two seeds, +0.2 and +0.19: resolved
+    ])
+    assert [r["verdict"] for r in rows] == ["agrees", "opposite", "differs", "agrees"]
+    with pytest.raises(ValueError, match="lower, higher or similar"):
+        report.check_direction(summaries, [report.Expectation("P/good", "P/none", "better", "s")])
+    text = report.direction_table(rows, labels=LABELS)
+    assert "| good vs none | lower | s | -0.1000 ± 0.0100 (n=3, t=-17.32) | agrees |" in text
+
+
+def test_write_report_json_and_markdown(tmp_path):
+    plan = evidence.Plan(variants=("A/none", "A/tide_cross"), seeds=(1, 2), steps=STEPS, micro_batch_size=16,
+                         ranks_per_run=1, eval_samples=0, eval_every=20, log_every=10, save_every=20)
+    runs_dir = tmp_path / "runs"
+    fake_run(runs_dir / "A" / "none" / "seed1", nll=10.0)
+    fake_run(runs_dir / "A" / "none" / "seed2", nll=10.1)
+    fake_run(runs_dir / "A" / "tide_cross" / "seed1", nll=9.8)
+    worlds = {"A": evidence.World("A", "/data/a", "/ckpt/teacher-a", 5.4)}
+    jobs = evidence.plan_jobs(plan, worlds, runs_dir)
+    assert [(j.variant.key, j.seed) for j in jobs] == [("A/none", 1), ("A/tide_cross", 1), ("A/none", 2), ("A/tide_cross", 2)]
+    results = [report.collect_run(j.run_dir, variant=j.variant.key, seed=j.seed, max_steps=STEPS) for j in jobs]
+    meta = {"command": "python -m tide_ds.experiments.evidence", "parallel": 2, "date": "today",
+            "git": {"commit": "abc", "uncommitted_code_changes": []}, "machine": evidence.machine_state(),
+            "loadavg_start": [0.0, 0.0, 0.0], "loadavg_end": [0.0, 0.0, 0.0]}
+    data = evidence.write_report(tmp_path / "out", plan=plan, jobs=jobs, results=results, worlds=worlds, meta=meta,
+                                 with_plot=False)
+    assert data["runs_finished"] == 3 and data["runs_planned"] == 4
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["summary"][1]["not_finished"] == {"2": "missing"}
+    assert saved["directions"][0]["verdict"] == "not measured"  # one common seed
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "seed 2 missing" in md and "Runs: 3/4 finished" in md and "held-out NLL 5.4000" in md
+
+
+def test_plan_checks_and_run_reuse(tmp_path):
+    with pytest.raises(ValueError, match="unknown variant 'A/kl'"):
+        evidence.Plan(variants=("A/kl",), seeds=(1,), steps=1, micro_batch_size=1, ranks_per_run=1, eval_samples=0,
+                      eval_every=0, log_every=1, save_every=0)
+    with pytest.raises(ValueError, match="distinct seeds"):
+        evidence.Plan(variants=("A/none",), seeds=(1, 1), steps=1, micro_batch_size=1, ranks_per_run=1,
+                      eval_samples=0, eval_every=0, log_every=1, save_every=0)
+    plan = evidence.Plan(variants=("A/none", "B/tide_shared-no_compdemo"), seeds=(1,), steps=10, micro_batch_size=4,
+                         ranks_per_run=1, eval_samples=0, eval_every=5, log_every=5, save_every=5)
+    worlds = {p: evidence.World(p, f"/data/{p}", f"/ckpt/{p}", 5.0) for p in "AB"}
+    none, ablation = evidence.plan_jobs(plan, worlds, tmp_path)
+    assert not any(a.startswith("--teacher.path") for a in none.args)
+    assert "--teacher.path=/ckpt/B" in ablation.args and "--distill.comp_demo=false" in ablation.args
+    assert "--distill.pipeline=B" in ablation.args and "--train.seed=1" in ablation.args
+    evidence.check_reusable(none, plan)  # nothing there yet
+    none.run_dir.mkdir(parents=True)
+    (none.run_dir / evidence.SPEC_FILE).write_text(json.dumps(evidence._spec(none, plan)))
+    evidence.check_reusable(none, plan)  # the same plan: reused
+    longer = evidence.Plan(**{**plan.__dict__, "steps": 20})
+    with pytest.raises(ValueError, match=r"another plan \(differing: .*max_steps"):
+        evidence.check_reusable(evidence.plan_jobs(longer, worlds, tmp_path)[0], longer)
+    (ablation.run_dir).mkdir(parents=True)
+    (ablation.run_dir / "metrics.jsonl").write_text("")
+    with pytest.raises(ValueError, match="not a run of this experiment"):
+        evidence.check_reusable(ablation, plan)
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    summaries = report.summarize(synthetic(tmp_path), labels=LABELS, references=REFS)
+    path = report.plot({"P": summaries}, tmp_path / "e.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
