@@ -178,9 +178,14 @@ class BenchRecorder:
     def from_json(cls, directory: Path) -> BenchRecorder:
         """Every ``<op>.json`` of a benchmark directory (files without kernel-benchmark rows are skipped)."""
         recorder = cls()
+        fields = set(BenchRow.__dataclass_fields__)
         for path in sorted(directory.glob("*.json")):
             data = json.loads(path.read_text())
-            if not isinstance(data, dict) or "op" not in data or "rows" not in data:
+            # Other benchmarks (preprocessing, teacher memory, deployment) write their own formats: skip them.
+            if not isinstance(data, dict) or "op" not in data or not isinstance(data.get("rows"), list):
+                continue
+            if not all(isinstance(row, dict) and {"op", "mode", "shape", "provider"} <= set(row) <= fields
+                       for row in data["rows"]):
                 continue
             recorder.baselines[data["op"]] = tuple(data.get("baselines", ()))
             recorder.environment = data.get("environment", {})
