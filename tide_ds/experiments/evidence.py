@@ -16,6 +16,16 @@ Resumable: a run whose final evaluation and checkpoint exist is reused; any othe
 holds a run of another plan (other steps, seeds' data, worlds) is an error, never mixed into. Runs are ordered
 seed by seed, so an interrupted experiment has every variant at its first seeds.
 
+Budget (the defaults): 40 steps of 16 samples per run, one rank per run, two runs at a time, held-out
+evaluation of all 127 held-out samples at steps 0, 20 and 40. Measured CPU time per step (one thread, on
+the 2-core development machine while it was shared, load average 5-12): no distillation 1.45 s, pipeline-A
+distillation 1.6-2.1 s (CompDemo's second teacher pass the difference), pipeline B 4.6 s (KL) to 6.5 s
+(TIDE-Shared; the teacher's LM head over the 151,646-token shared vocabulary dominates); 25-35 s per run for
+start-up and evaluation. The 33 runs of the default plan thus take about 5,300 CPU-seconds, about 45 minutes
+on 2 idle cores, plus the demo worlds' one-time build. Two ranks per run cost 24 CPU-seconds more per run
+than one (a second process's start-up, the launcher, gradient all-reduce) for the same samples, so one
+rank per run, two runs at a time, is the cheaper way to keep both cores busy.
+
 Deviation from the trainer's demo: the trainer keys the demo world by ``train.seed`` (a new seed builds a new
 teacher), so the runs here pin the world built at the recipe's seed (``--data.dataset`` and ``--teacher.path``)
 and vary only the student's seed: initial weights, data order and noise. Seeds thus measure the variance of
@@ -430,14 +440,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="P/NAME",
                    help=f"variants to run (default: all but B/tide_cross); known: {', '.join(VARIANTS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     p.add_argument("--micro-batch-size", type=int, default=16, help="samples per rank per step")
     p.add_argument("--ranks-per-run", type=int, default=1, help="DeepSpeed ranks per run")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--eval-samples", type=int, default=0, help="held-out samples per evaluation (0 = all)")
     p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations")
     p.add_argument("--log-every", type=int, default=5, help="steps between training records")
-    p.add_argument("--save-every", type=int, default=30, help="steps between checkpoints (resume points)")
+    p.add_argument("--save-every", type=int, default=20, help="steps between checkpoints (resume points)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and each run's state; run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs there are; run nothing")
     p.add_argument("--no-plot", action="store_true", help="skip evidence.png (no matplotlib needed)")
