@@ -52,7 +52,7 @@ from pathlib import Path
 
 from tide_ds.experiments import report
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("tide_ds.experiments.evidence")  # not __name__: under `python -m` that is __main__
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"A": "launch/recipes/demo.yaml", "B": "launch/recipes/demo_b.yaml"}
