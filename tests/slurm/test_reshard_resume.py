@@ -128,6 +128,7 @@ def test_a_conversion_that_does_not_match_stops_the_resume(runs):
     proc = _run(e, "--train.max_steps=3", "--train.eval_every=0", "--train.resume=auto", nproc=1)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "does not reproduce the saved state" in out and f"{target.parent.name}: exp_avg differs" in out
+    # the engine loaded the tampered file faithfully; the totals over the original ZeRO partitions catch it
+    assert "does not reproduce the saved state" in out and "exp_avg: totals" in out
     assert "resumed from" not in out
     assert sorted(p.name for p in (e / "checkpoints").glob("step_*")) == ["step_00000003"]

@@ -164,13 +164,14 @@ def save_checkpoint(engine, cfg: RunConfig, *, step: int, trainer_state: dict[st
 def load_checkpoint(engine, ckpt_dir: str | Path) -> dict[str, Any]:
     """Load model, optimizer and scheduler states into ``engine``; return the trainer state.
 
-    A checkpoint written with another world size or ZeRO stage is loaded through DeepSpeed's
-    universal checkpoint and verified (``tide_ds.trainer.universal``).
+    A checkpoint written by another number of ranks is loaded through DeepSpeed's universal
+    checkpoint and verified; one of another ZeRO stage is refused (``tide_ds.trainer.universal``).
     """
     ckpt_dir = Path(ckpt_dir)
     state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     change = universal.layout_change(
-        universal.saved_layout(ckpt_dir, state), world_size=dist.world_size(), zero_stage=int(engine.zero_optimization_stage())
+        universal.saved_layout(ckpt_dir, state), world_size=dist.world_size(),
+        zero_stage=int(engine.zero_optimization_stage()), ckpt_dir=ckpt_dir,
     )
     if change and universal.zero_partition_files(ckpt_dir):
         universal.load_resharded(engine, ckpt_dir, reason=change)

@@ -1,10 +1,10 @@
-"""Resume at a different world size or ZeRO stage through DeepSpeed's universal checkpoint.
+"""Resume at a different world size through DeepSpeed's universal checkpoint.
 
 A ZeRO checkpoint is partitioned by data-parallel rank (``zero_pp_rank_<r>_mp_rank_00_optim_states.pt``
 holds rank ``r``'s slice of the fp32 master weights and Adam moments), so it only loads into a run
 with the same number of ranks and the same ZeRO stage; DeepSpeed itself refuses a different world
-size with ``ZeRORuntimeException``. When ``--train.resume=auto`` finds that the checkpoint's layout
-(world size, ZeRO stage) differs from the run's, :func:`load_resharded`:
+size with ``ZeRORuntimeException``. When ``--train.resume=auto`` finds that the checkpoint was written
+by another number of ranks, :func:`load_resharded`:
 
 1. converts the checkpoint once, on rank 0, with DeepSpeed's ``ds_to_universal`` into
    ``<checkpoint>/universal/`` (one folder per parameter holding the full ``fp32``, ``exp_avg``,
@@ -13,10 +13,12 @@ size with ``ZeRORuntimeException``. When ``--train.resume=auto`` finds that the 
    a later resume would trust; an existing ``universal/`` is reused.
 2. loads it with DeepSpeed's universal loader (``checkpoint.load_universal``), every rank taking
    its new partition;
-3. verifies the result: every parameter's full fp32 master copy, both Adam moments and the
-   low-precision module weights are gathered and compared, bit for bit, with the converted files,
-   and every optimizer ``step`` counter with the saved one. A mismatch raises before any step runs,
-   so a resharded resume can fail loudly but never continue silently from a wrong state.
+3. verifies the result against both the converted files and the original per-rank files: every
+   parameter's fp32 master copy and both Adam moments, gathered from the engine, equal the converted
+   files bit for bit; their totals (sum, sum of |x|, sum of x^2) equal those over the original ZeRO
+   partitions; the module weights equal the fp32 copy and (ZeRO-1/2) the saved module state; every
+   optimizer step counter equals the saved one. A mismatch raises before any step runs, so a resharded
+   resume can fail loudly but never continue silently from a wrong state.
 
 What does not carry over unchanged (by design): the noise of later steps is drawn per
 (seed, step, rank), so with another rank layout the same step sees other masks; and a step's
@@ -30,7 +32,13 @@ Where we deviate from the usual recipe (``python ds_to_universal.py`` by hand, t
 conversion is automatic, happens only when the layout changed, and the universal flag is raised on
 the engine just for that one ``load_checkpoint`` call, so the JSON stays the same for every restart.
 The checkpoints tide-ds writes carry no ``universal_checkpoint_info`` (plain data parallelism needs
-none), so the converter runs with ``inject_missing_state``.
+none), so the converter runs with ``inject_missing_state``. A change of ZeRO stage is refused with a
+message (:func:`layout_change`): DeepSpeed's universal loader cannot read across ZeRO stages.
+
+Converting ahead of time (e.g. on a CPU node, so that a large job does not wait for it)::
+
+    python -m tide_ds.trainer.universal convert runs/x/checkpoints/step_00001000
+    python -m tide_ds.trainer.universal describe runs/x/checkpoints/step_00001000
 """
 
 from __future__ import annotations
@@ -77,14 +85,22 @@ def saved_layout(ckpt_dir: str | Path, trainer_state: dict[str, Any]) -> dict[st
     return {"world_size": world, "zero_stage": trainer_state.get("zero_stage")}
 
 
-def layout_change(saved: dict[str, int | None], *, world_size: int, zero_stage: int) -> str | None:
-    """A human-readable description of what differs between the checkpoint and this run (None: nothing)."""
-    changes = []
-    if saved["world_size"] is not None and saved["world_size"] != world_size:
-        changes.append(f"world size {saved['world_size']} -> {world_size}")
+def layout_change(saved: dict[str, int | None], *, world_size: int, zero_stage: int, ckpt_dir: str | Path = "") -> str | None:
+    """What differs between the checkpoint and this run, as text (None: nothing), for a world-size change.
+
+    A ZeRO stage change raises ``ValueError``: DeepSpeed's universal loader needs optimizer files of the stage
+    it loads into (a ZeRO-2 checkpoint converted and loaded under ZeRO-3 fails with ``KeyError:
+    'optimizer_state_dict'`` in DeepSpeed 0.19.8), so tide-ds refuses before building anything on it.
+    """
     if saved["zero_stage"] is not None and saved["zero_stage"] != zero_stage:
-        changes.append(f"ZeRO stage {saved['zero_stage']} -> {zero_stage}")
-    return ", ".join(changes) or None
+        raise ValueError(
+            f"checkpoint {ckpt_dir} was written under ZeRO stage {saved['zero_stage']}, this run uses stage {zero_stage}: "
+            "DeepSpeed's universal checkpoint does not load across ZeRO stages; resume with an engine config of stage "
+            f"{saved['zero_stage']} (--train.ds_config=...; the number of ranks may change)"
+        )
+    if saved["world_size"] is not None and saved["world_size"] != world_size:
+        return f"world size {saved['world_size']} -> {world_size}"
+    return None
 
 
 def convert_to_universal(ckpt_dir: str | Path, *, workers: int | None = None) -> Path:
@@ -150,7 +166,7 @@ def _universal_load_mode(engine):
 
 
 def load_resharded(engine, ckpt_dir: str | Path, *, reason: str) -> None:
-    """Load ``ckpt_dir`` into ``engine`` whatever world size / ZeRO stage wrote it (all ranks call this).
+    """Load ``ckpt_dir`` into ``engine`` whatever number of ranks wrote it (all ranks call this).
 
     Rank 0 converts (or reuses) the universal form; the outcome is broadcast so that a failed
     conversion raises on every rank instead of leaving the others waiting.
@@ -174,7 +190,7 @@ def load_resharded(engine, ckpt_dir: str | Path, *, reason: str) -> None:
         )
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
-    verify_against_universal(engine, universal)
+    verify_against_universal(engine, ckpt_dir, universal)
 
 
 def _read_universal(universal: Path, name: str, key: str) -> torch.Tensor:
@@ -195,19 +211,71 @@ def _full_module_param(engine, param: torch.nn.Parameter) -> torch.Tensor:
     return param.detach().cpu()
 
 
-def verify_against_universal(engine, universal: str | Path) -> int:
-    """Check the loaded engine against the universal checkpoint; return the number of tensors compared.
+#: Where the per-rank ZeRO optimizer files keep each kind of state (ZeRO-1/2 and ZeRO-3 layouts).
+_SOURCE_KEYS = {"single_partition_of_fp32_groups": "fp32", "fp32_flat_groups": "fp32", "exp_avg": "exp_avg",
+                "exp_avg_sq": "exp_avg_sq"}
 
-    Collective: every rank gathers every parameter's fp32 copy and moments in the same order; rank 0
-    compares them (exactly: they are copies, not recomputations) and broadcasts the verdict, so every
-    rank raises the same error.
+
+def _stats(t: torch.Tensor) -> torch.Tensor:
+    """sum, sum of |x|, sum of x^2 in float64: a checksum that does not depend on how a tensor is partitioned."""
+    t = t.detach().to("cpu", torch.float64).flatten()
+    return torch.stack([t.sum(), t.abs().sum(), t.square().sum()])
+
+
+def source_checksums(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], set[float]]:
+    """Checksums of fp32 weights and Adam moments over all ZeRO partition files, and the optimizer step counters.
+
+    Alignment padding inside the flat partitions holds zeros (zero gradients keep zero moments), so the
+    totals equal those over the parameters themselves.
+    """
+    totals = {kind: torch.zeros(3, dtype=torch.float64) for kind in ("fp32", *MOMENT_KEYS)}
+    steps: set[float] = set()
+
+    def walk(node, key=None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                walk(v, key)
+        elif torch.is_tensor(node) and key in _SOURCE_KEYS:
+            totals[_SOURCE_KEYS[key]] += _stats(node)
+        elif key == "step" and isinstance(node, (int, float, torch.Tensor)):
+            steps.add(float(node))
+
+    for path in zero_partition_files(ckpt_dir):
+        walk(torch.load(path, map_location="cpu", weights_only=False).get("optimizer_state_dict", {}))
+    return totals, steps
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float64 summation order (the same float32 values, added in another order)."""
+    return bool(torch.allclose(a, b, rtol=1e-9, atol=1e-12))
+
+
+def verify_against_universal(engine, ckpt_dir: str | Path, universal: str | Path) -> int:
+    """Check the loaded engine against the checkpoint; return the number of tensors compared.
+
+    Two comparisons, so that neither the conversion nor the loading can go wrong unnoticed:
+
+    * every parameter's full fp32 copy and Adam moments, gathered from the engine, equal the converted
+      files bit for bit, and the module weights equal the fp32 copy (in the module's dtype);
+    * the converted state is the saved one: totals (sum, sum |x|, sum x^2) of the engine's fp32 weights and
+      moments equal those over the original per-rank ZeRO files, every optimizer step counter equals the
+      saved one, and (ZeRO-1/2) the module weights equal the saved module state.
+
+    Collective: every rank gathers every parameter in the same order; rank 0 compares and broadcasts the
+    verdict, so every rank raises the same error.
     """
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    universal = Path(universal)
+    ckpt_dir, universal = Path(ckpt_dir), Path(universal)
     problems: list[str] = []
     compared = 0
-    expected_step = None
+    engine_totals = {kind: torch.zeros(3, dtype=torch.float64) for kind in ("fp32", *MOMENT_KEYS)}
+    saved_module = {}
+    if dist.rank() == 0 and (ckpt_dir / "mp_rank_00_model_states.pt").is_file():  # ZeRO-1/2: the whole module
+        saved_module = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue
@@ -225,28 +293,38 @@ def verify_against_universal(engine, universal: str | Path) -> int:
             value = value.detach().float().cpu().reshape(want.shape)
             if not torch.equal(value, want.float()):
                 diff = (value - want.float()).abs().max().item()
-                problems.append(f"{name}: {key} differs from the checkpoint (max abs diff {diff:.3g})")
+                problems.append(f"{name}: {key} differs from the converted checkpoint (max abs diff {diff:.3g})")
+            engine_totals[key] += _stats(value)
             compared += 1
-        want32 = _read_universal(universal, name, "fp32")
-        if not torch.equal(module_value.reshape(want32.shape), want32.to(module_value.dtype)):
+        fp32 = got["fp32"].detach().float().cpu().reshape(module_value.shape) if got["fp32"] is not None else None
+        if fp32 is not None and not torch.equal(module_value, fp32.to(module_value.dtype)):
             problems.append(f"{name}: module weights differ from the fp32 master copy")
+        if name in saved_module and not torch.equal(module_value, saved_module[name].to(module_value.dtype).reshape(module_value.shape)):
+            problems.append(f"{name}: module weights differ from the saved module state")
         compared += 1
-        if expected_step is None and (universal / "zero" / name / "step.pt").is_file():
-            expected_step = float(_read_universal(universal, name, "step"))
-    if dist.rank() == 0 and expected_step is not None:
-        for state in getattr(getattr(engine.optimizer, "optimizer", None), "state", {}).values():
-            step = state.get("step") if isinstance(state, dict) else None
-            if step is not None and float(step) != expected_step:
-                problems.append(f"optimizer step counter {float(step)} != {expected_step} in the checkpoint")
-                break
+    if dist.rank() == 0:
+        source, steps = source_checksums(ckpt_dir)
+        for kind, total in engine_totals.items():
+            if not _close(total, source[kind]):
+                problems.append(
+                    f"{kind}: totals (sum, sum|x|, sum x^2) {total.tolist()} differ from the saved checkpoint's "
+                    f"{source[kind].tolist()}: the conversion did not reproduce it"
+                )
+        loaded_steps = {
+            float(state["step"])
+            for state in getattr(getattr(engine.optimizer, "optimizer", None), "state", {}).values()
+            if isinstance(state, dict) and "step" in state
+        }
+        if steps and loaded_steps != steps:
+            problems.append(f"optimizer step counters {sorted(loaded_steps)} != saved {sorted(steps)}")
     verdict = dist.broadcast_object((compared, problems[:10], len(problems)))
     compared, shown, total = verdict
     if total:
         raise RuntimeError(
-            f"the resharded resume from {universal} does not reproduce the saved state ({total} problem(s)); "
+            f"the resharded resume from {ckpt_dir} does not reproduce the saved state ({total} problem(s)); "
             "refusing to train from it:\n  " + "\n  ".join(shown)
         )
-    logger.info("resharded resume verified: %d tensors equal to %s", compared, universal)
+    logger.info("resharded resume verified: %d tensors equal to %s, totals equal to the saved ZeRO partitions", compared, universal)
     return compared
 
 
@@ -260,3 +338,30 @@ def describe(ckpt_dir: str | Path) -> dict[str, Any]:
         "zero_partitions": len(zero_partition_files(ckpt_dir)),
         "universal": (ckpt_dir / UNIVERSAL_SUBDIR).is_dir(),
     }
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tide_ds.trainer.universal", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("convert", "describe"))
+    parser.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_00001000")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "trainer_state.json").is_file():
+        print(f"{ckpt} is not a complete tide-ds checkpoint (no trainer_state.json)", file=sys.stderr)
+        return 2
+    if args.command == "convert":
+        try:
+            print(convert_to_universal(ckpt))
+        except (ValueError, RuntimeError) as err:
+            print(err, file=sys.stderr)
+            return 1
+    else:
+        print(json.dumps(describe(ckpt), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
