@@ -150,14 +150,17 @@ def test_write_report_json_and_markdown(tmp_path):
     meta = {"command": "python -m tide_ds.experiments.evidence", "parallel": 2, "date": "today",
             "git": {"commit": "abc", "uncommitted_code_changes": []}, "machine": evidence.machine_state(),
             "loadavg_start": [0.0, 0.0, 0.0], "loadavg_end": [0.0, 0.0, 0.0]}
+    refs = {"A": {"uniform_nll": 11.93, "unigram_nll": 5.6, "unigram_smoothing": 0.1, "heldout_maskable_tokens": 50,
+                  "heldout_samples": 2}}
     data = evidence.write_report(tmp_path / "out", plan=plan, jobs=jobs, results=results, worlds=worlds, meta=meta,
-                                 with_plot=False)
+                                 with_plot=False, references=refs)
     assert data["runs_finished"] == 3 and data["runs_planned"] == 4
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["summary"][1]["not_finished"] == {"2": "missing"}
     assert saved["directions"][0]["verdict"] == "not measured"  # one common seed
     md = (tmp_path / "out" / "results.md").read_text()
     assert "seed 2 missing" in md and "Runs: 3/4 finished" in md and "held-out NLL 5.4000" in md
+    assert "uniform over the tokenizer 11.9300, unigram of the training responses 5.6000" in md
 
 
 def test_plan_checks_and_run_reuse(tmp_path):
@@ -181,6 +184,10 @@ def test_plan_checks_and_run_reuse(tmp_path):
     longer = evidence.Plan(**{**plan.__dict__, "steps": 20})
     with pytest.raises(ValueError, match=r"another plan \(differing: .*max_steps"):
         evidence.check_reusable(evidence.plan_jobs(longer, worlds, tmp_path)[0], longer)
+    # the same plan started from another checkout (absolute recipe path there) is reused here
+    other = {**evidence._spec(none, plan), "args": [a.replace("--recipe=", "--recipe=/elsewhere/tide-ds/") for a in none.args]}
+    (none.run_dir / evidence.SPEC_FILE).write_text(json.dumps(other))
+    evidence.check_reusable(none, plan)
     (ablation.run_dir).mkdir(parents=True)
     (ablation.run_dir / "metrics.jsonl").write_text("")
     with pytest.raises(ValueError, match="not a run of this experiment"):
@@ -192,3 +199,17 @@ def test_plot_writes_a_png(tmp_path):
     summaries = report.summarize(synthetic(tmp_path), labels=LABELS, references=REFS)
     path = report.plot({"P": summaries}, tmp_path / "e.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_context_free_references(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    # training responses: token 0 three times, token 1 once (-100 = prompt); held out: tokens 0 and 2
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"labels": [[-100, 0, 0, 1], [-100, -100, 0, -100]]}),
+        "heldout": datasets.Dataset.from_dict({"labels": [[-100, 0, 2]]}),
+    }).save_to_disk(str(tmp_path / "ds"))
+    ref = evidence.context_free_references(tmp_path / "ds", vocab_size=4, smoothing=1.0)
+    p0, p2 = (3 + 1) / (4 + 4), (0 + 1) / (4 + 4)
+    assert ref["unigram_nll"] == pytest.approx(-(math.log(p0) + math.log(p2)) / 2)
+    assert ref["uniform_nll"] == pytest.approx(math.log(4))
+    assert (ref["heldout_maskable_tokens"], ref["heldout_samples"]) == (2, 1)

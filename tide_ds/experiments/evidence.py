@@ -153,6 +153,7 @@ class World:
     dataset: str
     teacher: str
     teacher_nll: float
+    student_vocab: int = 0  # entries of the student's tokenizer
 
 
 @dataclass
@@ -177,18 +178,43 @@ def ensure_worlds(pipelines: list[str]) -> dict[str, World]:
     worlds = {}
     for pipeline in pipelines:
         cfg = build_config(recipe=ROOT / RECIPES[pipeline], overrides=[f"--distill.pipeline={pipeline}"])
-        tokenizer_dir, _ = build_tokenizer(cfg)
+        tokenizer_dir, special = build_tokenizer(cfg)
         logger.info("pipeline %s: ensuring the demo world (built once; the pipeline-B teacher takes minutes)", pipeline)
         resolved, world = prepare_demo_run(cfg, tokenizer_dir)
         worlds[pipeline] = World(pipeline=pipeline, dataset=resolved.data.dataset, teacher=resolved.teacher.path,
-                                 teacher_nll=float(world.teacher_heldout_nll))
+                                 teacher_nll=float(world.teacher_heldout_nll), student_vocab=special.vocab_size)
     return worlds
+
+
+def context_free_references(dataset_dir: str | Path, *, vocab_size: int, smoothing: float = 0.1) -> dict:
+    """Held-out NLL of two context-free predictors on the student's maskable (response) tokens, in the same
+    units as the students': the uniform distribution over the tokenizer (ln V) and the unigram distribution
+    of the training responses (add-``smoothing`` counts). A context-free predictor's masked-diffusion ELBO
+    equals its cross-entropy (the linear schedule's weight 1/t cancels the masked fraction t), so these are
+    exact reference points for the students' numbers."""
+    import datasets
+    import numpy as np
+
+    splits = datasets.load_from_disk(str(dataset_dir))
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for labels in splits["train"]["labels"]:
+        ids = np.asarray(labels)
+        counts += np.bincount(ids[ids >= 0], minlength=vocab_size)[:vocab_size]
+    logp = np.log((counts + smoothing) / (counts.sum() + smoothing * vocab_size))
+    total, n = 0.0, 0
+    for labels in splits["heldout"]["labels"]:
+        ids = np.asarray(labels)
+        ids = ids[ids >= 0]
+        total -= float(logp[ids].sum())
+        n += int(ids.size)
+    return {"uniform_nll": float(np.log(vocab_size)), "unigram_nll": total / max(n, 1), "unigram_smoothing": smoothing,
+            "heldout_maskable_tokens": n, "heldout_samples": len(splits["heldout"])}
 
 
 def run_args(variant: Variant, seed: int, plan: Plan, world: World) -> list[str]:
     """The ``launch/run.py`` arguments of one run, without its output directory and resume flag."""
     args = [
-        f"--recipe={ROOT / RECIPES[variant.pipeline]}",
+        f"--recipe={RECIPES[variant.pipeline]}",  # relative: runs start in ROOT, and a runs dir moves between checkouts
         f"--data.dataset={world.dataset}",
         f"--distill.pipeline={variant.pipeline}",
         f"--distill.preset={variant.preset}",
@@ -224,11 +250,22 @@ def _spec(job: RunJob, plan: Plan) -> dict:
     return {"variant": job.variant.key, "seed": job.seed, "ranks": plan.ranks_per_run, "args": job.args}
 
 
+def _normalise_spec(spec: dict) -> dict:
+    """A recipe named by its absolute path in another checkout (``.../launch/recipes/demo.yaml``) is the same
+    recipe as ``launch/recipes/demo.yaml`` here."""
+    args = []
+    for arg in spec.get("args", []):
+        if isinstance(arg, str) and arg.startswith("--recipe=/") and "/launch/recipes/" in arg:
+            arg = "--recipe=launch/recipes/" + arg.rsplit("/launch/recipes/", 1)[1]
+        args.append(arg)
+    return {**spec, "args": args}
+
+
 def check_reusable(job: RunJob, plan: Plan) -> None:
     """A run directory must hold nothing or a run of this plan (same arguments); anything else is an error."""
     spec_path = job.run_dir / SPEC_FILE
     if spec_path.is_file():
-        saved = json.loads(spec_path.read_text())
+        saved = _normalise_spec(json.loads(spec_path.read_text()))
         if saved != _spec(job, plan):
             changed = sorted(set(map(str, saved.get("args", []))) ^ set(job.args)) or ["ranks per run"]
             raise ValueError(
@@ -354,12 +391,12 @@ def machine_state() -> dict:
 
 
 def write_report(out: Path, *, plan: Plan, jobs: list[RunJob], results: list[report.RunResult],
-                 worlds: dict[str, World], meta: dict, with_plot: bool = True) -> dict:
+                 worlds: dict[str, World], meta: dict, with_plot: bool = True, references: dict | None = None) -> dict:
     """Write results.json, results.md and (with matplotlib) evidence.png into ``out``; return the JSON."""
     out.mkdir(parents=True, exist_ok=True)
     labels = {k: VARIANTS[k].label for k in plan.variants}
-    references = {k: f"{VARIANTS[k].pipeline}/none" for k in plan.variants if f"{VARIANTS[k].pipeline}/none" in labels}
-    summaries = report.summarize(results, labels=labels, references=references)
+    baselines = {k: f"{VARIANTS[k].pipeline}/none" for k in plan.variants if f"{VARIANTS[k].pipeline}/none" in labels}
+    summaries = report.summarize(results, labels=labels, references=baselines)
     expectations = [e for e in EXPECTATIONS if e.variant in labels and e.reference in labels]
     directions = report.check_direction(summaries, expectations)
     finished = [r for r in results if r.finished]
@@ -367,6 +404,7 @@ def write_report(out: Path, *, plan: Plan, jobs: list[RunJob], results: list[rep
         **meta,
         "plan": {**plan.__dict__, "variants": list(plan.variants), "seeds": list(plan.seeds)},
         "worlds": {p: w.__dict__ for p, w in worlds.items()},
+        "references": references or {},
         "runs_finished": len(finished), "runs_planned": len(results),
         "total_wall_s_of_runs": round(sum(r.wall_s or 0 for r in results), 1),
         "total_cpu_s_of_runs": round(sum(r.cpu_s or 0 for r in results), 1),
@@ -417,6 +455,12 @@ def markdown(data: dict, summaries: list[report.VariantSummary], directions: lis
         sub = [s for s in summaries if s.variant.startswith(pipeline + "/")]
         lines += [f"## Pipeline {pipeline}", ""]
         lines.append(report.variant_table(sub, describe={k: VARIANTS[k].objective for k in labels}))
+        ref = data["references"].get(pipeline)
+        if ref:
+            lines += ["", f"Context-free reference points on the same {ref['heldout_maskable_tokens']} held-out response "
+                      f"tokens ({ref['heldout_samples']} samples): uniform over the tokenizer {ref['uniform_nll']:.4f}, "
+                      f"unigram of the training responses {ref['unigram_nll']:.4f} (a context-free predictor's ELBO "
+                      "equals its cross-entropy)."]
         if w:
             unit = ("per token of the teacher's own SentencePiece tokenizer, over every non-pad token, prompt and "
                     "response: not comparable with the student's numbers" if pipeline == "A" else
@@ -480,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git": git_state(), "machine": machine_state(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
     worlds = ensure_worlds(plan.pipelines)
+    references = {p: context_free_references(w.dataset, vocab_size=w.student_vocab) for p, w in worlds.items()}
     jobs = plan_jobs(plan, worlds, runs_dir)
     try:
         for job in jobs:
@@ -510,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[id(job)] = result
                 meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
                 write_report(out, plan=plan, jobs=jobs, results=[results[id(j)] for j in jobs], worlds=worlds,
-                             meta=meta, with_plot=False)
+                             meta=meta, with_plot=False, references=references)
 
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             futures = [pool.submit(one, j) for j in todo]
@@ -524,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     data = write_report(out, plan=plan, jobs=jobs, results=[results[id(j)] for j in jobs], worlds=worlds, meta=meta,
-                        with_plot=not args.no_plot)
+                        with_plot=not args.no_plot, references=references)
     logger.info("%d/%d runs finished; report in %s", data["runs_finished"], data["runs_planned"], out)
     return 0 if data["runs_finished"] == data["runs_planned"] else 1
 
