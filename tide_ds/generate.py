@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +61,12 @@ def complete(
     config: SamplerConfig,
     batch_size: int = 8,
     seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Completion]:
     """Generate a completion for every prompt text (already templated), in batches of similar length.
 
     Greedy decoding (temperature 0) gives the same tokens whatever the batching; with sampling, the
-    draws depend on the batch composition and ``seed``.
+    draws depend on the batch composition and ``seed``. ``progress(done, total)`` is called after each batch.
     """
     if batch_size <= 0:
         raise ValueError(f"--batch-size={batch_size} must be > 0")
@@ -85,6 +86,8 @@ def complete(
         for row, tokens, finished in zip(rows, out.tokens, out.finished):
             text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
             results[row] = Completion(text=text, token_ids=tokens, finished=finished)
+        if progress is not None:
+            progress(len(results), len(prompts))
     return [results[i] for i in range(len(prompts))]
 
 

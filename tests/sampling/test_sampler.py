@@ -81,7 +81,8 @@ def test_block_logits_equal_the_training_forward(model):
     for use_cache in (True, False):
         denoiser = BD3LMDenoiser(model, block_size=k, use_cache=use_cache)
         denoiser.start(canvas, valid, logical_positions(valid), block * k)
-        got = denoiser.block_logits(canvas, block * k, (block + 1) * k)
+        rows = torch.arange(k).expand(2, k)
+        got = denoiser.block_logits(canvas, block * k, (block + 1) * k, rows)
         torch.testing.assert_close(got.double(), expected.float().double(), rtol=0, atol=1e-5)
 
 
@@ -140,6 +141,12 @@ def test_stop_token_ends_a_sequence_and_the_batch(model):
             assert stopped.tokens[row] == free.tokens[row][: free.tokens[row].index(stop)] and stopped.finished[row]
         else:
             assert stopped.tokens[row] == free.tokens[row] and not stopped.finished[row]
+
+    # a finished sequence leaves the batch: same tokens with and without the cache, less work than without stops
+    assert len({len(t) // 8 for t in stopped.tokens}) > 1  # rows stop in different blocks: the batch shrinks
+    uncached = run(model, PROMPTS, max_new_tokens=32, steps=32, stop_ids=[stop], use_cache=False)
+    assert uncached.tokens == stopped.tokens and uncached.finished == stopped.finished
+    assert stopped.forward_tokens < free.forward_tokens
 
     # once every sequence holds a stop token, no further block is decoded
     single = run(model, [PROMPTS[0]], max_new_tokens=32, steps=32, stop_ids=[stop])

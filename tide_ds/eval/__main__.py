@@ -55,8 +55,12 @@ def run_generation_task(name: str, loaded, *, args, block_size: int) -> dict:
         temperature=args.temperature, remasking="low_confidence", use_cache=True,
     )
     start = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        logger.info("%s: generated %d/%d (%.0f s)", name, done, total, time.perf_counter() - start)
+
     completions = complete(loaded, [task.prompt(p) for p in problems], config=config, batch_size=args.batch_size,
-                           seed=args.seed)
+                           seed=args.seed, progress=progress)
     gen_seconds = time.perf_counter() - start
     limits = SandboxLimits(timeout_s=args.timeout, memory_mb=args.memory_mb)
     answers = [clean_answer(c.text, task.stops) for c in completions]

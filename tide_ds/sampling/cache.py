@@ -52,6 +52,12 @@ class CanvasKVCache:
         values[:, :, self.write_at:end] = value_states
         return keys[:, :, :end], values[:, :, :end]
 
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows where ``keep [B]`` is True (finished sequences leave the batch)."""
+        for store in (self._keys, self._values):
+            for layer, buffer in store.items():
+                store[layer] = buffer[keep]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.write_at
 

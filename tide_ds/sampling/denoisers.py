@@ -4,7 +4,9 @@ The sampler (:mod:`tide_ds.sampling.sampler`) owns the block loop, the transfer 
 remasking; a denoiser answers three calls:
 
 * ``start(canvas, valid, positions, prompt_width)`` once, after the prompts are laid out;
-* ``block_logits(canvas, start, end)`` at every denoising step: float32 logits ``[B, end - start, V]``;
+* ``block_logits(canvas, start, end, rows)`` at every denoising step: float32 logits ``[B, M, V]`` of the
+  block positions ``start + rows`` (``rows [B, M]``: the still-masked positions of each row);
+* ``select(keep)`` when finished sequences leave the batch (``keep [B]`` bool);
 * ``commit(canvas, start, end)`` once per finished block (not after the last one).
 
 :class:`BD3LMDenoiser` runs a BD3LM model (the Qwen3 student, or any Qwen3-architecture BD3LM such as
@@ -29,6 +31,11 @@ __all__ = ["BD3LMDenoiser", "FullCanvasDenoiser", "SAMPLING_ATTN"]
 SAMPLING_ATTN = ("sdpa", "eager")
 
 
+def _rows(hidden_BND: torch.Tensor, rows_BM: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, rows[b, m]]`` -> ``[B, M, D]``."""
+    return hidden_BND.gather(1, rows_BM[..., None].expand(-1, -1, hidden_BND.shape[-1]))
+
+
 class BD3LMDenoiser:
     """Block-causal decoding of a non-causal Qwen3 ``*ForCausalLM``.
 
@@ -38,7 +45,7 @@ class BD3LMDenoiser:
     ``[0, end)``: the same function, used as the reference in tests.
 
     Attributes:
-        forward_calls: model forwards so far; ``forward_tokens``: query positions run so far.
+        forward_calls: model forwards so far; ``forward_tokens``: query positions run so far (summed over rows).
     """
 
     def __init__(self, model: transformers.PreTrainedModel, *, block_size: int, use_cache: bool = True) -> None:
@@ -75,7 +82,7 @@ class BD3LMDenoiser:
             use_cache=False,
         )
         self.forward_calls += 1
-        self.forward_tokens += q_end - q_start
+        self.forward_tokens += canvas.shape[0] * (q_end - q_start)
         return out.last_hidden_state
 
     @torch.no_grad()
@@ -87,12 +94,17 @@ class BD3LMDenoiser:
                 self._hidden(canvas, 0, prompt_width, cached=True)
 
     @torch.no_grad()
-    def block_logits(self, canvas: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def block_logits(self, canvas: torch.Tensor, start: int, end: int, rows: torch.Tensor) -> torch.Tensor:
         if self.use_cache:
             hidden = self._hidden(canvas, start, end, cached=True)
         else:
             hidden = self._hidden(canvas, 0, end, cached=False)[:, start:end]
-        return self.model.lm_head(hidden).float()
+        return self.model.lm_head(_rows(hidden, rows)).float()
+
+    def select(self, keep: torch.Tensor) -> None:
+        self._valid, self._positions = self._valid[keep], self._positions[keep]
+        if self._cache is not None:
+            self._cache.select(keep)
 
     @torch.no_grad()
     def commit(self, canvas: torch.Tensor, start: int, end: int) -> None:
@@ -127,11 +139,15 @@ class FullCanvasDenoiser:
         self._attention = None if bool(valid.all()) else valid.long()
 
     @torch.no_grad()
-    def block_logits(self, canvas: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    def block_logits(self, canvas: torch.Tensor, start: int, end: int, rows: torch.Tensor) -> torch.Tensor:
         hidden = self.family.forward_hidden(self.model, canvas, attention_mask_BL=self._attention)
         self.forward_calls += 1
-        self.forward_tokens += canvas.shape[1]
-        return (hidden[:, start:end] @ self.family.lm_head_weight(self.model).T).float()
+        self.forward_tokens += canvas.shape[0] * canvas.shape[1]
+        return (_rows(hidden[:, start:end], rows) @ self.family.lm_head_weight(self.model).T).float()
+
+    def select(self, keep: torch.Tensor) -> None:
+        if self._attention is not None:
+            self._attention = self._attention[keep]
 
     def commit(self, canvas: torch.Tensor, start: int, end: int) -> None:
         return None

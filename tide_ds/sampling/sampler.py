@@ -12,7 +12,10 @@ Where we deviate from the reference, and why:
 
 * The mask token (and any id in ``suppress_ids``, e.g. embedding rows past the tokenizer) is never
   proposed: a committed mask token would be read as "still masked" and decoded again.
-* Masked positions are tracked in a boolean tensor, not by comparing tokens with the mask id.
+* Masked positions are tracked in a boolean tensor, not by comparing tokens with the mask id, and the LM
+  head runs only on the still-masked positions of the block (the others are never read).
+* A sequence that is done leaves the batch (the reference keeps extending it until every sequence is done
+  and trims afterwards): the same tokens, without the work.
 * Classifier-free guidance (``cfg_scale``), the Binomial transfer (``stochastic_transfer``) and the AR
   logit shift are not implemented: the paper's protocol (§13.2) uses none of them.
 
@@ -144,12 +147,12 @@ class GenerationResult:
     """What :func:`generate` returns.
 
     Attributes:
-        canvas: ``[B, T]`` left-padded prompts and generated tokens (positions never decoded, after every
-            sequence was done, keep the mask id).
+        canvas: ``[B, T]`` left-padded prompts and generated tokens (the blocks after the one in which a
+            sequence produced a stop id are not decoded and keep the mask id).
         prompt_width: P, the padded prompt width (generation starts at column P).
         tokens: per sequence, the generated ids up to (not including) the first stop id.
         finished: per sequence, whether a stop id was generated.
-        forward_calls / forward_tokens: model forwards and query positions the denoiser ran.
+        forward_calls / forward_tokens: model forwards and query positions (summed over rows) the denoiser ran.
     """
 
     canvas: torch.Tensor
@@ -191,32 +194,42 @@ def generate(
     canvas[:, :width] = prompt_ids
     valid = torch.ones((batch, total), dtype=torch.bool, device=device)
     valid[:, :width] = prompt_valid
-    positions = logical_positions(valid)
     suppress = torch.tensor(sorted({mask_id, *suppress_ids}), dtype=torch.long, device=device)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    active = torch.arange(batch, device=device)  # rows of ``canvas`` still being decoded
+    work = canvas.clone()  # the active rows only
 
-    denoiser.start(canvas, valid, positions, width)
+    denoiser.start(work, valid, logical_positions(valid), width)
     for block in range(config.num_blocks):
         start = width + block * k
         end = min(start + k, total)
-        masked_BN = torch.ones((batch, end - start), dtype=torch.bool, device=device)
+        rows = active.numel()
+        masked_BN = torch.ones((rows, end - start), dtype=torch.bool, device=device)
         for count in transfer_counts(end - start, config.block_steps):
-            logits_BNV = denoiser.block_logits(canvas, start, end)
-            tokens_BN, confidence_BN = propose_tokens(
-                logits_BNV, temperature=config.temperature, top_p=config.top_p, remasking=config.remasking,
+            # every row commits the same number per step, so every row has the same number M of masks left
+            masked_BM = masked_BN.nonzero()[:, 1].view(rows, -1)
+            logits_BMV = denoiser.block_logits(work, start, end, masked_BM)
+            tokens_BM, confidence_BM = propose_tokens(
+                logits_BMV, temperature=config.temperature, top_p=config.top_p, remasking=config.remasking,
                 generator=generator, suppress_ids=suppress,
             )
-            confidence_BN = confidence_BN.masked_fill(~masked_BN, float("-inf"))
-            chosen_BN = torch.zeros_like(masked_BN).scatter_(1, confidence_BN.topk(count, dim=-1).indices, True)
-            chosen_BN &= masked_BN  # every row has the same number of masks, so count never exceeds it
-            canvas[:, start:end] = torch.where(chosen_BN, tokens_BN, canvas[:, start:end])
-            masked_BN &= ~chosen_BN
-        if stops.numel():
-            done |= torch.isin(canvas[:, start:end], stops).any(-1)
-        if bool(done.all()) or block == config.num_blocks - 1:
+            pick_BC = confidence_BM.topk(count, dim=-1).indices
+            cols_BC = masked_BM.gather(1, pick_BC)
+            work[:, start:end] = work[:, start:end].scatter(1, cols_BC, tokens_BM.gather(1, pick_BC))
+            masked_BN.scatter_(1, cols_BC, False)
+        canvas[active, start:end] = work[:, start:end]
+        if block == config.num_blocks - 1:
             break
-        denoiser.commit(canvas, start, end)
+        if stops.numel():
+            # A finished row leaves the batch: the spec keeps extending it and trims later; the kept rows'
+            # tokens do not depend on the others (attention never crosses rows), so the result is the same.
+            going = ~torch.isin(work[:, start:end], stops).any(-1)
+            if not bool(going.any()):
+                break
+            if not bool(going.all()):
+                active, work = active[going], work[going]
+                denoiser.select(going)
+        denoiser.commit(work, start, end)
 
     tokens, finished = _trim(canvas[:, width:], stops)
     return GenerationResult(
@@ -226,7 +239,7 @@ def generate(
 
 
 def _trim(generated_BT: torch.Tensor, stops: torch.Tensor) -> tuple[list[list[int]], list[bool]]:
-    """Cut each row at its first stop id. Undecoded (mask) positions only exist after every row stopped."""
+    """Cut each row at its first stop id (undecoded mask positions only follow a stop id)."""
     tokens, finished = [], []
     stop_set = set(stops.tolist())
     for row in generated_BT.tolist():
