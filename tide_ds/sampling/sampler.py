@@ -121,11 +121,13 @@ def propose_tokens(
     Greedy proposals and the low-confidence scores ``softmax(z)[token] = exp(z_token - logsumexp z)``
     are computed in float32, which ranks the same and avoids a float64 copy of ``[B, N, V]``.
     """
-    z = logits_BNV.float().clone()
+    z = logits_BNV.float()
     if suppress_ids is not None and suppress_ids.numel():
-        z[..., suppress_ids] = float("-inf")
+        z = z.index_fill(-1, suppress_ids, float("-inf"))
     if temperature == 0:
-        tokens = z.argmax(-1)
+        top, tokens = z.max(-1)
+        if remasking == "low_confidence":  # one more pass over V instead of two
+            return tokens, (top - z.logsumexp(-1)).double().exp()
     else:
         scores = z.double() / temperature
         if top_p < 1.0:
