@@ -7,7 +7,8 @@
 2. Trains students with the same data, steps and seeds under ``none``, ``calm``, ``tide_cross`` (pipeline A)
    and ``none``, ``kl``, ``tide_shared`` (pipeline B), plus ablations of ``tide_shared`` that switch off
    TIDAL's timestep axis (``distill.tidal_axis=training_only``) and CompDemo (``distill.comp_demo=false``),
-   on both pipelines; every run is ``launch/run.py`` in its own process.
+   on both pipelines, and a pipeline-A control with CALM's chunk-widened masking but no distillation gradient
+   (``calm_weight=0``): 12 variants; every run is ``launch/run.py`` in its own process.
 3. Writes ``results.json``, ``results.md`` (held-out NLL mean ± std over seeds per variant, paired deltas
    against no distillation, the paper's direction of effects) and ``evidence.png`` (loss curves, final numbers).
 
@@ -21,7 +22,7 @@ evaluation of all 127 held-out samples at steps 0, 20 and 40. Measured CPU time 
 the 2-core development machine while it was shared, load average 5-12): no distillation 1.45 s, pipeline-A
 distillation 1.6-2.1 s (CompDemo's second teacher pass the difference), pipeline B 4.6 s (KL) to 6.5 s
 (TIDE-Shared; the teacher's LM head over the 151,646-token shared vocabulary dominates); 25-35 s per run for
-start-up and evaluation. The 33 runs of the default plan thus take about 5,300 CPU-seconds, about 45 minutes
+start-up and evaluation. The 36 runs of the default plan thus take about 5,700 CPU-seconds, about 48 minutes
 on 2 idle cores, plus the demo worlds' one-time build. Two ranks per run cost 24 CPU-seconds more per run
 than one (a second process's start-up, the launcher, gradient all-reduce) for the same samples, so one
 rank per run, two runs at a time, is the cheaper way to keep both cores busy.
@@ -84,6 +85,11 @@ VARIANTS = {v.key: v for v in [
             "as TIDE-Shared, `tidal_axis=training_only`", ("--distill.tidal_axis=training_only",)),
     Variant("A", "tide_shared-no_compdemo", "tide_shared", "A: TIDE-Shared, no CompDemo",
             "as TIDE-Shared, `comp_demo=false`", ("--distill.comp_demo=false",)),
+    # Every pipeline-A distillation step widens the student's mask to whole chunks (spec §4.4), so its CE
+    # differs from `none`'s; this control has that masking and no distillation gradient.
+    Variant("A", "chunk_masking_only", "calm", "A: chunk masking only (control)",
+            "CE under CALM's chunk-widened masks, `calm_weight=0` (no gradient from the teacher)",
+            ("--distill.calm_weight=0",)),
     Variant("B", "none", "none", "B: no distillation", "CE only (BD3LM baseline)"),
     Variant("B", "kl", "kl", "B: KL", "CE + forward KL on aligned rows (`kl_aligned`)"),
     Variant("B", "tide_cross", "tide_cross", "B: TIDE-Cross", "CE + reverse KL on aligned rows (`reverse_kl_aligned`)"),
@@ -108,6 +114,9 @@ EXPECTATIONS = [
     report.Expectation("B/tide_shared", "B/kl", "lower", "§9.3: 33.55 vs 30.55"),
     report.Expectation("B/tide_cross", "B/none", "higher", "§9.3: 30.79 vs 32.67"),
     report.Expectation("B/tide_shared", "B/tide_cross", "lower", "§9.3: 33.55 vs 30.79 (TIDE-Shared best on B)"),
+    report.Expectation("A/calm", "A/chunk_masking_only", "lower", "control: the teacher's part (not in the paper)"),
+    report.Expectation("A/tide_cross", "A/chunk_masking_only", "lower", "control: the teacher's part (not in the paper)"),
+    report.Expectation("A/tide_shared", "A/chunk_masking_only", "lower", "control: the teacher's part (not in the paper)"),
     report.Expectation("A/tide_shared", "A/tide_shared-no_timestep_axis", "lower", "method claim (§7.2)"),
     report.Expectation("A/tide_shared", "A/tide_shared-no_compdemo", "lower", "method claim (§8)"),
     report.Expectation("B/tide_shared", "B/tide_shared-no_timestep_axis", "lower", "method claim (§7.2)"),
