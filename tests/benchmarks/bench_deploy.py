@@ -171,7 +171,7 @@ def run_all(models: list[str], *, scale: str, device: str, repeats: int, timeout
     for name in models:
         cmd = [sys.executable, __file__, "--one", name, "--scale", scale, "--device", device, "--repeats", str(repeats)]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
             if proc.returncode != 0:
                 rows.append({"model": name, "error": proc.stderr.strip()[-2000:]})
             else:

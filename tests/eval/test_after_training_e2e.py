@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("train_runs_worker.py")
 pytestmark = pytest.mark.slow
 sys.path.insert(0, str(WORKER.parent))
-from train_runs_worker import probe_batch  # noqa: E402
+from train_runs_worker import probe_batch
 
 
 def _free_port() -> int:
@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
            str(WORKER), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
         print(proc.stdout[-6000:], proc.stderr[-6000:], sep="\n")
     assert proc.returncode == 0
@@ -131,7 +131,6 @@ def test_export_of_a_zero2_checkpoint_holds_the_engine_weights(runs, zero2_loade
 
 def test_generate_from_run_checkpoint_and_export_gives_the_same_tokens(runs, zero3_export, capsys):
     from tide_ds.generate import main as generate_main
-
     from tide_ds.sampling.load import resolve_checkpoint
 
     ckpt = runs / "zero3" / "checkpoints" / "step_00000002"

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from tide_ds.models.qwen3 import BD3LMStudent, build_student, tiny_student_config
-from tide_ds.sampling import BD3LMDenoiser, SamplerConfig, generate, propose_tokens, transfer_counts
+from tide_ds.sampling import (
+    BD3LMDenoiser,
+    SamplerConfig,
+    generate,
+    propose_tokens,
+    transfer_counts,
+)
 from tide_ds.sampling.masks import block_causal_mask, left_pad, logical_positions
 
 MASK, EOS, PAD = 1010, 1002, 1000

@@ -77,7 +77,7 @@ def isolation() -> str:
         for mode in ("namespaces", "user-namespaces"):
             try:
                 probe = subprocess.run(
-                    [*_PREFIXES[mode], sys.executable, "-c", "pass"], capture_output=True, timeout=30
+                    [*_PREFIXES[mode], sys.executable, "-c", "pass"], capture_output=True, timeout=30, check=False
                 )
             except (OSError, subprocess.TimeoutExpired):
                 continue

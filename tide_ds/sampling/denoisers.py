@@ -24,7 +24,7 @@ from tide_ds.models.layers import to_additive
 from tide_ds.sampling.cache import CanvasKVCache
 from tide_ds.sampling.masks import block_causal_mask
 
-__all__ = ["BD3LMDenoiser", "FullCanvasDenoiser", "SAMPLING_ATTN"]
+__all__ = ["SAMPLING_ATTN", "BD3LMDenoiser", "FullCanvasDenoiser"]
 
 #: Attention backends that take the sampler's ``[B, 1, Q, K]`` masks (flex_attention and tide_bd3lm take
 #: the training layout only): load the model with one of these for sampling; the weights are the same.

@@ -16,7 +16,7 @@ from tide_ds.data.chat_format import QWEN3
 
 __all__ = ["chat_prompt", "cut_at_stops", "strip_think"]
 
-_THINK = re.compile(r"<think>.*?</think>\n*", flags=re.S)  # newlines only: code indentation follows
+_THINK = re.compile(r"<think>.*?</think>\n*", flags=re.DOTALL)  # newlines only: code indentation follows
 
 
 def chat_prompt(user: str, *, system: str | None = None, gen_prefix: str = "") -> str:
