@@ -497,6 +497,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=16, help="samples per rank per step")
     p.add_argument("--ranks-per-run", type=int, default=1, help="DeepSpeed ranks per run")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
+    p.add_argument("--threads-per-rank", type=int, default=0,
+                   help="OMP threads of each rank (0: the CPUs divided by parallel x ranks per run)")
     p.add_argument("--eval-samples", type=int, default=0, help="held-out samples per evaluation (0 = all)")
     p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations")
     p.add_argument("--log-every", type=int, default=5, help="steps between training records")
@@ -520,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
                     save_every=args.save_every)
         if args.parallel < 1:
             raise ValueError(f"--parallel={args.parallel} must be >= 1")
+        if args.threads_per_rank < 0:
+            raise ValueError(f"--threads-per-rank={args.threads_per_rank} must be >= 0 (0 = automatic)")
         if not args.no_plot:
             try:
                 import matplotlib  # noqa: F401
@@ -541,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"evidence: error: {err}", file=sys.stderr)
         return 2
-    threads = max(1, (os.cpu_count() or 1) // (args.parallel * plan.ranks_per_run))
+    threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // (args.parallel * plan.ranks_per_run))
     runner = Runner(plan, args.parallel, threads)
     results = {id(j): runner.collect(j) for j in jobs}
     todo = [j for j in jobs if not results[id(j)].finished]
