@@ -213,3 +213,20 @@ def test_context_free_references(tmp_path):
     assert ref["unigram_nll"] == pytest.approx(-(math.log(p0) + math.log(p2)) / 2)
     assert ref["uniform_nll"] == pytest.approx(math.log(4))
     assert (ref["heldout_maskable_tokens"], ref["heldout_samples"]) == (2, 1)
+
+
+def test_runner_skips_a_finished_run_and_one_locked_by_another_invocation(tmp_path):
+    import fcntl
+
+    plan = evidence.Plan(variants=("A/none",), seeds=(1, 2), steps=STEPS, micro_batch_size=4, ranks_per_run=1,
+                         eval_samples=0, eval_every=20, log_every=10, save_every=20)
+    worlds = {"A": evidence.World("A", "/data/a", "/ckpt/a", 5.0)}
+    finished, locked = evidence.plan_jobs(plan, worlds, tmp_path / "runs")
+    fake_run(finished.run_dir, nll=9.0)
+    runner = evidence.Runner(plan, parallel=1, threads_per_rank=1)
+    runner._launch = lambda job: pytest.fail(f"launched {job.run_dir}")  # neither run may start a trainer
+    assert runner.run(finished).final_nll == 9.0
+    (tmp_path / "runs" / ".locks").mkdir(parents=True, exist_ok=True)
+    with open(tmp_path / "runs" / ".locks" / "A-none-seed2.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert runner.run(locked).status == "missing"

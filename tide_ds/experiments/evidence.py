@@ -36,6 +36,7 @@ the student's training, not of the teacher's.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -320,8 +321,25 @@ class Runner:
         self.stopping = False
 
     def run(self, job: RunJob) -> report.RunResult:
+        """Run ``job`` unless it finished meanwhile or another invocation is running it (a lock per run under
+        ``<runs-dir>/.locks``), so several invocations of one plan share the work without ever running one
+        run twice at a time."""
         if self.stopping:
             return self.collect(job)
+        locks = job.run_dir.parents[2] / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{job.variant.pipeline}-{job.variant.name}-seed{job.seed}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("%s seed %d: running in another invocation; skipped here", job.variant.key, job.seed)
+                return self.collect(job)
+            result = self.collect(job)
+            if result.finished:  # by another invocation since this one started
+                return result
+            return self._launch(job)
+
+    def _launch(self, job: RunJob) -> report.RunResult:
         cmd, env = command(job, self.plan)
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         job.run_dir.mkdir(parents=True, exist_ok=True)
