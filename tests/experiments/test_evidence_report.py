@@ -130,6 +130,12 @@ def test_direction_verdicts(tmp_path):
         report.Expectation("P/bad", "P/none", "higher", "s"),  # two seeds, +0.2 and +0.19: resolved
     ])
     assert [r["verdict"] for r in rows] == ["agrees", "opposite", "differs", "agrees"]
+    noisy = report.check_direction(summaries, [report.Expectation("P/bad", "P/good", "similar", "s")])
+    assert noisy[0]["verdict"] == "differs"  # +0.3 on both common seeds
+    assert report.check_direction(
+        report.summarize(synthetic(tmp_path / "again"), labels=LABELS, references=REFS),
+        [report.Expectation("P/none", "P/none", "similar", "s")],
+    )[0]["verdict"] == "agrees (no resolved difference)"
     with pytest.raises(ValueError, match="lower, higher or similar"):
         report.check_direction(summaries, [report.Expectation("P/good", "P/none", "better", "s")])
     text = report.direction_table(rows, labels=LABELS)

@@ -254,8 +254,9 @@ class Expectation:
 
 def check_direction(summaries: list[VariantSummary], expectations: list[Expectation]) -> list[dict[str, Any]]:
     """Measured paired delta and a verdict per expectation: ``agrees``, ``opposite``, ``not resolved`` (the
-    95% interval of the paired delta contains 0), ``differs`` (an expected ``similar`` that is resolved), or
-    ``not measured`` (fewer than two common finished seeds)."""
+    95% interval of the paired delta contains 0), for an expected ``similar`` ``agrees (no resolved
+    difference)`` or ``differs``, or ``not measured`` (fewer than two common finished seeds). Each row is its
+    own test at 95%: over many rows some verdicts are expected to be wrong by chance."""
     values = {s.variant: s.values for s in summaries}
     rows = []
     for exp in expectations:
@@ -268,7 +269,7 @@ def check_direction(summaries: list[VariantSummary], expectations: list[Expectat
         if delta is None:
             verdict = "not measured"
         elif exp.expected == "similar":
-            verdict = "differs" if delta.resolved else "agrees"
+            verdict = "differs" if delta.resolved else "agrees (no resolved difference)"
         elif not delta.resolved:
             verdict = "not resolved"
         else:
