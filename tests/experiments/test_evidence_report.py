@@ -139,6 +139,8 @@ def test_direction_verdicts(tmp_path):
     with pytest.raises(ValueError, match="lower, higher or similar"):
         report.check_direction(summaries, [report.Expectation("P/good", "P/none", "better", "s")])
     text = report.direction_table(rows, labels=LABELS)
+    tiny = {**rows[0], "delta": {"mean": -2.1e-6, "std": 3e-7, "n": 3, "t": -12.1, "resolved": True}}
+    assert "| -2.1e-06 ± 3.0e-07 (n=3, t=-12.10) |" in report.direction_table([tiny], labels=LABELS)
     assert "| good vs none | lower | s | -0.1000 ± 0.0100 (n=3, t=-17.32) | agrees |" in text
 
 

@@ -315,6 +315,11 @@ def variant_table(summaries: list[VariantSummary], *, describe: dict[str, str] |
     return "\n".join(lines)
 
 
+def _signed(x: float) -> str:
+    """Four decimals, or two significant digits for values that four decimals would show as zero."""
+    return f"{x:+.4f}" if x == 0 or abs(x) >= 5e-5 else f"{x:+.1e}"
+
+
 def direction_table(rows: list[dict[str, Any]], *, labels: dict[str, str]) -> str:
     lines = [
         "| comparison | paper's direction (NLL terms) | source | measured Δ NLL (paired, mean ± std, n) | verdict |",
@@ -322,7 +327,7 @@ def direction_table(rows: list[dict[str, Any]], *, labels: dict[str, str]) -> st
     ]
     for row in rows:
         d = row["delta"]
-        measured = "–" if d is None else f"{d['mean']:+.4f} ± {d['std']:.4f} (n={d['n']}, t={d['t']:+.2f})"
+        measured = "–" if d is None else f"{_signed(d['mean'])} ± {_signed(d['std'])[1:]} (n={d['n']}, t={d['t']:+.2f})"
         lines.append(f"| {labels[row['variant']]} vs {labels[row['reference']]} | {row['expected']} | {row['source']} "
                      f"| {measured} | {row['verdict']} |")
     return "\n".join(lines)
