@@ -18,14 +18,15 @@ holds a run of another plan (other steps, seeds' data, worlds) is an error, neve
 seed by seed, so an interrupted experiment has every variant at its first seeds.
 
 Budget (the defaults): 40 steps of 16 samples per run, one rank per run, two runs at a time, held-out
-evaluation of all 127 held-out samples at steps 0, 20 and 40. Measured CPU time per step (one thread, on
-the 2-core development machine while it was shared, load average 5-12): no distillation 1.45 s, pipeline-A
-distillation 1.6-2.1 s (CompDemo's second teacher pass the difference), pipeline B 4.6 s (KL) to 6.5 s
-(TIDE-Shared; the teacher's LM head over the 151,646-token shared vocabulary dominates); 25-35 s per run for
-start-up and evaluation. The 36 runs of the default plan thus take about 5,700 CPU-seconds, about 48 minutes
-on 2 idle cores, plus the demo worlds' one-time build. Two ranks per run cost 24 CPU-seconds more per run
-than one (a second process's start-up, the launcher, gradient all-reduce) for the same samples, so one
-rank per run, two runs at a time, is the cheaper way to keep both cores busy.
+evaluation of all 127 held-out samples at steps 0, 20 and 40. Measured CPU time per run (one thread, on the
+2-core development machine while other work shared it, load average 4-12; seconds): no distillation 97-101,
+pipeline-A distillation 119-131, pipeline B KL 262, TIDE-Shared without CompDemo 280, TIDE-Shared 343-355
+(the teacher's LM head over the 151,646-token shared vocabulary dominates pipeline B). The 36 runs of the
+default plan thus take about 6,500 CPU-seconds: about 55 minutes on 2 idle cores, plus the demo worlds'
+one-time build. Two ranks per run cost about 24 CPU-seconds more per run than one (a second process's
+start-up, the launcher, the gradient all-reduce) for the same samples (measured on 10-step runs: 65 vs 42
+CPU-seconds without a teacher, 71 vs 48 with one), so one rank per run, two runs at a time, is the cheaper
+way to keep both cores busy.
 
 Deviation from the trainer's demo: the trainer keys the demo world by ``train.seed`` (a new seed builds a new
 teacher), so the runs here pin the world built at the recipe's seed (``--data.dataset`` and ``--teacher.path``)
