@@ -16,6 +16,9 @@
 #   SLURM_LC_CPUS   ($(nproc)) CPUs declared per node (may exceed the real count: SlurmdParameters=config_overrides)
 #   SLURM_LC_GPUS   (0) fake GPUs per node (gres/gpu backed by mknod'ed char devices): `--gpus-per-node=K` submissions
 #                   are accepted and CUDA_VISIBLE_DEVICES is set, torch stays on the CPU
+#   SLURM_LC_CRED_EXPIRE (10) seconds a job credential lives (AuthInfo=cred_expire; Slurm's default is 120). A requeued
+#                   job may start again only after it (EligibleTime): its old credential must have expired, or
+#                   slurmd refuses the launch ("Job credential revoked") and the job fails.
 #
 # Both emulated nodes share the host's hostname, /dev/shm, pids and file system (like nodes with a shared file
 # system); only their Slurm names and addresses differ. Every wait has a timeout; every daemon is stopped by the
@@ -26,6 +29,7 @@ DIR=${SLURM_LC_DIR:-/tmp/tide-slurm-lc}
 NODES=${SLURM_LC_NODES:-2}
 CPUS=${SLURM_LC_CPUS:-$(nproc)}
 GPUS=${SLURM_LC_GPUS:-0}
+CRED_EXPIRE=${SLURM_LC_CRED_EXPIRE:-10}
 CONF=$DIR/etc/slurm.conf
 MARK="# tide-slurm-localcluster $DIR"
 H=$(hostname -s)
@@ -60,6 +64,7 @@ SlurmctldHost=${H}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=${CRED_EXPIRE}
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -67,6 +72,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
