@@ -70,6 +70,16 @@ def test_no_signals_means_no_stop_and_no_handler():
     assert not guard.should_stop()
 
 
+def test_outside_the_main_thread_nothing_is_installed():
+    import threading
+
+    box = []
+    thread = threading.Thread(target=lambda: box.append(preemption.install("USR1")))
+    thread.start()
+    thread.join()
+    assert box[0].signals == [] and not box[0].should_stop()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

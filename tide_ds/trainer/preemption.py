@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -157,5 +158,13 @@ def write_marker(step: int, signal_name: str) -> None:
 
 
 def install(spec: str) -> PreemptionGuard:
-    """Build and install the guard for ``train.preempt_signals`` (all ranks call this)."""
-    return PreemptionGuard(parse_signals("train.preempt_signals", spec)).install()
+    """Build and install the guard for ``train.preempt_signals`` (all ranks call this).
+
+    Python delivers signals to the main thread only; called from another thread (a library user's
+    worker), the guard watches nothing and says so, on every rank alike.
+    """
+    signals = parse_signals("train.preempt_signals", spec)
+    if signals and threading.current_thread() is not threading.main_thread():
+        logger.warning("preemption: train() runs outside the main thread; %s will not be handled", spec)
+        signals = []
+    return PreemptionGuard(signals).install()
