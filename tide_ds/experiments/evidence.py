@@ -466,7 +466,7 @@ def markdown(data: dict, summaries: list[report.VariantSummary], directions: lis
         f"Machine: {machine['cpus']} CPUs ({machine['cpu_model'] or 'unknown model'}), {machine['platform']}; "
         f"load average at the start {data['loadavg_start']}, at the end {data['loadavg_end']}.",
         f"Runs: {data['runs_finished']}/{data['runs_planned']} finished; their last starts took "
-        f"{data['total_wall_s_of_runs']:.0f} s of wall time (summed over runs, {data['parallel']} at a time) and "
+        f"{data['total_wall_s_of_runs']:.0f} s of wall time (summed over runs, which ran side by side) and "
         f"{data['total_cpu_s_of_runs']:.0f} s of CPU time (as recorded in each run directory).",
         f"Plan: {plan['steps']} steps, micro-batch {plan['micro_batch_size']} x {plan['ranks_per_run']} rank(s) per run, "
         f"seeds {plan['seeds']}, held-out evaluation on {plan['eval_samples'] or 'all'} samples every "
