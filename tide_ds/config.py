@@ -175,7 +175,7 @@ class TeacherArgs:
     placement: str = "auto"
     #: Teacher dtype: auto (bf16 on GPUs, fp32 on the CPU), bfloat16 or float32.
     dtype: str = "auto"
-    #: Attention backend of the teacher: sdpa or eager.
+    #: Attention backend of the teacher: sdpa, eager, or tide_bd3lm (our Triton kernel on GPUs: key lengths for bidirectional teachers, right padding; the BD3LM mask for WeDLM).
     attn_implementation: str = "sdpa"
     #: Order of the BD3LM teacher's two copies (WeDLM): x0_xt (WeDLM's own) or xt_x0; bidirectional teachers ignore it.
     concat_order: str = "x0_xt"
@@ -188,7 +188,7 @@ class TeacherArgs:
         if self.mask_token_id < -1:
             raise ValueError(f"teacher.mask_token_id={self.mask_token_id} must be -1 (from the checkpoint) or an id >= 0")
         _choice("teacher.dtype", self.dtype, ("auto", "bfloat16", "float32"))
-        _choice("teacher.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        _choice("teacher.attn_implementation", self.attn_implementation, ("sdpa", "eager", "tide_bd3lm"))
         if self.family:
             _choice("teacher.family", self.family, ("llada2_moe", "wedlm", "llada", "dream"))
 

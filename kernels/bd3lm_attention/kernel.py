@@ -204,7 +204,7 @@ def _fwd_inner(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_kd, s
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        s = _scaled(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, qk_scale_lo, ACC_DTYPE)  # [BM, BN]
+        s = _scaled(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE), qk_scale, qk_scale_lo, ACC_DTYPE)  # [BM, BN]
         if MASKED:
             ok = _allowed(offs_m[:, None], offs_n[None, :], seq_len, block_size, key_len, CLEAN_FIRST, HAS_KEY_LENS)
             s = tl.where(ok & in_range[None, :], s, float("-inf"))
@@ -214,7 +214,7 @@ def _fwd_inner(acc, l_i, m_i, q, offs_m, k_base, v_base, stride_kt, stride_kd, s
         p = tl.math.exp2(s - m_shift[:, None])  # [BM, BN]
         alpha = tl.math.exp2(m_i - m_shift)  # [BM]
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)  # [BM, D]
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [BM, D]
         m_i = m_new
     return acc, l_i, m_i
 
@@ -309,14 +309,14 @@ def _dq_inner(dq, q, do, lse, delta, offs_m, k_base, v_base, stride_kt, stride_k
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        s = _scaled(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, qk_scale_lo, ACC_DTYPE)  # [BM, BN]
+        s = _scaled(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE), qk_scale, qk_scale_lo, ACC_DTYPE)  # [BM, BN]
         if MASKED:
             ok = _allowed(offs_m[:, None], offs_n[None, :], seq_len, block_size, key_len, CLEAN_FIRST, HAS_KEY_LENS)
             s = tl.where(ok & in_range[None, :], s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])  # [BM, BN]
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM, BN]
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [BM, BN]
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # [BM, D]
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [BM, D]
     return dq
 
 
@@ -392,15 +392,15 @@ def _dkdv_inner(dk, dv, k, v, offs_n, q_base, do_base, lse_base, delta_base,
             do = tl.load(do_ptrs)
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        s_t = _scaled(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), qk_scale, qk_scale_lo, ACC_DTYPE)  # [BN, BM]
+        s_t = _scaled(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE), qk_scale, qk_scale_lo, ACC_DTYPE)  # [BN, BM]
         if MASKED:
             ok = _allowed(offs_m[None, :], offs_n[:, None], seq_len, block_size, key_len, CLEAN_FIRST, HAS_KEY_LENS)
             s_t = tl.where(ok & in_range[None, :], s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse[None, :])  # [BN, BM]
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # [BN, D]
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BN, BM]
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [BN, D]
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [BN, BM]
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # [BN, D]
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # [BN, D]
     return dk, dv
 
 

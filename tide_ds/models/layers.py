@@ -29,6 +29,7 @@ import transformers
 from transformers.initialization import no_init_weights
 
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint, save_safetensors_checkpoint
+from tide_ds.models.tide_attention import TIDE_BD3LM, key_lengths_mask, register_tide_attention
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -56,8 +57,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Backends the teacher adapters accept; both take the explicit 4-D masks built here.
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+#: Backends the teacher adapters accept: sdpa and eager take the explicit 4-D masks built here; tide_bd3lm
+#: (tide_attention.py) runs our Triton kernels: key lengths for the bidirectional teachers, the BD3LM mask
+#: for WeDLM.
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", TIDE_BD3LM)
 _LAYER_KEY = re.compile(r"^(?:model\.layers|model\.transformer\.blocks)\.(\d+)\.")
 
 
@@ -127,11 +130,16 @@ def bidirectional_hidden(
     """Final-normed hidden states ``[B, L, D]`` of a bidirectional native model (``config.is_causal`` False).
 
     ``attention_mask_BL`` ``[B, L]`` 0/1 is key padding (:func:`padding_keep_mask`); ``None`` = all valid.
+    Under the ``tide_bd3lm`` backend it becomes key lengths (padding must be trailing; padded rows come out
+    as zeros before the last norm instead of a token attending to itself, meaningless either way).
     ``position_ids_BL`` defaults to ``arange(L)``. The LM head is not applied.
     """
     check_input_ids(input_ids_BL, attention_mask_BL)
     mask = None
-    if attention_mask_BL is not None:
+    if model.config._attn_implementation == TIDE_BD3LM:
+        # Key lengths [B, 1, 1, 1]: the kernel's bidirectional mode; right padding only (checked).
+        mask = key_lengths_mask(attention_mask_BL, *input_ids_BL.shape, device=input_ids_BL.device)
+    elif attention_mask_BL is not None:
         dtype = model.get_input_embeddings().weight.dtype
         mask = to_additive(padding_keep_mask(attention_mask_BL.to(input_ids_BL.device)), dtype)
     out = model.model(input_ids=input_ids_BL, attention_mask=mask, position_ids=position_ids_BL, use_cache=False)
@@ -258,6 +266,8 @@ def instantiate(
 ) -> transformers.PreTrainedModel:
     """An uninitialised native model (weights are loaded next), tied if ``config.tie_word_embeddings``."""
     check_attn_implementation(attn_implementation)
+    if attn_implementation == TIDE_BD3LM:
+        register_tide_attention()
     with no_init_weights():
         model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     if config.tie_word_embeddings:

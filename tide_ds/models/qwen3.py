@@ -16,7 +16,6 @@ import functools
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +24,8 @@ from transformers.initialization import no_init_weights
 
 from tide_ds.diffusion.block_mask import additive_bd3lm_mask, dense_bd3lm_mask, flex_bd3lm_block_mask
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, save_safetensors_checkpoint
+# The tide_bd3lm backend (tide_attention.py) serves the teachers too; its names stay importable from here.
+from tide_ds.models.tide_attention import TIDE_BD3LM, BD3LMMaskSpec, kernel_implementation, register_tide_attention
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -39,9 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: Attention backends the BD3LM forward supports (the reference has no FlashAttention-2 path either).
 ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", "tide_bd3lm")
-#: Our masked diffusion attention (``tide_kernels.bd3lm_attention``): the BD3LM mask is computed from
-#: indices inside the kernel, fully masked tiles are skipped, no mask tensor exists.
-TIDE_BD3LM = "tide_bd3lm"
 #: ``model_type`` values accepted in a student's config.json (``a2d-qwen3`` is dllm's registered name).
 MODEL_TYPES = ("qwen3", "a2d-qwen3")
 _STRUCTURAL_FIELDS = (
@@ -93,41 +91,6 @@ def tiny_student_config(
     )
     config.mask_token_id = mask_token_id
     return config
-
-
-@dataclass(frozen=True)
-class BD3LMMaskSpec:
-    """What the ``tide_bd3lm`` backend receives instead of a mask tensor: the mask's parameters."""
-
-    seq_len: int
-    block_size: int
-    clean_first: bool = False
-    implementation: str = "reference"
-
-
-def _tide_bd3lm_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention-interface adapter: ``q [B, H, 2L, Dh]`` -> ``out [B, 2L, H, Dh]``."""
-    from tide_kernels.bd3lm_attention import bd3lm_attention
-
-    spec = attention_mask
-    if not isinstance(spec, BD3LMMaskSpec):
-        raise TypeError("the tide_bd3lm attention backend runs only inside BD3LMStudent.forward (it needs the BD3LM mask spec)")
-    out = bd3lm_attention(
-        query, key, value, seq_len=spec.seq_len, block_size=spec.block_size, clean_first=spec.clean_first,
-        scale=scaling, implementation=spec.implementation,
-    )
-    return out.transpose(1, 2), None
-
-
-def register_tide_attention() -> None:
-    """Make ``tide_bd3lm`` known to transformers (idempotent; called when a model is built with it)."""
-    if TIDE_BD3LM not in transformers.AttentionInterface._global_mapping:
-        transformers.AttentionInterface.register(TIDE_BD3LM, _tide_bd3lm_attention)
-
-
-def kernel_implementation(device: torch.device) -> str:
-    """Triton kernels on GPUs; their PyTorch references elsewhere (DESIGN.md decision 6)."""
-    return "triton" if device.type == "cuda" else "reference"
 
 
 def _instantiate(

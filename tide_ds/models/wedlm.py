@@ -24,6 +24,7 @@ import torch
 import transformers
 
 from tide_ds.diffusion.block_mask import additive_bd3lm_mask, dense_bd3lm_mask
+from tide_ds.models.tide_attention import TIDE_BD3LM, BD3LMMaskSpec, kernel_implementation
 from tide_ds.models.layers import (
     LoadPlan,
     identity_convert,
@@ -173,7 +174,10 @@ def teacher_forward_hidden(
     halves = (x_0_BL, input_ids_BL) if clean_first else (input_ids_BL, x_0_BL)
     ids_B2L = torch.cat(halves, dim=1)
     dtype = model.get_input_embeddings().weight.dtype
-    if attention_mask_BL is None:  # cached per (L, K, order, dtype, device): built once per run
+    if model.config._attn_implementation == TIDE_BD3LM and (attention_mask_BL is None or bool(attention_mask_BL.all())):
+        # The kernel computes the BD3LM mask from indices; a padded batch takes the dense mask below (SDPA).
+        mask = BD3LMMaskSpec(seq_len, block_size, clean_first=clean_first, implementation=kernel_implementation(device))
+    elif attention_mask_BL is None:  # cached per (L, K, order, dtype, device): built once per run
         mask = additive_bd3lm_mask(seq_len, block_size, clean_first=clean_first, dtype=dtype, device=device)
     else:
         keep = dense_bd3lm_mask(seq_len, block_size, clean_first=clean_first, device=device)  # [1, 1, 2L, 2L]
