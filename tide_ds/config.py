@@ -129,6 +129,8 @@ class DataArgs:
     max_files: int = 0
     #: Pretraining steps of the demo world's teacher (data.dataset=demo; built once per value and cached).
     demo_teacher_steps: int = 150
+    #: Seed of the demo world (corpus split, teacher tokenizer and pretraining); independent of train.seed, so a sweep over the student's seed reuses one teacher.
+    demo_seed: int = 42
 
     def __post_init__(self) -> None:
         _positive("data.demo_teacher_steps", self.demo_teacher_steps)

@@ -58,3 +58,30 @@ def patient_group(hours: float = 12.0):
 
         _PATIENT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=hours))
     return _PATIENT_GROUP
+
+
+def shm_buffer_path(rank_: int | None = None) -> str:
+    """This rank's DeepSpeed CPU all-reduce buffer: ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``.
+
+    DeepSpeed's shm comm op (CPU accelerator) creates it at ``init_distributed`` and never unlinks it (its
+    ``shared_close`` is not called), so every CPU run would leave about 66 MiB in ``/dev/shm`` per rank.
+    """
+    r = rank() if rank_ is None else rank_
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{r}")
+
+
+def destroy() -> None:
+    """Barrier, unlink this rank's shm all-reduce buffer, destroy the process group (no-op if not initialised).
+
+    After the barrier no rank opens a peer's buffer any more (they do so only while initialising), and the
+    mappings stay valid until each process exits, so unlinking the name is safe.
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    try:
+        os.unlink(shm_buffer_path())
+    except FileNotFoundError:
+        pass  # GPU runs, or a backend without the shm op
+    dist.destroy_process_group()

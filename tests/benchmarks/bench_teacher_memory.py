@@ -38,8 +38,7 @@ def worker(ckpt: str, placement: str, out: str) -> None:
     Path(out, f"{placement}-rank{dist.rank()}.json").write_text(json.dumps(
         {"placement": placement, "rank": dist.rank(), "world": dist.world_size(), "param_bytes": r.param_bytes,
          "peak_increase": r.peak_rss_increase, "device": str(device)}))
-    dist.barrier()
-    torch.distributed.destroy_process_group()
+    dist.destroy()
 
 
 def main() -> None:

@@ -38,8 +38,9 @@ def main() -> None:
     result["handler_restored"] = signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     with open(f"{out}.{rank}.json", "w") as fh:
         json.dump(result, fh)
-    tdist.barrier()
-    tdist.destroy_process_group()
+    from tide_ds import dist
+
+    dist.destroy()
 
 
 if __name__ == "__main__":

@@ -76,8 +76,7 @@ def main() -> None:
         "peak_rss_increase": teacher.report.peak_rss_increase,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    torch.distributed.destroy_process_group()
+    dist.destroy()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Qwen3 tokenizer on a few standard-library files.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -94,6 +95,14 @@ def test_zero2_two_ranks_trains_and_heldout_nll_decreases(zero2_run):
     assert (out / "checkpoints" / "latest").read_text() == "step_00000012"
     assert "micro_batch_size: 4" in (out / "checkpoints" / "step_00000012" / "config.yaml").read_text()
     assert "resolved config" in proc.stdout
+
+
+def test_no_shared_memory_left_behind(zero2_run):
+    """DeepSpeed's CPU all-reduce buffers (about 66 MiB per rank in /dev/shm, named after the master port)
+    are unlinked when the run ends; DeepSpeed itself never unlinks them."""
+    _, proc = zero2_run
+    port = proc.args[proc.args.index("--master_port") + 1]
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*") == []
 
 
 def test_existing_run_dir_is_never_overwritten(zero2_run):

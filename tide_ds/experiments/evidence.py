@@ -28,10 +28,9 @@ start-up, the launcher, the gradient all-reduce) for the same samples (measured 
 CPU-seconds without a teacher, 71 vs 48 with one), so one rank per run, two runs at a time, is the cheaper
 way to keep both cores busy.
 
-Deviation from the trainer's demo: the trainer keys the demo world by ``train.seed`` (a new seed builds a new
-teacher), so the runs here pin the world built at the recipe's seed (``--data.dataset`` and ``--teacher.path``)
-and vary only the student's seed: initial weights, data order and noise. Seeds thus measure the variance of
-the student's training, not of the teacher's.
+The runs pin the world (``--data.dataset`` and ``--teacher.path``, built at ``data.demo_seed``) and vary only
+the student's seed: initial weights, data order and noise. Seeds thus measure the variance of the student's
+training, not of the teacher's.
 """
 
 from __future__ import annotations

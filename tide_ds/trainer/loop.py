@@ -206,7 +206,5 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
 def shutdown() -> None:
     """Tear the process group down explicitly (avoids rare aborts at interpreter exit)."""
-    if dist.is_initialized():
-        dist.barrier()
-        torch.distributed.destroy_process_group()
+    dist.destroy()  # also unlinks DeepSpeed's /dev/shm all-reduce buffer of this rank
     sys.stdout.flush()
