@@ -16,7 +16,9 @@ class MetricsWriter:
     """Writes ``metrics.jsonl`` and TensorBoard events under the run directory (rank 0 only).
 
     On resume from step ``start_step`` the JSONL keeps only records up to that step and TensorBoard
-    purges later events, so a resumed run reads as one uninterrupted run.
+    purges later events, so a resumed run reads as one uninterrupted run. A start from step 0 (a run that
+    stopped before its first checkpoint, started again) keeps nothing: its step-0 evaluation is written
+    again, and keeping the old one would log step 0 twice.
     """
 
     def __init__(self, output_dir: str | Path, *, enabled: bool, tensorboard: bool, start_step: int) -> None:
@@ -41,7 +43,7 @@ class MetricsWriter:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-            if record.get("step", 0) <= start_step:
+            if start_step > 0 and record.get("step", 0) <= start_step:
                 kept.append(line)
         tmp = self.path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(k + "\n" for k in kept))
