@@ -179,3 +179,19 @@ def test_presets_resolve_to_typed_objectives():
     shared_b = spec("--distill.preset=tide_shared", "--distill.pipeline=B")
     assert shared_b.mode == "taid_aligned" and shared_b.comp_demo and shared_b.pipeline.value == "B"
     assert spec("--distill.mode=taid+kl").loss_terms == ("ce", "tidal", "kl")
+
+
+def test_relative_recipe_and_ds_config_work_from_any_directory(tmp_path, monkeypatch):
+    from tide_ds.config import REPO_ROOT, load_recipe
+    from tide_ds.trainer.engine import load_ds_json
+
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("launch/recipes/demo.yaml") == load_recipe(REPO_ROOT / "launch/recipes/demo.yaml")
+    assert "zero_optimization" in load_ds_json("ds_configs/zero2.json")
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero2.json").write_text('{"mine": true}')
+    assert load_ds_json("ds_configs/zero2.json") == {"mine": True}  # the working directory's file wins
+    with pytest.raises(ValueError, match=r"train.ds_config='nope.json' does not exist \(looked in .* and "):
+        load_ds_json("nope.json")
+    with pytest.raises(ValueError, match=r"--recipe='nope.yaml' does not exist \(looked in"):
+        load_recipe("nope.yaml")

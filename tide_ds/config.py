@@ -494,10 +494,31 @@ def parse_override(arg: str) -> tuple[str, str, str]:
     return match.group(1), match.group(2), match.group(3)
 
 
-def load_recipe(path: str | Path) -> dict[str, Any]:
+#: The checkout holding ``ds_configs/`` and ``launch/recipes/`` (relative paths fall back to it).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_repo_path(path: str | Path) -> Path:
+    """A relative path as given if it exists from the working directory, else from the checkout root.
+
+    So ``--recipe launch/recipes/demo.yaml`` and the default ``train.ds_config=ds_configs/zero2.json`` work
+    from any directory (a Slurm job's, a notebook's), while a user's own relative file still wins.
+    """
     path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    in_repo = REPO_ROOT / path
+    return in_repo if in_repo.exists() else path
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    given = path
+    path = resolve_repo_path(path)
     if not path.is_file():
-        raise ValueError(f"--recipe={str(path)!r} does not exist; recipes live in launch/recipes/")
+        raise ValueError(
+            f"--recipe={str(given)!r} does not exist (looked in {Path.cwd()} and {REPO_ROOT}); recipes live in "
+            "launch/recipes/"
+        )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from tide_ds.config import RunConfig
+from tide_ds.config import REPO_ROOT, RunConfig, resolve_repo_path
 from tide_ds.losses.fused_head import fused_masked_ce
 
 logger = logging.getLogger(__name__)
@@ -34,11 +34,13 @@ RECIPE_OWNED_KEYS = {
 
 
 def load_ds_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    """The engine JSON; a relative path is looked up from the working directory, then the checkout root."""
+    given = path
+    path = resolve_repo_path(path)
     if not path.is_file():
         raise ValueError(
-            f"train.ds_config={str(path)!r} does not exist; use one of the files in ds_configs/ "
-            "(zero2.json, zero3.json) or a path to your own engine JSON"
+            f"train.ds_config={str(given)!r} does not exist (looked in {Path.cwd()} and {REPO_ROOT}); use one of "
+            "the files in ds_configs/ (zero2.json, zero3.json) or a path to your own engine JSON"
         )
     try:
         data = json.loads(path.read_text())
