@@ -94,10 +94,24 @@ def prepare_demo(
                  teacher_seq_len=teacher_seq_len, teacher_vocab=teacher_vocab, teacher_steps=teacher_steps, seed=seed)
 
 
+def _ensure_dataset(dataset: Path, pipeline: str, jsonl: Path, student_tokenizer: Path, teacher_tokenizer: Path, *,
+                    seq_len: int, teacher_seq_len: int, block_size: int) -> Path:
+    """Preprocess the demo corpus for ``pipeline`` into ``dataset`` unless it is there (the caller holds the lock)."""
+    from tide_ds.data.preprocess import PreprocessConfig, preprocess
+
+    if not dataset.exists():
+        result = preprocess(PreprocessConfig(
+            pipeline=pipeline, input=jsonl, student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer,
+            out=dataset, seq_len=seq_len, teacher_seq_len=teacher_seq_len, block_size=block_size,
+            heldout_fraction=HELDOUT_FRACTION, num_proc=2,
+        ))
+        logger.info("demo dataset: %s", json.dumps(result.summary.get("rows", {})))
+    return dataset
+
+
 def _prepare_a(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int,
                teacher_vocab: int, teacher_steps: int, seed: int) -> DemoWorld:
     from tide_ds.data.more_tokenizers import train_sentencepiece_tokenizer
-    from tide_ds.data.preprocess import PreprocessConfig, preprocess
     from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
     from tide_ds.teacher.pretrain import pretrain_llada2_teacher
 
@@ -107,14 +121,8 @@ def _prepare_a(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int
         teacher_tok = train_sentencepiece_tokenizer([text], root / f"teacher-tokenizer-{key}", vocab_size=teacher_vocab, seed=seed)
         data_key = _key(base=key, student=str(student_tokenizer), seq_len=seq_len, teacher_seq_len=teacher_seq_len,
                         block=block_size)
-        dataset = root / f"pipeline-a-{data_key}"
-        if not dataset.exists():
-            result = preprocess(PreprocessConfig(
-                pipeline="A", input=jsonl, student_tokenizer=student_tokenizer, teacher_tokenizer=teacher_tok,
-                out=dataset, seq_len=seq_len, teacher_seq_len=teacher_seq_len, block_size=block_size,
-                heldout_fraction=HELDOUT_FRACTION, num_proc=2,
-            ))
-            logger.info("demo dataset: %s", json.dumps(result.summary.get("rows", {})))
+        dataset = _ensure_dataset(root / f"pipeline-a-{data_key}", "A", jsonl, student_tokenizer, teacher_tok,
+                                  seq_len=seq_len, teacher_seq_len=teacher_seq_len, block_size=block_size)
         teacher = root / f"teacher-{_key(data=data_key, steps=teacher_steps, config=TEACHER_CONFIG)}"
         if not teacher.exists():
             special = resolve_special_ids(load_tokenizer(teacher_tok))
@@ -130,21 +138,14 @@ def _prepare_a(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int
 
 def _prepare_b(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int,
                teacher_vocab: int, teacher_steps: int, seed: int) -> DemoWorld:
-    from tide_ds.data.preprocess import PreprocessConfig, preprocess
     from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
     from tide_ds.teacher.pretrain import pretrain_wedlm_teacher
 
     data_key = _key(pipeline="B", jsonl=jsonl.name, student=str(student_tokenizer), seq_len=seq_len,
                     teacher_seq_len=teacher_seq_len, block=block_size, seed=seed)
     with file_lock(root / f".{data_key}.lock"):
-        dataset = root / f"pipeline-b-{data_key}"
-        if not dataset.exists():
-            result = preprocess(PreprocessConfig(
-                pipeline="B", input=jsonl, student_tokenizer=student_tokenizer, teacher_tokenizer=student_tokenizer,
-                out=dataset, seq_len=seq_len, teacher_seq_len=teacher_seq_len, block_size=block_size,
-                heldout_fraction=HELDOUT_FRACTION, num_proc=2,
-            ))
-            logger.info("demo dataset: %s", json.dumps(result.summary.get("rows", {})))
+        dataset = _ensure_dataset(root / f"pipeline-b-{data_key}", "B", jsonl, student_tokenizer, student_tokenizer,
+                                  seq_len=seq_len, teacher_seq_len=teacher_seq_len, block_size=block_size)
         teacher = root / f"teacher-b-{_key(data=data_key, steps=teacher_steps, config=TEACHER_CONFIG_B)}"
         if not teacher.exists():
             special = resolve_special_ids(load_tokenizer(student_tokenizer))

@@ -131,3 +131,33 @@ def test_eval_batches_are_rank_consistent(
     assert sorted(seen) == list(range(n))
     again = list(eval_batches(ds, micro_batch_size=micro_batch_size, rank=0, world_size=world_size, max_samples=max_samples))
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(again, per_rank[0]))
+
+
+def test_eval_noise_is_per_sample_not_per_rank() -> None:
+    """Held-out noise follows the sample: the same times and masks on 1 rank or 3, any micro-batch size."""
+    from tide_ds.config import build_config
+    from tide_ds.diffusion.schedules import get_schedule
+    from tide_ds.trainer.step import add_eval_noise
+
+    cfg = build_config()
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [[i + 10] * 40 for i in range(7)], "labels": [[i + 10] * 40 for i in range(7)],
+    }).with_format("numpy")
+
+    def noise_by_sample(micro_batch_size: int, world_size: int) -> dict[int, tuple]:
+        out = {}
+        for r in range(world_size):
+            for batch in eval_batches(ds, micro_batch_size=micro_batch_size, rank=r, world_size=world_size, max_samples=None):
+                nb = add_eval_noise(batch, cfg=cfg, schedule=get_schedule("linear"), mask_token_id=3, device=torch.device("cpu"))
+                assert (nb.x_t[~nb.masked] == nb.x_0[~nb.masked]).all() and (nb.x_t[nb.masked] == 3).all()
+                for j, index in enumerate(batch["sample_index"].tolist()):
+                    if index >= 0:
+                        out[index] = (float(nb.t[j]), nb.masked[j].tolist())
+                    else:
+                        assert not nb.maskable[j].any() and not nb.masked[j].any()
+        return out
+
+    one = noise_by_sample(2, 1)
+    assert sorted(one) == list(range(7))
+    assert one == noise_by_sample(3, 3) == noise_by_sample(4, 2)
+    assert len({t for t, _ in one.values()}) == 7  # and the samples differ from one another

@@ -409,6 +409,9 @@ def _compile_for_sm90() -> None:
                    kernel_module._bd3lm_attention_bwd_dkdv_kernel):
         compiled = compile_kernel(kernel.fn, kernel.configs[0], consts)
         assert compiled.metadata.shared <= 228 * 1024, (kernel.fn.__name__, compiled.metadata.shared)
+    # The teachers' mode (--teacher.attn_implementation=tide_bd3lm): key lengths, forward only (no gradient).
+    forward = kernel_module._bd3lm_attention_fwd_kernel
+    compile_kernel(forward.fn, forward.configs[0], {**consts, "HAS_KEY_LENS": True})
     compile_kernel(kernel_module._bd3lm_attention_bwd_preprocess_kernel, triton.Config({"BLOCK_M": 64}),
                    {"HEAD_DIM": 128, "ACC_DTYPE": tl.float32})
 

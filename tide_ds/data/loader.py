@@ -148,7 +148,8 @@ def eval_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's evaluation micro-batches over the first ``max_samples`` samples (all if None).
 
-    Rank ``r`` reads samples ``r, r + world_size, ...`` in order. Every rank yields the same number
+    Rank ``r`` reads samples ``r, r + world_size, ...`` in order; ``batch["sample_index"]`` names each row's
+    sample (-1 for padding rows). Every rank yields the same number
     of full batches, ``ceil(n / (micro_batch_size * world_size))``, because evaluation all-reduces
     once per batch: the missing rows repeat a real sample with every label set to -100, so they
     add nothing to any loss or count.
@@ -165,4 +166,6 @@ def eval_batches(
         rows = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
         batch = collate([dataset[i] for i in rows + [filler] * (micro_batch_size - len(rows))])
         batch["labels"][len(rows) :] = IGNORE_INDEX
+        # Which sample each row is (-1: padding): evaluation seeds its noise per sample, not per rank.
+        batch["sample_index"] = torch.tensor(rows + [-1] * (micro_batch_size - len(rows)), dtype=torch.long)
         yield batch

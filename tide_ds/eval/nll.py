@@ -68,6 +68,6 @@ def heldout_nll(loaded: InferenceModel, *, samples: int | None = None) -> dict[s
     )
     engine = _LocalEngine(module, device)
     with torch.no_grad():
-        result = evaluate(engine, data.eval_batches(), cfg=cfg, rank=0, schedule=get_schedule(cfg.diffusion.schedule),
+        result = evaluate(engine, data.eval_batches(), cfg=cfg, schedule=get_schedule(cfg.diffusion.schedule),
                           mask_token_id=special.mask_id)
     return {**result, "samples": min(cfg.data.eval_samples or data.num_eval, data.num_eval)}

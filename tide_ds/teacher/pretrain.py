@@ -103,30 +103,17 @@ def pretrain_llada2_teacher(
     Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per maskable teacher token). The checkpoint is
     written aside and moved into place when complete.
     """
-    import datasets
-
-    out = Path(out_dir)
-    if out.exists():
-        raise ValueError(f"teacher output directory {out} exists; remove it or choose another")
-    splits = datasets.load_from_disk(str(dataset_dir))
-    train, heldout = splits["train"], splits["heldout"]
     cfg_json = tiny_llada2_moe_config(
         vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
         **(config or {}),
     )
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        init = write_tiny_llada2_moe_checkpoint(Path(tmp) / "init", seed=seed, **{k: v for k, v in cfg_json.items()
-                                                                               if k not in ("architectures", "model_type")})
-        model = load_llada2_moe(init).train().requires_grad_(True)
-    before, after = _train(model, train, heldout, mask_id=mask_token_id, steps=steps, batch_size=batch_size, lr=lr,
-                           seed=seed)
-    staging = out.with_name(f".{out.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_llada2_moe_checkpoint(model, staging, cfg_json)
-    result = {"heldout_nll_before": before, "heldout_nll": after}
-    _publish(staging, out, tokenizer_dir=tokenizer_dir, record={"steps": steps, "lr": lr, "seed": seed, **result})
-    logger.info("teacher held-out NLL %.4f -> %.4f; written to %s", before, after, out)
-    return result
+    return _pretrain(
+        dataset_dir, out_dir, cfg_json=cfg_json,
+        build=lambda path, fields: load_llada2_moe(write_tiny_llada2_moe_checkpoint(path, seed=seed, **fields)),
+        save=lambda model, staging: save_llada2_moe_checkpoint(model, staging, cfg_json),
+        forward=_bidirectional_hidden, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        tokenizer_dir=tokenizer_dir, record={},
+    )
 
 
 def _train(model, train, heldout, *, mask_id: int, steps: int, batch_size: int, lr: float, seed: int,
@@ -189,36 +176,49 @@ def pretrain_wedlm_teacher(
     EOS-padded to whole blocks (spec §11.3). Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per
     maskable teacher token); the checkpoint is written aside and moved into place when complete.
     """
+    cfg_json = wedlm.tiny_wedlm_config(
+        vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        bos_token_id=pad_token_id, **(config or {}),
+    )
+
+    def forward(m, x_t, x_0, att):
+        return wedlm.teacher_forward_hidden(m, x_t, x_0_BL=x_0, block_size=block_size, attention_mask_BL=att,
+                                            concat_order="x0_xt")
+
+    def save(model, staging: Path) -> None:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        if cfg_json.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        write_tiny_checkpoint(staging, cfg_json, state, shard=False)
+
+    return _pretrain(
+        dataset_dir, out_dir, cfg_json=cfg_json,
+        build=lambda path, fields: wedlm.load_wedlm(wedlm.write_tiny_wedlm_checkpoint(path, seed=seed, **fields)),
+        save=save, forward=forward, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+        tokenizer_dir=tokenizer_dir, record={"block_size": block_size},
+    )
+
+
+def _pretrain(dataset_dir, out_dir, *, cfg_json: dict[str, Any], build, save, forward, steps: int, batch_size: int,
+              lr: float, seed: int, tokenizer_dir, record: dict[str, Any]) -> dict[str, float]:
+    """The teachers' shared pretraining: refuse an existing ``out_dir``, build the initial model from
+    ``cfg_json`` (``build(path, fields)``), train it (:func:`_train`), ``save`` it to a staging directory
+    and move that into place with the tokenizer and a record of the run."""
     import datasets
 
     out = Path(out_dir)
     if out.exists():
         raise ValueError(f"teacher output directory {out} exists; remove it or choose another")
     splits = datasets.load_from_disk(str(dataset_dir))
-    train, heldout = splits["train"], splits["heldout"]
-    cfg_json = wedlm.tiny_wedlm_config(
-        vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-        bos_token_id=pad_token_id, **(config or {}),
-    )
+    fields = {k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")}
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        init = wedlm.write_tiny_wedlm_checkpoint(Path(tmp) / "init", seed=seed, **{
-            k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")})
-        model = wedlm.load_wedlm(init).train().requires_grad_(True)
-
-    def forward(m, x_t, x_0, att):
-        return wedlm.teacher_forward_hidden(m, x_t, x_0_BL=x_0, block_size=block_size, attention_mask_BL=att,
-                                            concat_order="x0_xt")
-
-    before, after = _train(model, train, heldout, mask_id=mask_token_id, steps=steps, batch_size=batch_size, lr=lr,
-                           seed=seed, forward=forward)
+        model = build(Path(tmp) / "init", fields).train().requires_grad_(True)
+    before, after = _train(model, splits["train"], splits["heldout"], mask_id=cfg_json["mask_token_id"], steps=steps,
+                           batch_size=batch_size, lr=lr, seed=seed, forward=forward)
     staging = out.with_name(f".{out.name}.staging")
     shutil.rmtree(staging, ignore_errors=True)
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if cfg_json.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
-    write_tiny_checkpoint(staging, cfg_json, state, shard=False)
+    save(model, staging)
     result = {"heldout_nll_before": before, "heldout_nll": after}
-    _publish(staging, out, tokenizer_dir=tokenizer_dir,
-             record={"steps": steps, "lr": lr, "seed": seed, "block_size": block_size, **result})
+    _publish(staging, out, tokenizer_dir=tokenizer_dir, record={"steps": steps, "lr": lr, "seed": seed, **record, **result})
     logger.info("teacher held-out NLL %.4f -> %.4f; written to %s", before, after, out)
     return result

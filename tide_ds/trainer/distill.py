@@ -77,6 +77,46 @@ def chunk_term(spec: ObjectiveSpec) -> LossTerm:
     return term
 
 
+def _noised_micro_batches(batches, *, cfg: RunConfig, step: int, rank: int, schedule, mask_token_id: int, device):
+    """The micro-batches of optimizer step ``step``: ``(batch, micro_step, noised batch)``, noise seeded per
+    ``(seed, micro_step, rank)``."""
+    ga = cfg.train.gradient_accumulation_steps
+    for micro in range(ga):
+        batch = next(batches)
+        micro_step = step * ga + micro
+        gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=micro_step, rank=rank, stream="noise", device=device)
+        yield batch, micro_step, add_noise(batch, cfg=cfg, schedule=schedule, mask_token_id=mask_token_id, generator=gen, device=device)
+
+
+def _demo_split(masked: torch.Tensor, *, cfg: RunConfig, micro_step: int, rank: int, device):
+    """CompDemo's complementary split of ``masked`` (§8), from its own seeded stream."""
+    gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=micro_step, rank=rank, stream="demo", device=device)
+    return complementary_split(masked, demo_ratio=cfg.distill.demo_ratio, generator=gen)
+
+
+def _loss_weights(nb, masked: torch.Tensor, *, cfg: RunConfig, schedule, tidal: TidalSchedule | None, step: int):
+    """Per-token CE weights, and TIDAL's lambda and omega per sequence (``None`` without TIDAL)."""
+    coeff = token_loss_weights(
+        nb.t, masked, nb.maskable,
+        weight_type=cfg.diffusion.loss_weight_type, norm_type=cfg.diffusion.loss_norm_type, schedule=schedule,
+    )
+    if tidal is None:
+        return coeff, None, None
+    progress = min(1.0, step / max(1, cfg.train.max_steps))
+    return coeff, tidal.sample_lambda(nb.t, progress=progress), tidal.sample_weight(nb.t)
+
+
+def _step_and_accumulate(engine, loss, terms: dict, sums: dict, *, cfg: RunConfig, totals: dict) -> None:
+    """Backward and engine step; adds the micro-batch mean of the loss terms and the sum of ``totals``."""
+    engine.backward(loss)
+    engine.step()
+    ga = cfg.train.gradient_accumulation_steps
+    for key, value in {"loss": loss.detach().float(), **{k: v.float() for k, v in terms.items()}}.items():
+        sums[key] = sums.get(key, 0) + value / ga
+    for key, value in totals.items():
+        sums[key] = sums.get(key, 0) + value
+
+
 def distill_step_a(
     engine,
     teacher,
@@ -92,13 +132,10 @@ def distill_step_a(
 ) -> dict[str, torch.Tensor]:
     """Micro-steps of optimizer step ``step`` for pipeline A; device-side sums of every term for logging."""
     device = engine.device
-    ga = cfg.train.gradient_accumulation_steps
     sums: dict[str, torch.Tensor] = {}
-    for micro in range(ga):
-        batch = next(batches)
-        micro_step = step * ga + micro
-        gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=micro_step, rank=rank, stream="noise", device=device)
-        nb = add_noise(batch, cfg=cfg, schedule=schedule, mask_token_id=mask_token_id, generator=gen, device=device)
+    for batch, micro_step, nb in _noised_micro_batches(
+        batches, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=mask_token_id, device=device
+    ):
         s_chunks = batch["student_chunk_ids"].to(device)
         t_chunks = batch["teacher_chunk_ids"].to(device)
         t_ids = batch["teacher_input_ids"].to(device)
@@ -107,30 +144,20 @@ def distill_step_a(
         masks = chunk_consistent_masks(nb.masked, batch["labels"].to(device), s_chunks, t_chunks, num_chunks)
         x_t = torch.where(masks.student_masked, torch.full_like(nb.x_0, mask_token_id), nb.x_0)
         if spec.comp_demo:  # always two passes on every rank
-            demo_gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=micro_step, rank=rank, stream="demo", device=device)
-            a_ch, b_ch = complementary_split(masks.chunk_masked, demo_ratio=cfg.distill.demo_ratio, generator=demo_gen)
+            a_ch, b_ch = _demo_split(masks.chunk_masked, cfg=cfg, micro_step=micro_step, rank=rank, device=device)
             teacher_lp = teacher.comp_demo_target_logprobs(
                 t_ids, gather_chunks(a_ch, t_chunks), gather_chunks(b_ch, t_chunks), attention_mask=t_att
             )
         else:
             teacher_lp = teacher.target_logprobs(t_ids, masks.teacher_masked, attention_mask=t_att)
         teacher_ll = chunk_sums(teacher_lp, t_chunks, num_chunks)
-        coeff = token_loss_weights(
-            nb.t, masks.student_masked, nb.maskable,
-            weight_type=cfg.diffusion.loss_weight_type, norm_type=cfg.diffusion.loss_norm_type, schedule=schedule,
-        )
-        progress = min(1.0, step / max(1, cfg.train.max_steps))
-        lambda_B = tidal.sample_lambda(nb.t, progress=progress) if tidal else nb.t.new_zeros(nb.t.shape)
-        weight_B = tidal.sample_weight(nb.t) if tidal else nb.t.new_ones(nb.t.shape)
+        coeff, lambda_B, weight_B = _loss_weights(nb, masks.student_masked, cfg=cfg, schedule=schedule, tidal=tidal, step=step)
+        lambda_B = nb.t.new_zeros(nb.t.shape) if lambda_B is None else lambda_B
+        weight_B = nb.t.new_ones(nb.t.shape) if weight_B is None else weight_B
         loss, terms = engine(
             x_t, nb.x_0, coeff, masks.student_masked, s_chunks, teacher_ll, masks.chunk_active, lambda_B, weight_B
         )
-        engine.backward(loss)
-        engine.step()
-        stats = {"loss": loss.detach().float(), **{k: v.float() for k, v in terms.items()},
-                 "active_chunks": masks.chunk_active.sum().float()}
-        for key, value in stats.items():
-            sums[key] = sums.get(key, 0) + value / (1 if key == "active_chunks" else ga)
+        _step_and_accumulate(engine, loss, terms, sums, cfg=cfg, totals={"active_chunks": masks.chunk_active.sum().float()})
     return sums
 
 
@@ -229,17 +256,13 @@ def distill_step_b(
     position is a row. CompDemo (§8.1) splits the student mask and maps both halves the same way.
     """
     device = engine.device
-    ga = cfg.train.gradient_accumulation_steps
     sums: dict[str, torch.Tensor] = {}
-    for micro in range(ga):
-        batch = next(batches)
-        micro_step = step * ga + micro
-        gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=micro_step, rank=rank, stream="noise", device=device)
-        nb = add_noise(batch, cfg=cfg, schedule=schedule, mask_token_id=mask_token_id, generator=gen, device=device)
+    for batch, micro_step, nb in _noised_micro_batches(
+        batches, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=mask_token_id, device=device
+    ):
         split = None
         if spec.comp_demo:  # always two passes on every rank
-            demo_gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=micro_step, rank=rank, stream="demo", device=device)
-            split = complementary_split(nb.masked, demo_ratio=cfg.distill.demo_ratio, generator=demo_gen)
+            split = _demo_split(nb.masked, cfg=cfg, micro_step=micro_step, rank=rank, device=device)
         b, length = nb.x_0.shape
         if spec.aligned:
             t_ids = batch["teacher_input_ids"].to(device)
@@ -280,20 +303,8 @@ def distill_step_b(
             else:
                 logits = teacher.comp_demo_row_logits(nb.x_0, split[0], split[1], s_rows, in_a)
             counts = {}
-        coeff = token_loss_weights(
-            nb.t, nb.masked, nb.maskable,
-            weight_type=cfg.diffusion.loss_weight_type, norm_type=cfg.diffusion.loss_norm_type, schedule=schedule,
-        )
-        progress = min(1.0, step / max(1, cfg.train.max_steps))
-        lam = tidal.sample_lambda(nb.t, progress=progress) if tidal else None
-        omega = tidal.sample_weight(nb.t) if tidal else None
+        coeff, lam, omega = _loss_weights(nb, nb.masked, cfg=cfg, schedule=schedule, tidal=tidal, step=step)
         loss, terms = engine(nb.x_t, nb.x_0, coeff, s_rows, selected, logits, lam, omega)
-        engine.backward(loss)
-        engine.step()
-        stats = {"loss": loss.detach().float(), **{k: v.float() for k, v in terms.items()}}
-        for key, value in stats.items():
-            sums[key] = sums.get(key, 0) + value / ga
         counts["distill_rows"] = selected.sum().float()
-        for key, value in counts.items():
-            sums[key] = sums.get(key, 0) + value
+        _step_and_accumulate(engine, loss, terms, sums, cfg=cfg, totals=counts)
     return sums

@@ -124,7 +124,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
 
     def run_eval(at_step: int) -> dict[str, float]:
         result = evaluate(
-            engine, data.eval_batches(), cfg=cfg, rank=rank, schedule=schedule, mask_token_id=special.mask_id
+            engine, data.eval_batches(), cfg=cfg, schedule=schedule, mask_token_id=special.mask_id
         )
         metrics.write(at_step, "eval", result)
         logger.info("eval step %d | heldout nll %.4f | masked ce %.4f", at_step, result["nll"], result["masked_ce"])

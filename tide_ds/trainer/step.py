@@ -44,6 +44,32 @@ def add_noise(
     return NoisedBatch(x_0=x_0, x_t=x_t, masked=masked, maskable=labels != -100, t=t)
 
 
+def add_eval_noise(
+    batch: dict[str, torch.Tensor],
+    *,
+    cfg: RunConfig,
+    schedule: NoiseSchedule,
+    mask_token_id: int,
+    device: torch.device,
+) -> NoisedBatch:
+    """Held-out noise seeded per sample (``batch["sample_index"]``, ``train.eval_seed``): each sample gets
+    the same time and mask whatever the world size, micro-batch size or batch it lands in, so held-out
+    NLLs compare across runs on different numbers of ranks and across a resume onto another world size."""
+    x_0 = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    t_rows, x_t_rows, masked_rows = [], [], []
+    for j, index in enumerate(batch["sample_index"].tolist()):
+        gen = make_generator(cfg.train.eval_seed, step=max(index, 0), rank=0, stream="eval", device=device)
+        t = sample_timesteps(1, time_epsilon=cfg.diffusion.time_epsilon, generator=gen, device=device)
+        x_t, masked = mask_tokens(x_0[j : j + 1], labels[j : j + 1], t, schedule=schedule, mask_token_id=mask_token_id,
+                                  generator=gen)
+        t_rows.append(t)
+        x_t_rows.append(x_t)
+        masked_rows.append(masked)
+    return NoisedBatch(x_0=x_0, x_t=torch.cat(x_t_rows), masked=torch.cat(masked_rows), maskable=labels != -100,
+                       t=torch.cat(t_rows))
+
+
 def noise_generator(cfg: RunConfig, *, seed: int, micro_step: int, rank: int, stream: str, device) -> torch.Generator:
     """Noise for micro-step ``micro_step`` of ``rank``: a fresh generator per (seed, step, rank, stream)."""
     return make_generator(seed, step=micro_step, rank=rank, stream=stream, device=device)
@@ -87,8 +113,9 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(engine, batches, *, cfg: RunConfig, rank: int, schedule: NoiseSchedule, mask_token_id: int) -> dict[str, float]:
-    """Held-out masked-diffusion NLL with a fixed noise seed (comparable across steps).
+def evaluate(engine, batches, *, cfg: RunConfig, schedule: NoiseSchedule, mask_token_id: int) -> dict[str, float]:
+    """Held-out masked-diffusion NLL with a fixed noise seed per sample (comparable across steps, runs and
+    world sizes; :func:`add_eval_noise`).
 
     ``nll`` is the ELBO estimate per maskable token, sum(w(t) m CE) / sum(a), over the whole split and
     all ranks; ``masked_ce`` is the plain CE per masked token. Every rank runs the same number of
@@ -100,9 +127,8 @@ def evaluate(engine, batches, *, cfg: RunConfig, rank: int, schedule: NoiseSched
     was_training = engine.module.training
     engine.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # weighted sum, maskable, ce sum, masked
-    for i, batch in enumerate(batches):
-        gen = noise_generator(cfg, seed=cfg.train.eval_seed, micro_step=i, rank=rank, stream="eval", device=device)
-        nb = add_noise(batch, cfg=cfg, schedule=schedule, mask_token_id=mask_token_id, generator=gen, device=device)
+    for batch in batches:
+        nb = add_eval_noise(batch, cfg=cfg, schedule=schedule, mask_token_id=mask_token_id, device=device)
         weight_B = loss_weight(nb.t, weight_type=cfg.diffusion.loss_weight_type, schedule=schedule)
         coeff = weight_B[:, None] * nb.masked
         loss, nll = engine(nb.x_t, nb.x_0, coeff)
