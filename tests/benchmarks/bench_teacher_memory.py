@@ -56,7 +56,8 @@ def main() -> None:
         ckpt = write_tiny_llada2_moe_checkpoint(Path(tmp) / "wide", seed=0, shard=True, **WIDE)
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
         for placement in ("replicate", "zero3"):
-            subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", __file__, "--worker",
+            # The launcher as a module: also where DeepSpeed was installed with --target (no script on PATH).
+            subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", __file__, "--worker",
                             str(ckpt), placement, tmp], check=True, env=env, cwd=ROOT, capture_output=True)
             for rank in (0, 1):
                 rows.append(json.loads(Path(tmp, f"{placement}-rank{rank}.json").read_text()))

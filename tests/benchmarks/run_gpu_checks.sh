@@ -16,8 +16,14 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$(date +%s)
 dry=${TIDE_BENCH_DRY_RUN:-0}
-py=${PYTHON:-python}
-command -v "$py" >/dev/null || py=python3
+# The interpreter that has torch: $PYTHON, else python, else python3 (a bare GPU image has only python3).
+py=${PYTHON:-}
+if [ -z "$py" ]; then
+    for candidate in python python3; do
+        if command -v "$candidate" >/dev/null && "$candidate" -c "import torch" 2>/dev/null; then py=$candidate; break; fi
+    done
+fi
+[ -n "$py" ] || { echo "no python with torch on PATH; set PYTHON=/path/to/python"; exit 1; }
 if [ "$dry" = "0" ]; then
     export TIDE_BENCH_DIR=${TIDE_BENCH_DIR:-bench_results}
     "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU (TIDE_BENCH_DRY_RUN=1 checks the logic on a CPU)'; print('GPU:', torch.cuda.get_device_name(0), 'x', torch.cuda.device_count(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)" || exit 1

@@ -68,6 +68,12 @@ def _run(out: Path, *extra: str, nproc: int = 2, timeout: int = 600) -> subproce
     return proc
 
 
+def _unlink_shm(args: list[str]) -> None:
+    port = args[args.index("--master_port") + 1]
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        os.unlink(path)
+
+
 def _records(out: Path, kind: str) -> dict[int, dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if r["kind"] == kind}
@@ -142,6 +148,7 @@ def test_killed_run_resumes_with_identical_losses(zero2_run, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        _unlink_shm(proc.args)  # a SIGKILLed rank cannot unlink its DeepSpeed all-reduce buffer itself
     assert (out / "checkpoints" / "latest").read_text() == "step_00000006"
     resumed = _run(out, *args, "--train.resume=auto")
     assert resumed.returncode == 0
@@ -151,3 +158,42 @@ def test_killed_run_resumes_with_identical_losses(zero2_run, tmp_path):
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-6, abs=1e-7), step
         assert got[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-9)
     assert _records(out, "eval")[12]["nll"] == pytest.approx(_records(reference, "eval")[12]["nll"], rel=1e-6)
+
+
+def test_preempted_run_logs_its_partial_window(zero2_run, tmp_path):
+    """A preemption between two train records writes one for the steps since the last (they would be lost:
+    the resumed run starts its window at the checkpoint). Each record is the mean of the uninterrupted run's
+    per-step values over its window."""
+    import psutil
+
+    reference, _ = zero2_run
+    out = tmp_path / "run"
+    args = ["--train.max_steps=12", "--train.save_every=6", "--train.eval_every=6", "--train.log_every=100"]
+    proc = subprocess.Popen(_cmd(out, *args), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not (out / "checkpoints" / "step_00000006").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before step 6"
+            time.sleep(0.05)
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch/run.py" in " ".join(p.cmdline())
+                 and "deepspeed.launcher" not in " ".join(p.cmdline())]
+        assert len(ranks) == 2, [p.cmdline() for p in ranks]
+        for p in ranks:
+            p.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _unlink_shm(proc.args)  # whatever a rank killed by the launcher (or by the finally above) left behind
+    stop = int((out / "checkpoints" / "latest").read_text().removeprefix("step_"))
+    assert 6 <= stop < 12
+    assert sorted(_records(out, "train")) == [stop]
+    resumed = _run(out, *args, "--train.resume=auto")
+    assert resumed.returncode == 0
+    ref, got = _records(reference, "train"), _records(out, "train")
+    assert sorted(got) == [stop, 12]
+    for end, steps in ((stop, range(1, stop + 1)), (12, range(stop + 1, 13))):
+        mean = sum(ref[s]["loss"] for s in steps) / len(steps)
+        assert got[end]["loss"] == pytest.approx(mean, rel=1e-6), (end, list(steps))

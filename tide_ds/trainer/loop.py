@@ -139,6 +139,40 @@ def train(cfg: RunConfig) -> dict[str, float]:
         last_eval = run_eval(0)
     window: dict[str, torch.Tensor] = {}
     window_steps, window_start = 0, time.perf_counter()
+
+    def log_window() -> None:
+        """One train record for the steps since the last one (rank-consistent: every rank calls it)."""
+        nonlocal window, window_steps, window_start
+        # The only host synchronisation of the loop: one all-reduce and one read per interval.
+        names = sorted(window)
+        packed = torch.stack([torch.as_tensor(window[k], device=device).double() for k in names])
+        dist.all_reduce_sum(packed)
+        elapsed = time.perf_counter() - window_start
+        grad_norm = engine.get_global_grad_norm()
+        record = {k: v / (window_steps * world) for k, v in zip(names, packed.tolist())}
+        record.update({
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens_per_step * window_steps / elapsed,
+            "step_time_s": elapsed / window_steps,
+            "peak_mem_gib": peak_memory_gib(device),
+        })
+        if tidal is not None:
+            record["lambda_train"] = tidal.lambda_train(min(1.0, step / cfg.train.max_steps))
+        metrics.write(step, "train", record)
+        terms = "".join(f" | {k} {record[k]:.4f}" for k in spec.loss_terms if k != "ce" and k in record)
+        line = (
+            f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f}{terms} | "
+            f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
+            f"{record['step_time_s']:.2f}s/step | peak {record['peak_mem_gib']:.2f}GiB"
+        )
+        if bar is not None:
+            bar.write(line)
+        else:
+            logger.info(line)
+        window = {}
+        window_steps, window_start = 0, time.perf_counter()
+
     while step < cfg.train.max_steps:
         if teacher is None:
             stats = train_step(
@@ -156,40 +190,14 @@ def train(cfg: RunConfig) -> dict[str, float]:
         if bar is not None:
             bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            # The only host synchronisation of the loop: one all-reduce and one read per interval.
-            names = sorted(window)
-            packed = torch.stack([torch.as_tensor(window[k], device=device).double() for k in names])
-            dist.all_reduce_sum(packed)
-            elapsed = time.perf_counter() - window_start
-            grad_norm = engine.get_global_grad_norm()
-            record = {k: v / (window_steps * world) for k, v in zip(names, packed.tolist())}
-            record.update({
-                "lr": engine.get_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "tokens_per_s": tokens_per_step * window_steps / elapsed,
-                "step_time_s": elapsed / window_steps,
-                "peak_mem_gib": peak_memory_gib(device),
-            })
-            if tidal is not None:
-                record["lambda_train"] = tidal.lambda_train(min(1.0, step / cfg.train.max_steps))
-            metrics.write(step, "train", record)
-            terms = "".join(f" | {k} {record[k]:.4f}" for k in spec.loss_terms if k != "ce" and k in record)
-            line = (
-                f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f}{terms} | "
-                f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
-                f"{record['step_time_s']:.2f}s/step | peak {record['peak_mem_gib']:.2f}GiB"
-            )
-            if bar is not None:
-                bar.write(line)
-            else:
-                logger.info(line)
-            window = {}
-            window_steps, window_start = 0, time.perf_counter()
+            log_window()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
             last_eval = run_eval(step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
             save(step)
         if guard.should_stop():  # some rank got a preemption signal: all checkpoint here and exit for a requeue
+            if window_steps:
+                log_window()  # the steps since the last record, which the resumed run will not log again
             saved = cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps
             guard.stop(step, save=None if saved else save, close=metrics.close)
     if bar is not None:
