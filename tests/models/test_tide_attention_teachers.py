@@ -74,6 +74,7 @@ def test_tide_backend_kernel_sees_the_mask(tiny_dirs, name, monkeypatch, generat
         return real(q, k, v, **kwargs)
 
     monkeypatch.setattr(op, "bd3lm_attention", spy)
+    monkeypatch.setattr(tide_attention, "kernel_implementation", lambda device: "triton")  # the GPU's choice
     model = load_teacher(tiny_dirs[name], attn_implementation="tide_bd3lm")
     ids = torch.randint(0, 1000, (B, L), generator=generator)
     valid = torch.ones(B, L, dtype=torch.long)
@@ -84,7 +85,7 @@ def test_tide_backend_kernel_sees_the_mask(tiny_dirs, name, monkeypatch, generat
     assert len(calls) == layers
     if name == "wedlm":
         assert calls[0] == {"seq_len": L, "block_size": K, "clean_first": True, "scale": calls[0]["scale"],
-                            "implementation": "reference"}
+                            "implementation": "triton"}
     else:
         assert calls[0]["key_lens"] == [L - 3, L]
 

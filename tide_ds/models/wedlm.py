@@ -24,7 +24,8 @@ import torch
 import transformers
 
 from tide_ds.diffusion.block_mask import additive_bd3lm_mask, dense_bd3lm_mask
-from tide_ds.models.tide_attention import TIDE_BD3LM, BD3LMMaskSpec, kernel_implementation
+from tide_ds.models import tide_attention
+from tide_ds.models.tide_attention import TIDE_BD3LM, BD3LMMaskSpec
 from tide_ds.models.layers import (
     LoadPlan,
     identity_convert,
@@ -176,7 +177,7 @@ def teacher_forward_hidden(
     dtype = model.get_input_embeddings().weight.dtype
     if model.config._attn_implementation == TIDE_BD3LM and (attention_mask_BL is None or bool(attention_mask_BL.all())):
         # The kernel computes the BD3LM mask from indices; a padded batch takes the dense mask below (SDPA).
-        mask = BD3LMMaskSpec(seq_len, block_size, clean_first=clean_first, implementation=kernel_implementation(device))
+        mask = BD3LMMaskSpec(seq_len, block_size, clean_first=clean_first, implementation=tide_attention.kernel_implementation(device))
     elif attention_mask_BL is None:  # cached per (L, K, order, dtype, device): built once per run
         mask = additive_bd3lm_mask(seq_len, block_size, clean_first=clean_first, dtype=dtype, device=device)
     else:
