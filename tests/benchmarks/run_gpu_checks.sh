@@ -4,7 +4,7 @@
 # Prints each phase, then one table of every benchmark with the targets. Results, ready to commit,
 # go to $TIDE_BENCH_DIR (default bench_results/): <op>.json (rows + GPU, versions, git sha, date; rewritten
 # after every measurement, so a phase cut by its timeout keeps what it measured) and commit.txt.
-# Each phase has its own timeout (60 + 60 + 80 + 25 + 55 s, under 300 s with start-up); the phases run in order
+# Each phase has its own timeout (75 + 55 + 75 + 25 + 50 s; 255 s on one GPU, where the 25 s phase is skipped); the phases run in order
 # of importance, and inside a benchmark our kernel and the headline shape are measured first.
 # Works on a bare GPU image that has torch, triton and transformers but not tide-ds: the repo is put on
 # PYTHONPATH (kernels/ as tide_kernels), and wheels in .whl/ (tools/gpu/fetch_wheels.sh: DeepSpeed and its
@@ -50,12 +50,12 @@ export PATH="$(dirname "$(command -v "$py")"):$PATH"
 
 if [ "$dry" = "0" ]; then
     phase "correctness on the GPU: compiled Triton kernels against float64 references, losses"
-    timeout 60 "$py" -m pytest -q -x -m "not slow" -p no:cacheprovider tests/kernels tests/losses 2>&1 | tail -n 8
+    timeout 75 "$py" -m pytest -q -x -m "not slow" -p no:cacheprovider tests/kernels tests/losses 2>&1 | tail -n 8
 fi
 phase "benchmark: LM-head losses (student CE + Reverse CALM fwd+bwd, teacher target log-probs)"
-timeout 60 "$py" -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks/test_bench_fused_head.py 2>&1 | tail -n 4
+timeout 55 "$py" -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks/test_bench_fused_head.py 2>&1 | tail -n 4
 phase "benchmark: BD3LM attention, L = 1024 first, then 512, 2048, 4096"
-timeout 80 "$py" -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks/test_bench_bd3lm_attention.py 2>&1 | tail -n 4
+timeout 75 "$py" -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks/test_bench_bd3lm_attention.py 2>&1 | tail -n 4
 if [ "$dry" = "0" ]; then
     gpus=$("$py" -c "import torch; print(torch.cuda.device_count())")
     if ! "$py" -c "import deepspeed" 2>/dev/null; then
@@ -67,7 +67,7 @@ if [ "$dry" = "0" ]; then
         timeout 25 "$py" tests/benchmarks/bench_teacher_memory.py --out "$TIDE_BENCH_DIR/teacher_memory.json" 2>&1 | tail -n 6
     fi
     phase "deployment: student vs LLaDA2.0-mini at real-size shapes (random bf16 weights), 256 new tokens"
-    timeout 55 "$py" tests/benchmarks/bench_deploy.py --scale real --repeats 1 --timeout 50 \
+    timeout 50 "$py" tests/benchmarks/bench_deploy.py --scale real --repeats 1 --timeout 45 \
         --out "$TIDE_BENCH_DIR/deploy_real.json" 2>&1 | tail -n 5
 fi
 
