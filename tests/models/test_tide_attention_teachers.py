@@ -115,3 +115,16 @@ def test_teacher_config_accepts_the_backend() -> None:
     assert TeacherArgs(attn_implementation="tide_bd3lm").attn_implementation == "tide_bd3lm"
     with pytest.raises(ValueError, match="teacher.attn_implementation"):
         TeacherArgs(attn_implementation="flash_attention_2")
+
+
+def test_unsupported_head_dim_is_refused_when_the_model_is_built(tmp_path) -> None:
+    from tide_ds.models.qwen3 import build_student, tiny_student_config
+
+    path = FAMILIES["llada"].write_tiny_checkpoint(tmp_path / "llada", seed=0, d_model=48, n_heads=2)  # head dim 24
+    load_teacher(path)  # sdpa takes any head dim
+    with pytest.raises(ValueError, match=r"teacher.attn_implementation=tide_bd3lm needs a head dim in \[16, 32, 64, 128\].*head_dim=24"):
+        load_teacher(path, attn_implementation="tide_bd3lm")
+    with pytest.raises(ValueError, match=r"model.attn_implementation=tide_bd3lm needs a head dim .*head_dim=24"):
+        config = tiny_student_config()
+        config.head_dim = 24
+        build_student(config, attn_implementation="tide_bd3lm")

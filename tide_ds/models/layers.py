@@ -29,7 +29,7 @@ import transformers
 from transformers.initialization import no_init_weights
 
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint, save_safetensors_checkpoint
-from tide_ds.models.tide_attention import TIDE_BD3LM, key_lengths_mask, register_tide_attention
+from tide_ds.models.tide_attention import TIDE_BD3LM, check_head_dim, key_lengths_mask, register_tide_attention
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -267,6 +267,7 @@ def instantiate(
     """An uninitialised native model (weights are loaded next), tied if ``config.tie_word_embeddings``."""
     check_attn_implementation(attn_implementation)
     if attn_implementation == TIDE_BD3LM:
+        check_head_dim(config, "teacher.attn_implementation")
         register_tide_attention()
     with no_init_weights():
         model = cls._from_config(config, attn_implementation=attn_implementation, dtype=dtype)

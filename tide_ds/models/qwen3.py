@@ -25,7 +25,9 @@ from transformers.initialization import no_init_weights
 from tide_ds.diffusion.block_mask import additive_bd3lm_mask, dense_bd3lm_mask, flex_bd3lm_block_mask
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, save_safetensors_checkpoint
 # The tide_bd3lm backend (tide_attention.py) serves the teachers too; its names stay importable from here.
-from tide_ds.models.tide_attention import TIDE_BD3LM, BD3LMMaskSpec, kernel_implementation, register_tide_attention
+from tide_ds.models.tide_attention import (  # noqa: F401 (BD3LMMaskSpec: importable from here)
+    TIDE_BD3LM, BD3LMMaskSpec, check_head_dim, kernel_implementation, register_tide_attention,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -98,6 +100,7 @@ def _instantiate(
 ) -> transformers.Qwen3ForCausalLM:
     _check_attn(attn_implementation)
     if attn_implementation == TIDE_BD3LM:
+        check_head_dim(config, "model.attn_implementation")
         register_tide_attention()
     config = copy.deepcopy(config)
     config.is_causal = False

@@ -31,6 +31,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 __all__ = [
     "TIDE_BD3LM",
     "BD3LMMaskSpec",
+    "check_head_dim",
     "kernel_implementation",
     "key_lengths",
     "key_lengths_mask",
@@ -124,6 +125,22 @@ def _tide_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         )
     _log_once("attention tide_bd3lm: a dense mask (BD3LM with key padding) runs through SDPA, not the kernels")
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def check_head_dim(config, option: str) -> None:
+    """Raise ``ValueError`` when the model's head dim is not one the Triton kernels are built for.
+
+    Checked when a model is built with this backend, on every machine: the CPU's reference path would take
+    any head dim, and the same config would then fail only on a GPU, at the first forward.
+    """
+    from tide_kernels.bd3lm_attention.op import TRITON_HEAD_DIMS
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim not in TRITON_HEAD_DIMS:
+        raise ValueError(
+            f"{option}=tide_bd3lm needs a head dim in {list(TRITON_HEAD_DIMS)} (the Triton kernels' tile sizes); "
+            f"this model has head_dim={head_dim}: use {option}=sdpa"
+        )
 
 
 def register_tide_attention() -> None:
