@@ -60,15 +60,14 @@ def patient_group(hours: float = 12.0):
     return _PATIENT_GROUP
 
 
-def shm_buffer_path(rank_: int | None = None) -> str:
+def shm_buffer_path() -> str:
     """This rank's DeepSpeed CPU all-reduce buffer: ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``.
 
     DeepSpeed's shm comm op (CPU accelerator) creates it at ``init_distributed`` and never unlinks it (its
     ``shared_close`` is not called), so every CPU run would leave about 66 MiB in ``/dev/shm`` per rank.
     """
-    r = rank() if rank_ is None else rank_
     return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{r}")
+            f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
 
 
 def destroy() -> None:

@@ -9,10 +9,6 @@ the tile-range helpers, which is cheap in the interpreter.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +25,7 @@ from tide_kernels.bd3lm_attention import op as op_module
 from tide_kernels.bd3lm_attention.kernel import _key_len, _key_ranges, _query_ranges
 from tide_kernels.bd3lm_attention.reference import reference_mask
 
+from tests.kernels.compile_check import assert_compiles_without_interpreter
 from tests.tolerances import assert_close
 from tide_ds.diffusion.block_mask import dense_bd3lm_mask
 from tide_ds.models.qwen3 import BD3LMStudent, build_student, tiny_student_config
@@ -419,12 +416,7 @@ def _compile_for_sm90() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run the compiled kernels")
 def test_bd3lm_attention_compiles_for_sm90() -> None:
     """The GPU path at least compiles (types, layouts, shared memory) on a machine without a GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.kernels.test_bd3lm_attention import _compile_for_sm90; _compile_for_sm90()"
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert_compiles_without_interpreter("tests.kernels.test_bd3lm_attention")
 
 
 @pytest.mark.any_device

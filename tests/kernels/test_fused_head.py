@@ -12,10 +12,6 @@ bf16 matmuls).
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +22,7 @@ from tide_kernels.fused_head import (
     target_logprobs_triton,
 )
 
+from tests.kernels.compile_check import assert_compiles_without_interpreter
 from tide_ds.losses.calm import CHUNK_EPS, calm_loss, chunk_sums
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -422,9 +419,4 @@ def _compile_for_sm90() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests run the compiled kernels")
 def test_fused_head_compiles_for_sm90() -> None:
     """The GPU path at least compiles (types, layouts, shared memory) on a machine without a GPU."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.kernels.test_fused_head import _compile_for_sm90; _compile_for_sm90()"
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert_compiles_without_interpreter("tests.kernels.test_fused_head")

@@ -24,8 +24,7 @@ from transformers.initialization import no_init_weights
 
 from tide_ds.diffusion.block_mask import additive_bd3lm_mask, dense_bd3lm_mask, flex_bd3lm_block_mask
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, save_safetensors_checkpoint
-# The tide_bd3lm backend (tide_attention.py) serves the teachers too; its names stay importable from here.
-from tide_ds.models.tide_attention import (  # noqa: F401 (BD3LMMaskSpec: importable from here)
+from tide_ds.models.tide_attention import (
     TIDE_BD3LM, BD3LMMaskSpec, check_head_dim, kernel_implementation, register_tide_attention,
 )
 
@@ -41,7 +40,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Attention backends the BD3LM forward supports (the reference has no FlashAttention-2 path either).
-ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", "tide_bd3lm")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", TIDE_BD3LM)
 #: ``model_type`` values accepted in a student's config.json (``a2d-qwen3`` is dllm's registered name).
 MODEL_TYPES = ("qwen3", "a2d-qwen3")
 _STRUCTURAL_FIELDS = (
