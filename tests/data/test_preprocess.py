@@ -22,7 +22,7 @@ from tide_ds.data.loader import collate
 from tide_ds.data.more_tokenizers import train_sentencepiece_tokenizer
 from tide_ds.data.preprocess import PreprocessConfig, preprocess
 from tide_ds.data.tokenizers import ensure_qwen3_tokenizer, load_tokenizer
-from tide_ds.trainer.distill import CHUNK_COLUMNS
+from tide_ds.trainer.objectives import CHUNK_COLUMNS
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 L, L_T, K = 256, 512, 32

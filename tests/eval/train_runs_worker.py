@@ -36,7 +36,8 @@ def engine_logits(cfg, ckpt: Path) -> torch.Tensor:
     from tide_ds import dist
     from tide_ds.trainer import checkpoint
     from tide_ds.trainer.build import build_student, build_tokenizer
-    from tide_ds.trainer.engine import DiffusionCEModule, initialize_engine
+    from tide_ds.trainer.engine import initialize_engine
+    from tide_ds.trainer.student import DiffusionCEModule
 
     _, special = build_tokenizer(cfg)
     torch.manual_seed(cfg.train.seed)

@@ -41,7 +41,8 @@ def main() -> None:
     # a ZeRO-3 student trains beside the teacher: teacher forward, student step, three times
     from tide_ds.models.qwen3 import BD3LMStudent, build_student, tiny_student_config
     from tide_ds.config import build_config
-    from tide_ds.trainer.engine import DiffusionCEModule, initialize_engine
+    from tide_ds.trainer.engine import initialize_engine
+    from tide_ds.trainer.student import CETargets, DiffusionCEModule
 
     torch.manual_seed(0)
     student = BD3LMStudent(build_student(tiny_student_config()), block_size=8)
@@ -51,7 +52,7 @@ def main() -> None:
     for _ in range(3):
         teacher.target_logprobs(clean, masked, attention_mask=attention)
         x0 = clean % 1000
-        loss, _ = engine(torch.where(masked, 1010, x0), x0, masked.float() / 64)
+        loss, _, _ = engine(targets=CETargets(x_t=torch.where(masked, 1010, x0), x_0=x0, coeff=masked.float() / 64))
         engine.backward(loss)
         engine.step()
         student_losses.append(loss.item())

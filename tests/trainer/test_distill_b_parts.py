@@ -2,7 +2,7 @@
 
 import torch
 
-from tide_ds.trainer.distill import _scatter_pairs, compact_rows
+from tide_ds.trainer.objectives import _scatter_pairs, compact_rows
 
 
 def test_scatter_pairs_is_a_masked_scatter():

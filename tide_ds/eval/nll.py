@@ -11,6 +11,7 @@ the estimate, not by its definition.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
@@ -32,8 +33,8 @@ class _LocalEngine:
     def train(self) -> None:
         self.module.train()
 
-    def __call__(self, *args):
-        return self.module(*args)
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.module(**kwargs)
 
 
 def heldout_nll(loaded: InferenceModel, *, samples: int | None = None) -> dict[str, float]:
@@ -43,7 +44,7 @@ def heldout_nll(loaded: InferenceModel, *, samples: int | None = None) -> dict[s
     from tide_ds.losses.fused_head import resolve_loss_implementation
     from tide_ds.models.qwen3 import BD3LMStudent
     from tide_ds.trainer.build import build_data, build_tokenizer, prepare_demo_run
-    from tide_ds.trainer.engine import DiffusionCEModule
+    from tide_ds.trainer.student import DiffusionCEModule
     from tide_ds.trainer.step import evaluate
 
     cfg = loaded.run_config

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,7 +52,9 @@ class TeacherModule(torch.nn.Module):
         self.vocab_limit = vocab_limit
         self.loss_implementation = loss_implementation  # target log-probs: "reference" (row tiles) or "triton"
 
-    def hidden(self, input_ids, attention_mask, x_0):
+    def hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, x_0: torch.Tensor | None
+    ) -> torch.Tensor:
         if self.family.bidirectional:
             return self.family.forward_hidden(self.model, input_ids, attention_mask_BL=attention_mask)
         return self.family.forward_hidden(
@@ -64,7 +67,10 @@ class TeacherModule(torch.nn.Module):
         )
 
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask, target_ids, target_rows, x_0=None, logit_rows=None):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target_ids: torch.Tensor,
+        target_rows: torch.Tensor | None, x_0: torch.Tensor | None = None, logit_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         hidden_BLD = self.hidden(input_ids, attention_mask, x_0)
         weight = self.family.lm_head_weight(self.model)
         lp = None
@@ -86,7 +92,7 @@ class LoadReport:
 class TeacherEngine:
     """A frozen teacher engine: target log-probs and row logits, single pass or CompDemo."""
 
-    def __init__(self, engine, *, family: TeacherFamily, mask_token_id: int, report: LoadReport) -> None:
+    def __init__(self, engine: Any, *, family: TeacherFamily, mask_token_id: int, report: LoadReport) -> None:
         self.engine = engine
         self.family = family
         self.mask_token_id = mask_token_id
@@ -192,7 +198,10 @@ class TeacherEngine:
             )
         return cls(engine, family=fam, mask_token_id=int(mask_id), report=report)
 
-    def __call__(self, input_ids, *, attention_mask=None, target_rows, x_0=None, logit_rows=None, target_ids=None):
+    def __call__(
+        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, target_rows: torch.Tensor | None,
+        x_0: torch.Tensor | None = None, logit_rows: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         target_ids = x_0 if target_ids is None else target_ids
         return self.engine(input_ids, attention_mask, target_ids, target_rows, x_0, logit_rows)
 
@@ -200,7 +209,8 @@ class TeacherEngine:
         return torch.where(masked_BL, torch.full_like(clean_BL, self.mask_token_id), clean_BL)
 
     def target_logprobs(
-        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, *, attention_mask=None, target_rows=None
+        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+        target_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pass: the teacher sees ``masked`` positions as its mask token; log-probs of the clean ids."""
         rows = masked_BL if target_rows is None else target_rows
@@ -208,7 +218,8 @@ class TeacherEngine:
         return lp
 
     def comp_demo_target_logprobs(
-        self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, *, attention_mask=None
+        self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, *,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """CompDemo (§8): pass 1 masks B (A is the demonstration), pass 2 masks A; rows of A from pass 2.
 
@@ -219,7 +230,8 @@ class TeacherEngine:
         return tf.merge_passes(first, second, mask_a_BL)
 
     def row_logits(
-        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, rows_BN: torch.Tensor, *, attention_mask=None
+        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, rows_BN: torch.Tensor, *,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One pass with ``masked`` positions hidden: float32 logits ``[B, N, V']`` at teacher positions ``rows_BN``.
 
@@ -231,7 +243,7 @@ class TeacherEngine:
 
     def comp_demo_row_logits(
         self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, rows_BN: torch.Tensor,
-        rows_in_a_BN: torch.Tensor, *, attention_mask=None,
+        rows_in_a_BN: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token-level CompDemo (§8.1): pass 1 masks B, pass 2 masks A; rows in A take pass 2's logits.
 

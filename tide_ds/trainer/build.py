@@ -118,7 +118,7 @@ def build_data(cfg: RunConfig, *, tokenizer_dir: Path, special: SpecialIds, rank
     columns = ["input_ids", "labels"]
     spec = cfg.distill.objective()
     if spec.uses_chunks or spec.aligned:
-        from tide_ds.trainer.distill import ALIGN_COLUMNS, CHUNK_COLUMNS
+        from tide_ds.trainer.objectives import ALIGN_COLUMNS, CHUNK_COLUMNS
 
         needed, kind = (CHUNK_COLUMNS, "A") if spec.uses_chunks else (ALIGN_COLUMNS, "B")
         what = "teacher tokens and alignment chunks" if kind == "A" else "teacher tokens and aligned position pairs"

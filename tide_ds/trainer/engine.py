@@ -13,12 +13,12 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from tide_ds.config import REPO_ROOT, RunConfig, resolve_repo_path
-from tide_ds.losses.fused_head import fused_masked_ce
+from tide_ds.trainer.student import DiffusionCEModule
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def lr_lambda(cfg: RunConfig):
+def lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
     total = cfg.train.max_steps
     warmup = int(round(cfg.train.warmup_ratio * total))
@@ -115,39 +115,7 @@ def build_optimizer(cfg: RunConfig, module: torch.nn.Module) -> tuple[torch.opti
     return optimizer, scheduler
 
 
-class DiffusionCEModule(torch.nn.Module):
-    """What the student engine runs: BD3LM forward, then the fused masked-diffusion CE.
-
-    ``forward(x_t [B, L], x_0 [B, L], coeff [B, L] float32) -> (loss, nll_sum)``. The LM head runs
-    only on the x_t half, inside the loss (DESIGN.md decision 3). ``loss_implementation`` is
-    ``model.loss_implementation`` (resolved by ``tide_ds.losses.fused_head.resolve_loss_implementation``).
-    """
-
-    def __init__(self, student: torch.nn.Module, *, chunk_rows: int = 0, loss_implementation: str = "auto") -> None:
-        super().__init__()
-        self.student = student
-        self.chunk_rows = chunk_rows
-        self.loss_implementation = loss_implementation
-
-    def register_for_zero3(self) -> None:
-        """The loss reads the LM head weight outside the head's own forward: let ZeRO-3 gather it."""
-        import deepspeed
-
-        deepspeed.zero.register_external_parameter(self, self.student.lm_head_weight)
-
-    def forward(self, x_t: torch.Tensor, x_0: torch.Tensor, coeff: torch.Tensor):
-        hidden_BLD = self.student(x_t, x_0)
-        return fused_masked_ce(
-            hidden_BLD.flatten(0, 1),
-            self.student.lm_head_weight,
-            x_0.flatten(),
-            coeff.flatten(),
-            chunk_rows=self.chunk_rows,
-            implementation=self.loss_implementation,
-        )
-
-
-def initialize_engine(cfg: RunConfig, module: DiffusionCEModule, *, world_size: int):
+def initialize_engine(cfg: RunConfig, module: DiffusionCEModule, *, world_size: int) -> tuple[Any, dict[str, Any]]:
     """Wrap ``module`` in a DeepSpeed engine with tide-ds's optimizer and schedule."""
     import deepspeed
 

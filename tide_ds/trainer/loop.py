@@ -16,18 +16,10 @@ from tide_ds.diffusion.schedules import get_schedule
 from tide_ds.log import setup_logging
 from tide_ds.trainer import checkpoint, preemption
 from tide_ds.losses.fused_head import resolve_loss_implementation
-from tide_ds.losses.tidal import TidalSchedule
 from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer, prepare_demo_run, report_demo
-from tide_ds.trainer.distill import (
-    ChunkDistillModule,
-    TokenDistillModule,
-    chunk_term,
-    distill_step_a,
-    distill_step_b,
-    divergence_terms,
-)
-from tide_ds.trainer.engine import DiffusionCEModule, initialize_engine
+from tide_ds.trainer.engine import initialize_engine
 from tide_ds.trainer.metrics import MetricsWriter
+from tide_ds.trainer.objectives import build_objective
 from tide_ds.trainer.step import evaluate, train_step
 
 logger = logging.getLogger(__name__)
@@ -79,32 +71,19 @@ def train(cfg: RunConfig) -> dict[str, float]:
     spec = cfg.distill.objective()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student = build_student(cfg, special=special)
-    teacher, tidal = None, None
+    teacher = None
     if spec.terms:
-        teacher = build_teacher(cfg, device=device)
-        if spec.uses_chunks:
-            module = ChunkDistillModule(
-                student, term=chunk_term(spec), weight=cfg.distill.calm_weight,
-                temperature=cfg.distill.calm_temperature, chunk_rows=cfg.model.ce_chunk_rows,
-            )
-            distill_step = distill_step_a
-        else:
+        if not spec.uses_chunks:
             check_shared_vocab(cfg, student)
-            module = TokenDistillModule(
-                student, terms=divergence_terms(spec, cfg), temperature=cfg.distill.kl_temperature,
-                chunk_rows=cfg.model.ce_chunk_rows,
-            )
-            distill_step = distill_step_b
-        if spec.uses_tidal:
-            d = cfg.distill
-            tidal = TidalSchedule(lambda_init=d.tidal_lambda_init, lambda_max=d.tidal_lambda_max, growth=d.tidal_growth,
-                                  axis=d.tidal_axis, timestep_weight=d.tidal_timestep_weight)
+        teacher = build_teacher(cfg, device=device)
         logger.info("objective: mode %s, terms %s, CompDemo %s", spec.mode, spec.loss_terms, spec.comp_demo)
-    else:
-        module = DiffusionCEModule(student, chunk_rows=cfg.model.ce_chunk_rows)
-    module.loss_implementation = loss_implementation
-    engine, _ = initialize_engine(cfg, module, world_size=world)
     schedule = get_schedule(cfg.diffusion.schedule)
+    module, objective = build_objective(
+        cfg, spec, student=student, teacher=teacher, schedule=schedule, mask_token_id=special.mask_id, rank=rank,
+        loss_implementation=loss_implementation,
+    )
+    tidal = objective.tidal
+    engine, _ = initialize_engine(cfg, module, world_size=world)
 
     step = 0
     if decision.resume_from:
@@ -174,15 +153,9 @@ def train(cfg: RunConfig) -> dict[str, float]:
         window_steps, window_start = 0, time.perf_counter()
 
     while step < cfg.train.max_steps:
-        if teacher is None:
-            stats = train_step(
-                engine, data.train, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=special.mask_id
-            )
-        else:
-            stats = distill_step(
-                engine, teacher, data.train, cfg=cfg, spec=spec, step=step, rank=rank, schedule=schedule,
-                mask_token_id=special.mask_id, tidal=tidal,
-            )
+        stats = train_step(
+            engine, data.train, objective, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=special.mask_id
+        )
         step += 1
         window_steps += 1
         for key, value in stats.items():

@@ -1,20 +1,33 @@
-"""One training step, in the order of spec ALGORITHMS.md Appendix A (no teacher yet).
+"""One training step (spec ALGORITHMS.md Appendix A and B): one micro-step loop for every objective.
 
-noise -> student forward (BD3LM on [x_t ; x_0]) -> named loss terms -> backward -> step.
-Everything stays on the device: the returned statistics are tensors, read only at log intervals.
+noise -> the objective's targets (teacher forward under no_grad, :mod:`tide_ds.trainer.objectives`) ->
+student BD3LM forward on [x_t ; x_0] and the named loss terms (:mod:`tide_ds.trainer.student`) ->
+backward -> step. Everything stays on the device: the returned statistics are tensors, read only at log
+intervals. :func:`evaluate` is the held-out NLL, with a fixed noise seed per sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tide_ds import dist
 from tide_ds.config import RunConfig
 from tide_ds.diffusion.generators import make_generator
-from tide_ds.diffusion.masking import loss_weight, mask_tokens, token_loss_weights
+from tide_ds.diffusion.masking import loss_weight, mask_tokens
 from tide_ds.diffusion.schedules import NoiseSchedule
 from tide_ds.diffusion.timesteps import sample_timesteps
+from tide_ds.trainer.student import HeldoutTargets, Terms
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from tide_ds.trainer.objectives import Objective
+
+Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -29,7 +42,7 @@ class NoisedBatch:
 
 
 def add_noise(
-    batch: dict[str, torch.Tensor],
+    batch: Batch,
     *,
     cfg: RunConfig,
     schedule: NoiseSchedule,
@@ -45,7 +58,7 @@ def add_noise(
 
 
 def add_eval_noise(
-    batch: dict[str, torch.Tensor],
+    batch: Batch,
     *,
     cfg: RunConfig,
     schedule: NoiseSchedule,
@@ -70,68 +83,70 @@ def add_eval_noise(
                        t=torch.cat(t_rows))
 
 
-def noise_generator(cfg: RunConfig, *, seed: int, micro_step: int, rank: int, stream: str, device) -> torch.Generator:
-    """Noise for micro-step ``micro_step`` of ``rank``: a fresh generator per (seed, step, rank, stream)."""
-    return make_generator(seed, step=micro_step, rank=rank, stream=stream, device=device)
-
-
 def train_step(
-    engine,
-    batches,
+    engine: DeepSpeedEngine,
+    batches: Iterator[Batch],
+    objective: Objective,
     *,
     cfg: RunConfig,
     step: int,
     rank: int,
     schedule: NoiseSchedule,
     mask_token_id: int,
-) -> dict[str, torch.Tensor]:
-    """Run the micro-steps of optimizer step ``step``; return device-side sums for logging."""
+) -> Terms:
+    """Run the micro-steps of optimizer step ``step``; return device-side statistics for logging.
+
+    Per micro-step: noise (seeded per (seed, micro-step, rank)) -> the objective's targets (the teacher
+    half) -> the student engine (the student half, :mod:`tide_ds.trainer.student`) -> backward -> step.
+    Returns ``loss`` and each loss term averaged over the micro-steps, and the objective's counts summed.
+    """
     device = engine.device
     ga = cfg.train.gradient_accumulation_steps
-    loss_sum = torch.zeros((), device=device)
-    nll_sum = torch.zeros((), device=device)
-    n_masked = torch.zeros((), device=device)
+    stats: Terms = {}
+
+    def add(key: str, value: torch.Tensor) -> None:
+        stats[key] = stats.get(key, 0) + value
+
     for micro in range(ga):
         batch = next(batches)
-        gen = noise_generator(cfg, seed=cfg.train.seed, micro_step=step * ga + micro, rank=rank, stream="noise", device=device)
+        micro_step = step * ga + micro
+        gen = make_generator(cfg.train.seed, step=micro_step, rank=rank, stream="noise", device=device)
         nb = add_noise(batch, cfg=cfg, schedule=schedule, mask_token_id=mask_token_id, generator=gen, device=device)
-        coeff = token_loss_weights(
-            nb.t,
-            nb.masked,
-            nb.maskable,
-            weight_type=cfg.diffusion.loss_weight_type,
-            norm_type=cfg.diffusion.loss_norm_type,
-            schedule=schedule,
-        )
-        loss, nll = engine(nb.x_t, nb.x_0, coeff)
+        targets, counts = objective.targets(batch, nb, step=step, micro_step=micro_step)
+        loss, terms, sums = engine(targets=targets)
         engine.backward(loss)
+        # DeepSpeed's engine.step() belongs inside the micro-step loop: the engine counts micro-steps and
+        # applies the optimizer (and the learning-rate schedule) only at a gradient-accumulation boundary,
+        # every gradient_accumulation_steps calls; the calls between only advance its counter.
         engine.step()
-        loss_sum += loss.detach().float()
-        nll_sum += nll.float()
-        n_masked += nb.masked.sum()
-    return {"loss": loss_sum / ga, "ce": loss_sum / ga, "masked_ce": nll_sum / n_masked.clamp_min(1)}
+        for key, value in {"loss": loss.detach().float(), **terms}.items():
+            add(key, value.detach().float() / ga)
+        for key, value in {**sums, **counts}.items():
+            add(key, value.detach().float())
+    return objective.finish(stats)
 
 
 @torch.no_grad()
-def evaluate(engine, batches, *, cfg: RunConfig, schedule: NoiseSchedule, mask_token_id: int) -> dict[str, float]:
+def evaluate(
+    engine: DeepSpeedEngine | Any, batches: Iterable[Batch], *, cfg: RunConfig, schedule: NoiseSchedule, mask_token_id: int
+) -> dict[str, float]:
     """Held-out masked-diffusion NLL with a fixed noise seed per sample (comparable across steps, runs and
     world sizes; :func:`add_eval_noise`).
 
     ``nll`` is the ELBO estimate per maskable token, sum(w(t) m CE) / sum(a), over the whole split and
     all ranks; ``masked_ce`` is the plain CE per masked token. Every rank runs the same number of
     batches (``eval_batches`` pads with fully ignored rows), so the final all-reduce is rank-consistent.
+    ``engine`` is the student engine, or anything with its ``device``, ``module``, ``eval``, ``train`` and call.
     """
-    from tide_ds import dist
-
     device = engine.device
     was_training = engine.module.training
     engine.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # weighted sum, maskable, ce sum, masked
     for batch in batches:
         nb = add_eval_noise(batch, cfg=cfg, schedule=schedule, mask_token_id=mask_token_id, device=device)
-        weight_B = loss_weight(nb.t, weight_type=cfg.diffusion.loss_weight_type, schedule=schedule)
-        coeff = weight_B[:, None] * nb.masked
-        loss, nll = engine(nb.x_t, nb.x_0, coeff)
+        w_B = loss_weight(nb.t, weight_type=cfg.diffusion.loss_weight_type, schedule=schedule)
+        loss, _, sums = engine(targets=HeldoutTargets(x_t=nb.x_t, x_0=nb.x_0, coeff=w_B[:, None] * nb.masked))
+        nll = sums["nll_sum"]
         totals += torch.stack([loss.double(), nb.maskable.sum().double(), nll.double(), nb.masked.sum().double()])
     dist.all_reduce_sum(totals)
     if was_training:
