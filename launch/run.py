@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """Entry point: ``deepspeed [--num_gpus N] launch/run.py [--recipe FILE] [--section.field=value ...]``.
 
-With no arguments it runs the embedded demo recipe (the defaults of ``tide_ds.config``): a tiny BD3LM
-student with the real Qwen3 tokenizer, trained on the Python standard library's source code.
+With no arguments it runs the embedded demo recipe (the defaults of ``tide_ds.config``): the instruct world
+(``tide_ds.worlds``: an instruction corpus of the Python standard library and a small pretrained teacher,
+built once and cached), then TIDE-Cross into a tiny BD3LM student with the real Qwen3 tokenizer.
+
+The path of one run: ``main`` -> ``tide_ds.worlds.prepare_world`` (paths for an empty ``data.dataset``) ->
+``tide_ds.trainer.loop.train`` (build the run, then step) -> ``tide_ds.trainer.step.train_step`` (one
+optimizer step: the objective's targets, the student's losses, backward, step).
 
   --recipe FILE        YAML recipe (launch/recipes/*.yaml); overrides are applied on top of it
   --print-config       print the resolved config and exit
@@ -58,11 +63,20 @@ def main(argv: list[str]) -> int:
         print(cfg.to_yaml(), end="")
         return 0
 
-    from tide_ds.trainer.loop import shutdown, train
+    from pathlib import Path
+
+    from tide_ds.log import setup_logging
+    from tide_ds.trainer.loop import init_distributed, shutdown, train
     from tide_ds.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from tide_ds.worlds import prepare_world, report_world
 
     try:
-        train(cfg)
+        setup_logging()
+        init_distributed()
+        cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
+        result = train(cfg)
+        if world is not None:
+            report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve())
     except Preempted:  # checkpoint written on every rank; 75 tells the sbatch script to requeue
         return PREEMPTED_EXIT_CODE
     except ValueError as err:  # user errors found while building the run: one clear line per rank 0

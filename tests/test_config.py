@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_demo_and_valid():
     cfg = build_config()
     assert cfg.distill.preset == "tide_cross" and cfg.distill.objective().mode == "reverse_alm"
-    assert cfg.data.dataset == "demo" and cfg.model.tokenizer == "qwen3" and not cfg.teacher.path
+    assert cfg.data.dataset == "" and cfg.world.name == "instruct" and cfg.model.tokenizer == "qwen3" and not cfg.teacher.path
     assert cfg.data.seq_len % cfg.diffusion.block_size == 0
 
 

@@ -22,6 +22,7 @@ import re
 import signal
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ LOSS_WEIGHT_TYPES = ("scheduler", "uniform")
 LOSS_NORM_TYPES = ("token", "sequence", "batch")
 PRESETS = ("none", "calm", "tide_cross", "tide_shared", "kl")
 RESUME_MODES = ("auto", "never")
+WORLDS = ("instruct", "code")
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -111,34 +113,45 @@ class ModelArgs:
 class DataArgs:
     """Training and evaluation data (tokenized offline; training never tokenizes)."""
 
-    #: "demo": the TIDE demo world of distill.pipeline (instruction corpus, preprocessed dataset, a pretrained teacher; all built once into the cache); "stdlib": standard-library source as plain text (CE only); otherwise a dataset saved with datasets' save_to_disk.
-    dataset: str = "demo"
+    #: Dataset directory saved with datasets' save_to_disk; empty: launch/run.py builds the world of world.name first and trains on its dataset.
+    dataset: str = ""
     #: Student sequence length L (one copy; the model sees 2L tokens). Must be a multiple of diffusion.block_size.
     seq_len: int = 128
-    #: Teacher sequence length L_t for the demo's preprocessing (data.dataset=demo).
-    teacher_seq_len: int = 256
     #: Split used for training.
     train_split: str = "train"
     #: Held-out split used for evaluation.
     eval_split: str = "heldout"
-    #: Fraction of source files held out (demo corpus only; the split is by file).
-    heldout_fraction: float = 0.03
     #: Number of held-out samples evaluated each time (0 = all).
     eval_samples: int = 64
-    #: Limit of source files read for the demo corpus (0 = all).
-    max_files: int = 0
-    #: Pretraining steps of the demo world's teacher (data.dataset=demo; built once per value and cached).
-    demo_teacher_steps: int = 150
-    #: Seed of the demo world (corpus split, teacher tokenizer and pretraining); independent of train.seed, so a sweep over the student's seed reuses one teacher.
-    demo_seed: int = 42
 
     def __post_init__(self) -> None:
-        _positive("data.demo_teacher_steps", self.demo_teacher_steps)
         _positive("data.seq_len", self.seq_len)
         _positive("data.eval_samples", self.eval_samples, allow_zero=True)
-        _positive("data.max_files", self.max_files, allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class WorldArgs:
+    """A small self-contained world built offline before training when data.dataset is empty (tide_ds.worlds)."""
+
+    #: instruct: the TIDE demo world of distill.pipeline (instruction corpus of the standard library, preprocessed dataset, a pretrained teacher; all built once into the cache); code: standard-library source as plain text (CE only, no teacher).
+    name: str = "instruct"
+    #: Teacher sequence length L_t for the instruct world's preprocessing.
+    teacher_seq_len: int = 256
+    #: Fraction of source files held out (code world; the split is by file).
+    heldout_fraction: float = 0.03
+    #: Limit of source files read for the world's corpus (0 = all).
+    max_files: int = 0
+    #: Pretraining steps of the instruct world's teacher (built once per value and cached).
+    teacher_steps: int = 150
+    #: Seed of the instruct world (corpus split, teacher tokenizer and pretraining); independent of train.seed, so a sweep over the student's seed reuses one teacher.
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        _choice("world.name", self.name, WORLDS)
+        _positive("world.teacher_steps", self.teacher_steps)
+        _positive("world.max_files", self.max_files, allow_zero=True)
         if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"data.heldout_fraction={self.heldout_fraction!r} must lie in (0, 1)")
+            raise ValueError(f"world.heldout_fraction={self.heldout_fraction!r} must lie in (0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -365,6 +378,7 @@ class RunConfig:
 
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
+    world: WorldArgs = field(default_factory=WorldArgs)
     diffusion: DiffusionArgs = field(default_factory=DiffusionArgs)
     teacher: TeacherArgs = field(default_factory=TeacherArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
@@ -378,10 +392,12 @@ class RunConfig:
             )
 
         spec = self.distill.objective()
-        if spec.terms and not self.teacher.path and self.data.dataset != "demo":
+        world_teacher = not self.data.dataset and self.world.name == "instruct"  # the world pretrains one
+        if spec.terms and not self.teacher.path and not world_teacher:
+            where = "" if self.data.dataset else f" (world.name={self.world.name!r} builds no teacher)"
             raise ValueError(
                 f"distill.preset={self.distill.preset!r} (mode {spec.mode!r}) distils from a teacher, but "
-                "teacher.path is empty; set --teacher.path=<checkpoint dir> or use --distill.preset=none"
+                f"teacher.path is empty{where}; set --teacher.path=<checkpoint dir> or use --distill.preset=none"
             )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -460,10 +476,55 @@ def convert_value(option: str, value: Any, tp: Any, *, source: str) -> Any:
     raise TypeError(f"internal: unsupported field type {tp!r} for {option}")
 
 
+#: Options that moved, old name -> new name (the old names keep working, with a deprecation message).
+RENAMED_OPTIONS = {
+    ("data", "teacher_seq_len"): ("world", "teacher_seq_len"),
+    ("data", "heldout_fraction"): ("world", "heldout_fraction"),
+    ("data", "max_files"): ("world", "max_files"),
+    ("data", "demo_teacher_steps"): ("world", "teacher_steps"),
+    ("data", "demo_seed"): ("world", "seed"),
+}
+#: Old values of data.dataset that named a world, -> world.name.
+WORLD_DATASETS = {"demo": "instruct", "stdlib": "code"}
+
+
+def _deprecated(old: str, new: str, source: str) -> None:
+    warnings.warn(f"{old} ({source}) is deprecated; use {new}", FutureWarning, stacklevel=3)
+
+
+def renamed_option(section: str, key: str, value: Any, *, source: str) -> list[tuple[str, str, Any]]:
+    """``[(section, key, value)]`` under the current names for one setting (old names and values mapped)."""
+    if (section, key) in RENAMED_OPTIONS:
+        new_section, new_key = RENAMED_OPTIONS[(section, key)]
+        _deprecated(f"{section}.{key}", f"{new_section}.{new_key}", source)
+        return [(new_section, new_key, value)]
+    if (section, key) == ("data", "dataset") and isinstance(value, str) and value in WORLD_DATASETS:
+        _deprecated(f"data.dataset={value}", f"an empty data.dataset with world.name={WORLD_DATASETS[value]}", source)
+        return [("data", "dataset", ""), ("world", "name", WORLD_DATASETS[value])]
+    return [(section, key, value)]
+
+
+def _with_current_names(data: dict[str, Any], source: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            out[section] = values
+            continue
+        out.setdefault(section, {})
+        for key, value in values.items():
+            for new_section, new_key, new_value in renamed_option(section, key, value, source=source):
+                target = out.setdefault(new_section, {})
+                if not isinstance(target, dict):
+                    raise ValueError(f"section {new_section!r} in {source} must be a mapping of fields, got {target!r}")
+                target[new_key] = new_value
+    return out
+
+
 def config_from_dict(data: dict[str, Any], *, source: str = "recipe") -> RunConfig:
     """Build and validate a :class:`RunConfig` from ``{section: {field: value}}``."""
     if not isinstance(data, dict):
         raise ValueError(f"{source} must be a mapping of sections to mappings, got {type(data).__name__}")
+    data = _with_current_names(data, source)
     sections = _sections()
     built: dict[str, Any] = {}
     for name, values in data.items():
@@ -532,18 +593,19 @@ def build_config(*, recipe: str | Path | None = None, overrides: list[str] | tup
     if recipe is not None:
         for section, values in load_recipe(recipe).items():
             merged[section] = dict(values or {}) if isinstance(values, dict) else values
+        merged = _with_current_names(merged, f"recipe {recipe}")
         config_from_dict(merged, source=f"recipe {recipe}")
     sections = _sections()
     for arg in overrides:
-        section, key, value = parse_override(arg)
-        if section not in sections:
-            raise _unknown("section", section, list(sections), f"override {arg!r}")
-        types_ = _field_types(sections[section])
-        if key not in types_:
-            raise _unknown("option", f"{section}.{key}", [f"{section}.{k}" for k in types_], f"override {arg!r}")
-        merged.setdefault(section, {})[key] = convert_value(
-            f"{section}.{key}", value, types_[key], source="command line"
-        )
+        for section, key, value in renamed_option(*parse_override(arg), source="command line"):
+            if section not in sections:
+                raise _unknown("section", section, list(sections), f"override {arg!r}")
+            types_ = _field_types(sections[section])
+            if key not in types_:
+                raise _unknown("option", f"{section}.{key}", [f"{section}.{k}" for k in types_], f"override {arg!r}")
+            merged.setdefault(section, {})[key] = convert_value(
+                f"{section}.{key}", value, types_[key], source="command line"
+            )
     return config_from_dict(merged, source="recipe and overrides")
 
 

@@ -1,7 +1,7 @@
 """The BD3LM block-diffusion attention mask as a predicate of indices (spec ALGORITHMS.md §2.3).
 
 This is the one definition of the mask in the code base: the PyTorch reference of the attention op
-builds its dense mask from it, and ``tide_ds.diffusion.block_mask`` builds the SDPA, eager and
+builds its dense mask from it, and ``tide_ds.models.block_mask`` builds the SDPA, eager and
 FlexAttention masks from it (kernels import only torch and triton, so the predicate lives here). The
 Triton kernel evaluates the same three terms on index tiles (``kernel._allowed``); the interpreter tests
 check that kernel against the reference on every layout.

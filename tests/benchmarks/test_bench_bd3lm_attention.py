@@ -29,7 +29,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from tests.benchmarks.harness import BENCH_MARKS, bench_device, peak_mib, time_ms
 from tests.benchmarks.shapes import BD3LM_ATTENTION_SHAPES, AttentionShape
 from tests.tolerances import assert_close
-from tide_ds.diffusion.block_mask import dense_bd3lm_mask, flex_bd3lm_block_mask
+from tide_ds.models.block_mask import dense_bd3lm_mask, flex_bd3lm_block_mask
 
 pytestmark = BENCH_MARKS
 

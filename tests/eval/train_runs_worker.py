@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 TINY = [
-    "--data.dataset=stdlib", "--distill.preset=none",
-    "--data.max_files=60", "--data.seq_len=64", "--diffusion.block_size=16", "--data.eval_samples=8",
+    "--world.name=code", "--distill.preset=none",
+    "--world.max_files=60", "--data.seq_len=64", "--diffusion.block_size=16", "--data.eval_samples=8",
     "--model.hidden_size=32", "--model.intermediate_size=64", "--model.head_dim=16",
     "--train.micro_batch_size=4", "--train.lr=1e-2", "--train.log_every=1",
     "--train.progress_bar=false", "--train.tensorboard=false", "--train.eval_every=0", "--train.max_steps=2",
@@ -34,8 +34,8 @@ def probe_batch(vocab: int, mask_id: int, block_size: int) -> tuple[torch.Tensor
 
 def engine_logits(cfg, ckpt: Path) -> torch.Tensor:
     from tide_ds import dist
+    from tide_ds.builders import build_student, build_tokenizer
     from tide_ds.trainer import checkpoint
-    from tide_ds.trainer.build import build_student, build_tokenizer
     from tide_ds.trainer.engine import initialize_engine
     from tide_ds.trainer.student import DiffusionCEModule
 
@@ -55,11 +55,15 @@ def main(out: Path) -> None:
     from tide_ds import dist
     from tide_ds.config import build_config
     from tide_ds.trainer.checkpoint import latest_checkpoint
-    from tide_ds.trainer.loop import shutdown, train
+    from tide_ds.trainer.loop import init_distributed, shutdown, train
+    from tide_ds.worlds import prepare_world
 
+    init_distributed()
     for stage in (2, 3):
         run = out / f"zero{stage}"
-        cfg = build_config(overrides=[*TINY, f"--train.output_dir={run}", f"--train.ds_config=ds_configs/zero{stage}.json"])
+        cfg, _ = prepare_world(build_config(
+            overrides=[*TINY, f"--train.output_dir={run}", f"--train.ds_config=ds_configs/zero{stage}.json"]
+        ))
         train(cfg)
         if stage == 3:
             logits = engine_logits(cfg, latest_checkpoint(run))

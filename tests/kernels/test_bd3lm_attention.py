@@ -27,7 +27,7 @@ from tide_kernels.bd3lm_attention.reference import reference_mask
 
 from tests.kernels.compile_check import assert_compiles_without_interpreter
 from tests.tolerances import assert_close
-from tide_ds.diffusion.block_mask import dense_bd3lm_mask
+from tide_ds.models.block_mask import dense_bd3lm_mask
 from tide_ds.models.qwen3 import BD3LMStudent, build_student, tiny_student_config
 
 OP = "bd3lm_attention"

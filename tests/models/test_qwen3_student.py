@@ -10,7 +10,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from tide_ds.diffusion.block_mask import dense_bd3lm_mask
+from tide_ds.models.block_mask import dense_bd3lm_mask
 from tide_ds.models.hf_weights import INDEX_NAME, SINGLE_NAME, list_checkpoint_keys
 from tide_ds.models.qwen3 import BD3LMStudent, build_student, load_student, save_student, tiny_student_config
 

@@ -93,20 +93,17 @@ def test_pipeline_b_aligned_mode_needs_pairs(pipeline_b, tmp_path):
     import datasets
 
     from tide_ds.config import build_config
-    from tide_ds.data.tokenizers import ensure_qwen3_tokenizer, load_tokenizer, resolve_special_ids
-    from tide_ds.trainer.build import build_data
+    from tide_ds.builders import build_data
 
     data, teacher = pipeline_b
     plain = tmp_path / "plain"
     ds = datasets.load_from_disk(str(data))
     datasets.DatasetDict({k: v.select_columns(["input_ids", "labels"]) for k, v in ds.items()}).save_to_disk(str(plain))
-    tok = ensure_qwen3_tokenizer()
-    special = resolve_special_ids(load_tokenizer(tok))
     for mode, ok in (("kl_aligned", False), ("kl", True)):
         cfg = build_config(overrides=[f"--data.dataset={plain}", f"--teacher.path={teacher}", f"--data.seq_len={SEQ}",
                                       f"--diffusion.block_size={BLOCK}", f"--distill.mode={mode}"])
         if ok:  # the non-aligned modes need the student columns only
-            assert build_data(cfg, tokenizer_dir=tok, special=special, rank=0, world_size=1).num_train > 0
+            assert build_data(cfg, rank=0, world_size=1).num_train > 0
             continue
         with pytest.raises(ValueError, match=r"needs a pipeline-B dataset .*align_student.*--pipeline B"):
-            build_data(cfg, tokenizer_dir=tok, special=special, rank=0, world_size=1)
+            build_data(cfg, rank=0, world_size=1)

@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "--data.dataset=stdlib",
+    "--world.name=code",
     "--distill.preset=none",
-    "--data.max_files=60",
+    "--world.max_files=60",
     "--data.seq_len=64",
     "--diffusion.block_size=16",
     "--data.eval_samples=16",

@@ -42,10 +42,11 @@ def heldout_nll(loaded: InferenceModel, *, samples: int | None = None) -> dict[s
     ``data.eval_samples``; 0 = all)."""
     from tide_ds.diffusion.schedules import get_schedule
     from tide_ds.losses.fused_head import resolve_loss_implementation
+    from tide_ds.builders import build_data, build_tokenizer
     from tide_ds.models.qwen3 import BD3LMStudent
-    from tide_ds.trainer.build import build_data, build_tokenizer, prepare_demo_run
-    from tide_ds.trainer.student import DiffusionCEModule
     from tide_ds.trainer.step import evaluate
+    from tide_ds.trainer.student import DiffusionCEModule
+    from tide_ds.worlds import prepare_world
 
     cfg = loaded.run_config
     if cfg is None:
@@ -55,12 +56,11 @@ def heldout_nll(loaded: InferenceModel, *, samples: int | None = None) -> dict[s
         )
     if samples is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_samples=samples))
-    tokenizer_dir, special = build_tokenizer(cfg)
+    _, special = build_tokenizer(cfg)
     if special.mask_id != loaded.special.mask_id:
         raise ValueError(f"the run's tokenizer has mask id {special.mask_id}, the model {loaded.special.mask_id}")
-    if cfg.data.dataset == "demo":
-        cfg, _ = prepare_demo_run(cfg, tokenizer_dir)
-    data = build_data(cfg, tokenizer_dir=tokenizer_dir, special=special, rank=0, world_size=1)
+    cfg, _ = prepare_world(cfg)  # a config from before the worlds were resolved at launch names no dataset
+    data = build_data(cfg, rank=0, world_size=1)
     device = loaded.model.device
     student = BD3LMStudent(loaded.model, block_size=cfg.diffusion.block_size)
     module = DiffusionCEModule(

@@ -28,7 +28,7 @@ start-up, the launcher, the gradient all-reduce) for the same samples (measured 
 CPU-seconds without a teacher, 71 vs 48 with one), so one rank per run, two runs at a time, is the cheaper
 way to keep both cores busy.
 
-The runs pin the world (``--data.dataset`` and ``--teacher.path``, built at ``data.demo_seed``) and vary only
+The runs pin the world (``--data.dataset`` and ``--teacher.path``, built at ``world.seed``) and vary only
 the student's seed: initial weights, data order and noise. Seeds thus measure the variance of the student's
 training, not of the teacher's.
 """
@@ -182,15 +182,17 @@ class RunJob:
 
 def ensure_worlds(pipelines: list[str]) -> dict[str, World]:
     """Build (or reuse) each pipeline's demo world exactly as the trainer would for its recipe."""
+    from tide_ds.builders import build_tokenizer
     from tide_ds.config import build_config
-    from tide_ds.trainer.build import build_tokenizer, prepare_demo_run
+    from tide_ds.worlds import prepare_world
 
     worlds = {}
     for pipeline in pipelines:
         cfg = build_config(recipe=ROOT / RECIPES[pipeline], overrides=[f"--distill.pipeline={pipeline}"])
-        tokenizer_dir, special = build_tokenizer(cfg)
+        _, special = build_tokenizer(cfg)
         logger.info("pipeline %s: ensuring the demo world (built once; the pipeline-B teacher takes minutes)", pipeline)
-        resolved, world = prepare_demo_run(cfg, tokenizer_dir)
+        resolved, world = prepare_world(cfg)
+        assert world is not None, f"{RECIPES[pipeline]} names no world"
         worlds[pipeline] = World(pipeline=pipeline, dataset=resolved.data.dataset, teacher=resolved.teacher.path,
                                  teacher_nll=float(world.teacher_heldout_nll), student_vocab=special.vocab_size)
     return worlds

@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers.initialization import no_init_weights
 
-from tide_ds.diffusion.block_mask import additive_bd3lm_mask, dense_bd3lm_mask, flex_bd3lm_block_mask
+from tide_ds.models.block_mask import additive_bd3lm_mask, dense_bd3lm_mask, flex_bd3lm_block_mask
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, save_safetensors_checkpoint
 from tide_ds.models.tide_attention import (
     TIDE_BD3LM, BD3LMMaskSpec, check_head_dim, kernel_implementation, register_tide_attention,

@@ -107,7 +107,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
 def run_config_of(ckpt_dir: Path) -> RunConfig:
     """The parts of a checkpoint's run config that define the student and its data (or beside an export).
 
-    Only ``model``, ``data``, ``diffusion`` and ``train`` are read: the objective and the teacher do not
+    Only ``model``, ``data``, ``world``, ``diffusion`` and ``train`` are read: the objective and the teacher do not
     change the student's architecture, so a checkpoint stays loadable when those options evolve. Fields
     the current code no longer knows are dropped with a warning.
     """
@@ -124,7 +124,7 @@ def run_config_of(ckpt_dir: Path) -> RunConfig:
     raw = yaml.safe_load(path.read_text()) or {}
     sections = _sections()
     kept: dict[str, dict] = {"distill": {"preset": "none"}}
-    for section in ("model", "data", "diffusion", "train"):
+    for section in ("model", "data", "world", "diffusion", "train"):
         known = _field_types(sections[section])
         values = raw.get(section) or {}
         dropped = sorted(set(values) - set(known))
@@ -179,7 +179,7 @@ def consolidate_zero_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_checkpoint_model(ckpt_dir: Path, *, dtype: torch.dtype | None) -> tuple[InferenceModel, torch.dtype]:
     """A DeepSpeed checkpoint's student (in ``dtype``, default the engine's) and the dtype the engine computed in."""
-    from tide_ds.trainer.build import build_student, build_tokenizer
+    from tide_ds.builders import build_student, build_tokenizer
 
     cfg = run_config_of(ckpt_dir)
     cfg_inf = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation="sdpa"))

@@ -1,25 +1,27 @@
-"""The training loop: build everything, then step, log, evaluate and checkpoint on cadence."""
+"""The training loop: :func:`build_run` builds and checks everything, :func:`run_training` steps, logs,
+evaluates and checkpoints on cadence; :func:`train` is both. One step is :func:`tide_ds.trainer.step.train_step`."""
 
 from __future__ import annotations
 
 import logging
 import resource
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from tide_ds import dist
+from tide_ds.builders import RunData, build_data, build_student, build_teacher, build_tokenizer
 from tide_ds.config import RunConfig
-from tide_ds.diffusion.schedules import get_schedule
+from tide_ds.diffusion.schedules import NoiseSchedule, get_schedule
 from tide_ds.log import setup_logging
-from tide_ds.trainer import checkpoint, preemption
 from tide_ds.losses.fused_head import resolve_loss_implementation
-from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer, prepare_demo_run, report_demo
+from tide_ds.trainer import checkpoint, preemption
 from tide_ds.trainer.engine import initialize_engine
-from tide_ds.trainer.metrics import MetricsWriter
-from tide_ds.trainer.objectives import build_objective
+from tide_ds.trainer.metrics import MetricsWindow, MetricsWriter
+from tide_ds.trainer.objectives import Objective, build_objective
 from tide_ds.trainer.step import evaluate, train_step
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ def init_distributed() -> torch.device:
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: the device's allocator on GPUs, the process's peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -53,8 +56,30 @@ def check_shared_vocab(cfg: RunConfig, student: torch.nn.Module) -> None:
         )
 
 
-def train(cfg: RunConfig) -> dict[str, float]:
-    """Train the student as ``cfg`` says; return the last held-out evaluation."""
+@dataclass
+class Run:
+    """Everything a training run needs, built and checked by :func:`build_run` before the first step."""
+
+    cfg: RunConfig
+    engine: Any  # the student's DeepSpeed engine
+    objective: Objective
+    data: RunData
+    schedule: NoiseSchedule
+    mask_token_id: int
+    device: torch.device
+    rank: int
+    world_size: int
+    guard: preemption.PreemptionGuard
+    #: The first optimizer step to run (0, or the resumed checkpoint's step).
+    start_step: int
+
+
+def build_run(cfg: RunConfig) -> Run:
+    """Start the process group, decide on the run directory, and build data, student, teacher and engine.
+
+    ``data.dataset`` must be a dataset directory (a world is prepared before: :func:`tide_ds.worlds.prepare_world`).
+    Every user error raises here, on every rank, before the first step.
+    """
     setup_logging()
     guard = preemption.install(cfg.train.preempt_signals)  # a signal only sets a flag, checked after each step
     device = init_distributed()
@@ -63,11 +88,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
     decision = checkpoint.prepare_run_dir(cfg)
     logger.info("resolved config:\n%s", cfg.to_yaml())
 
-    tokenizer_dir, special = build_tokenizer(cfg)
-    demo = None
-    if cfg.data.dataset == "demo":
-        cfg, demo = prepare_demo_run(cfg, tokenizer_dir)
-    data = build_data(cfg, tokenizer_dir=tokenizer_dir, special=special, rank=rank, world_size=world)
+    _, special = build_tokenizer(cfg)
+    data = build_data(cfg, rank=rank, world_size=world)
     spec = cfg.distill.objective()
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student = build_student(cfg, special=special)
@@ -82,19 +104,25 @@ def train(cfg: RunConfig) -> dict[str, float]:
         cfg, spec, student=student, teacher=teacher, schedule=schedule, mask_token_id=special.mask_id, rank=rank,
         loss_implementation=loss_implementation,
     )
-    tidal = objective.tidal
     engine, _ = initialize_engine(cfg, module, world_size=world)
-
     step = 0
     if decision.resume_from:
         state = checkpoint.load_checkpoint(engine, decision.resume_from)
         step = state["step"]
         data.train.load_state_dict(state["data"])
         logger.info("resumed from %s at step %d", decision.resume_from, step)
+    return Run(cfg=cfg, engine=engine, objective=objective, data=data, schedule=schedule, mask_token_id=special.mask_id,
+               device=device, rank=rank, world_size=world, guard=guard, start_step=step)
 
+
+def run_training(run: Run) -> dict[str, float]:
+    """Step, log, evaluate and checkpoint on cadence until ``train.max_steps``; return the last held-out evaluation."""
+    cfg, engine, data, rank, world = run.cfg, run.engine, run.data, run.rank, run.world_size
+    step = run.start_step
     metrics = MetricsWriter(cfg.train.output_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard, start_step=step)
     # Training tokens: one copy of L per sample (the model itself reads [x_t ; x_0], 2L positions).
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world * cfg.data.seq_len
+    window = MetricsWindow(device=run.device, world_size=world, tokens_per_step=tokens_per_step)
     bar = None
     if rank == 0 and cfg.train.progress_bar:
         from tqdm import tqdm
@@ -102,9 +130,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     def run_eval(at_step: int) -> dict[str, float]:
-        result = evaluate(
-            engine, data.eval_batches(), cfg=cfg, schedule=schedule, mask_token_id=special.mask_id
-        )
+        result = evaluate(engine, data.eval_batches(), cfg=cfg, schedule=run.schedule, mask_token_id=run.mask_token_id)
         metrics.write(at_step, "eval", result)
         logger.info("eval step %d | heldout nll %.4f | masked ce %.4f", at_step, result["nll"], result["masked_ce"])
         return result
@@ -113,33 +139,22 @@ def train(cfg: RunConfig) -> dict[str, float]:
         state = {"step": at_step, "data": data.train.state_dict(), "world_size": world}
         checkpoint.save_checkpoint(engine, cfg, step=at_step, trainer_state=state)
 
-    last_eval: dict[str, float] = {}
-    if step == 0:
-        last_eval = run_eval(0)
-    window: dict[str, torch.Tensor] = {}
-    window_steps, window_start = 0, time.perf_counter()
-
     def log_window() -> None:
         """One train record for the steps since the last one (rank-consistent: every rank calls it)."""
-        nonlocal window, window_steps, window_start
-        # The only host synchronisation of the loop: one all-reduce and one read per interval.
-        names = sorted(window)
-        packed = torch.stack([torch.as_tensor(window[k], device=device).double() for k in names])
-        dist.all_reduce_sum(packed)
-        elapsed = time.perf_counter() - window_start
+        stats = window.record()
         grad_norm = engine.get_global_grad_norm()
-        record = {k: v / (window_steps * world) for k, v in zip(names, packed.tolist())}
+        record = {k: v for k, v in stats.items() if k not in ("tokens_per_s", "step_time_s")}
         record.update({
             "lr": engine.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "tokens_per_s": tokens_per_step * window_steps / elapsed,
-            "step_time_s": elapsed / window_steps,
-            "peak_mem_gib": peak_memory_gib(device),
+            "tokens_per_s": stats["tokens_per_s"],
+            "step_time_s": stats["step_time_s"],
+            "peak_mem_gib": peak_memory_gib(run.device),
         })
-        if tidal is not None:
-            record["lambda_train"] = tidal.lambda_train(min(1.0, step / cfg.train.max_steps))
+        if run.objective.tidal is not None:
+            record["lambda_train"] = run.objective.tidal.lambda_train(min(1.0, step / cfg.train.max_steps))
         metrics.write(step, "train", record)
-        terms = "".join(f" | {k} {record[k]:.4f}" for k in spec.loss_terms if k != "ce" and k in record)
+        terms = "".join(f" | {k} {record[k]:.4f}" for k in cfg.distill.objective().loss_terms if k != "ce" and k in record)
         line = (
             f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f}{terms} | "
             f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "
@@ -149,17 +164,14 @@ def train(cfg: RunConfig) -> dict[str, float]:
             bar.write(line)
         else:
             logger.info(line)
-        window = {}
-        window_steps, window_start = 0, time.perf_counter()
 
+    last_eval: dict[str, float] = {}
+    if step == 0:
+        last_eval = run_eval(0)
     while step < cfg.train.max_steps:
-        stats = train_step(
-            engine, data.train, objective, cfg=cfg, step=step, rank=rank, schedule=schedule, mask_token_id=special.mask_id
-        )
+        window.add(train_step(engine, data.train, run.objective, cfg=cfg, step=step, rank=rank, schedule=run.schedule,
+                              mask_token_id=run.mask_token_id))
         step += 1
-        window_steps += 1
-        for key, value in stats.items():
-            window[key] = window.get(key, 0) + value
         if bar is not None:
             bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
@@ -168,11 +180,11 @@ def train(cfg: RunConfig) -> dict[str, float]:
             last_eval = run_eval(step)
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps:
             save(step)
-        if guard.should_stop():  # some rank got a preemption signal: all checkpoint here and exit for a requeue
-            if window_steps:
+        if run.guard.should_stop():  # some rank got a preemption signal: all checkpoint here and exit for a requeue
+            if window.steps:
                 log_window()  # the steps since the last record, which the resumed run will not log again
             saved = cfg.train.save_every and step % cfg.train.save_every == 0 and step != cfg.train.max_steps
-            guard.stop(step, save=None if saved else save, close=metrics.close)
+            run.guard.stop(step, save=None if saved else save, close=metrics.close)
     if bar is not None:
         bar.close()
     last_eval = run_eval(step)
@@ -180,9 +192,12 @@ def train(cfg: RunConfig) -> dict[str, float]:
     metrics.close()
     out = Path(cfg.train.output_dir).resolve()
     logger.info("done: heldout nll %.4f at step %d; logs and checkpoints in %s", last_eval["nll"], step, out)
-    if demo is not None and rank == 0:
-        report_demo(cfg, demo, last_eval["nll"], out)
     return last_eval
+
+
+def train(cfg: RunConfig) -> dict[str, float]:
+    """Train the student as ``cfg`` says (``data.dataset`` a dataset directory); return the last held-out evaluation."""
+    return run_training(build_run(cfg))
 
 
 def shutdown() -> None:

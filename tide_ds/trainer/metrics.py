@@ -1,4 +1,5 @@
-"""Rank-0 metrics sinks: a JSONL file and TensorBoard scalars, truncated consistently on resume."""
+"""Metrics: the window of training statistics between log lines, and the rank-0 sinks (a JSONL file and
+TensorBoard scalars, truncated consistently on resume)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from tide_ds import dist
 
 logger = logging.getLogger(__name__)
 
@@ -65,3 +70,41 @@ class MetricsWriter:
             self._fh.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+class MetricsWindow:
+    """The training statistics of the steps since the last train record: summed on the device, read once.
+
+    :meth:`add` sums a step's device-side statistics (no host synchronisation); :meth:`record` is the one
+    host synchronisation of the loop per log interval: one all-reduce (a collective: every rank calls it
+    at the same steps) and one read, giving each statistic's mean over the window's steps and all ranks,
+    plus the throughput of the window. It then starts a new window.
+    """
+
+    def __init__(self, *, device: torch.device, world_size: int, tokens_per_step: int) -> None:
+        self.device = device
+        self.world_size = world_size
+        self.tokens_per_step = tokens_per_step
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        self.steps += 1
+        for key, value in stats.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+
+    def record(self) -> dict[str, float]:
+        """``{statistic: mean over steps and ranks, tokens_per_s, step_time_s}``; starts a new window."""
+        names = sorted(self.sums)
+        packed = torch.stack([torch.as_tensor(self.sums[k], device=self.device).double() for k in names])
+        dist.all_reduce_sum(packed)
+        elapsed = time.perf_counter() - self.start
+        record = {k: v / (self.steps * self.world_size) for k, v in zip(names, packed.tolist())}
+        record["tokens_per_s"] = self.tokens_per_step * self.steps / elapsed
+        record["step_time_s"] = elapsed / self.steps
+        self._reset()
+        return record

@@ -1,7 +1,8 @@
-"""The small worlds of the TIDE demo: everything a distillation run needs, built offline and cached.
+"""The instruct world (the TIDE demo): everything a distillation run needs, built offline and cached.
 
-``data.dataset=demo`` makes the trainer call :func:`prepare_demo` for ``distill.pipeline`` (on rank 0, the
-others wait). Both worlds start from the instruction corpus of the Python standard library (prompt =
+With an empty ``data.dataset`` and ``world.name=instruct``, :func:`tide_ds.worlds.prepare_world` (run by
+``launch/run.py`` before training) calls :func:`prepare_instruct_world` for ``distill.pipeline`` (on rank 0,
+the others wait). Both forms start from the instruction corpus of the Python standard library (prompt =
 signature + docstring, response = body), split by file.
 
 Pipeline A (cross tokenizer, the default):
@@ -18,7 +19,8 @@ Pipeline B (shared tokenizer):
 2. a teacher that knows the corpus: a small WeDLM (Qwen3 architecture, the student's tokenizer) trained
    as a BD3LM on the teacher side, written with WeDLM's config and Qwen3 key names.
 
-Each artefact is keyed by its inputs under ``$TIDE_DS_CACHE/demo`` and built once.
+Each artefact is keyed by its inputs under ``$TIDE_DS_CACHE/demo`` (the directory keeps its first name, so
+existing caches stay valid) and built once.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from tide_ds.data.tokenizers import default_tokenizer_cache, file_lock
 logger = logging.getLogger(__name__)
 
 DEMO_FORMAT = 1
+#: The worlds' cache directory under $TIDE_DS_CACHE.
+CACHE_SUBDIR = "demo"
 HELDOUT_FRACTION = 0.02
 #: The demo teacher: wider than MODELS.md's tiny test config so that it learns the corpus in minutes.
 TEACHER_CONFIG = dict(hidden_size=96, intermediate_size=192, moe_intermediate_size=48, num_hidden_layers=3,
@@ -46,7 +50,7 @@ QWEN3_ROWS = 151936
 
 
 @dataclass(frozen=True)
-class DemoWorld:
+class InstructWorld:
     dataset: Path
     teacher: Path
     teacher_tokenizer: Path
@@ -77,16 +81,16 @@ def _text_file(jsonl: Path, out: Path, *, heldout_fraction: float) -> Path:
     return out
 
 
-def prepare_demo(
+def prepare_instruct_world(
     *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int, max_files: int | None,
     teacher_vocab: int = 4000, teacher_steps: int = 150, seed: int = 0, pipeline: str = "A",
-) -> DemoWorld:
-    """Build (or reuse) the demo world of ``pipeline``: corpus, dataset, pretrained teacher (and its tokenizer)."""
+) -> InstructWorld:
+    """Build (or reuse) the instruct world of ``pipeline``: corpus, dataset, pretrained teacher (and its tokenizer)."""
     from tide_ds.data.instruct_corpus import ensure_instruct_jsonl
 
     if pipeline not in ("A", "B"):
         raise ValueError(f"pipeline={pipeline!r} must be A or B")
-    root = default_tokenizer_cache() / "demo"
+    root = default_tokenizer_cache() / CACHE_SUBDIR
     root.mkdir(parents=True, exist_ok=True)
     jsonl = ensure_instruct_jsonl(max_files=max_files)
     build = _prepare_a if pipeline == "A" else _prepare_b
@@ -110,10 +114,10 @@ def _ensure_dataset(dataset: Path, pipeline: str, jsonl: Path, student_tokenizer
 
 
 def _prepare_a(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int,
-               teacher_vocab: int, teacher_steps: int, seed: int) -> DemoWorld:
+               teacher_vocab: int, teacher_steps: int, seed: int) -> InstructWorld:
     from tide_ds.data.more_tokenizers import train_sentencepiece_tokenizer
     from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
-    from tide_ds.teacher.pretrain import pretrain_llada2_teacher
+    from tide_ds.worlds.pretrain import pretrain_llada2_teacher
 
     key = _key(jsonl=jsonl.name, vocab=teacher_vocab, seed=seed)
     with file_lock(root / f".{key}.lock"):
@@ -132,14 +136,14 @@ def _prepare_a(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int
                 config=TEACHER_CONFIG, tokenizer_dir=teacher_tok,
             )
         nll = json.loads((teacher / "tide_ds_pretrain.json").read_text())["heldout_nll"]
-    return DemoWorld(dataset=dataset, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_heldout_nll=nll,
+    return InstructWorld(dataset=dataset, teacher=teacher, teacher_tokenizer=teacher_tok, teacher_heldout_nll=nll,
                      key=data_key, pipeline="A")
 
 
 def _prepare_b(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int, block_size: int, teacher_seq_len: int,
-               teacher_vocab: int, teacher_steps: int, seed: int) -> DemoWorld:
+               teacher_vocab: int, teacher_steps: int, seed: int) -> InstructWorld:
     from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
-    from tide_ds.teacher.pretrain import pretrain_wedlm_teacher
+    from tide_ds.worlds.pretrain import pretrain_wedlm_teacher
 
     data_key = _key(pipeline="B", jsonl=jsonl.name, student=str(student_tokenizer), seq_len=seq_len,
                     teacher_seq_len=teacher_seq_len, block=block_size, seed=seed)
@@ -156,16 +160,16 @@ def _prepare_b(root: Path, jsonl: Path, *, student_tokenizer: Path, seq_len: int
                 tokenizer_dir=student_tokenizer,
             )
         nll = json.loads((teacher / "tide_ds_pretrain.json").read_text())["heldout_nll"]
-    return DemoWorld(dataset=dataset, teacher=teacher, teacher_tokenizer=student_tokenizer, teacher_heldout_nll=nll,
+    return InstructWorld(dataset=dataset, teacher=teacher, teacher_tokenizer=student_tokenizer, teacher_heldout_nll=nll,
                      key=data_key, pipeline="B")
 
 
 def results_file() -> Path:
-    return default_tokenizer_cache() / "demo" / "results.json"
+    return default_tokenizer_cache() / CACHE_SUBDIR / "results.json"
 
 
 def record_result(data_key: str, preset: str, nll: float) -> dict:
-    """Remember the held-out NLL of a demo run per (dataset, preset), so later runs can compare."""
+    """Remember the held-out NLL of a run in this world per (run key, preset), so later runs can compare."""
     path = results_file()
     results = json.loads(path.read_text()) if path.is_file() else {}
     results.setdefault(data_key, {})[preset] = nll

@@ -18,14 +18,14 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3))
-    from tide_ds.trainer.build import _rank0_first
+    from tide_ds.builders import rank0_first
 
     def build():
         if dist.get_rank() == 0:
             time.sleep(6)  # twice the default group's timeout
         return f"built by {dist.get_rank()}"
 
-    result = _rank0_first(build)
+    result = rank0_first(build)
     with open(f"{out}/{rank}", "w") as fh:
         fh.write(result)
     from tide_ds import dist as tide_dist
@@ -33,7 +33,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     tide_dist.destroy()
 
 
-def test_rank0_first_outlasts_the_default_timeout(tmp_path):
+def testrank0_first_outlasts_the_default_timeout(tmp_path):
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     assert (tmp_path / "0").read_text() == "built by 0"
     assert (tmp_path / "1").read_text() == "built by 1"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from tide_ds.builders import QWEN3_EMBEDDING_ROWS, build_student
 from tide_ds.config import build_config
 from tide_ds.data.tokenizers import SpecialIds
 from tide_ds.models.qwen3 import save_student
-from tide_ds.trainer.build import QWEN3_EMBEDDING_ROWS, build_student
 
 SPECIAL = SpecialIds(mask_id=151669, eos_id=151645, pad_id=151643, vocab_size=151670)
 SMALL = ["--model.hidden_size=16", "--model.intermediate_size=32", "--model.head_dim=8", "--model.num_layers=1"]

@@ -1,7 +1,9 @@
-"""Build the run's parts from the config: tokenizer, data, student. All checks run before training.
+"""Build a run's parts from the config: tokenizer, data, student, teacher. All checks run before training.
 
-Anything that is built once and cached (the offline Qwen3 tokenizer, the demo corpus) is built by
-rank 0 while the others wait at a barrier, then read by every rank.
+Shared by the trainer, the worlds (:mod:`tide_ds.worlds`), sampling and evaluation. The data is always a
+dataset directory (``data.dataset``); a world that builds one runs before (:func:`tide_ds.worlds.prepare_world`).
+Anything built once and cached (the offline Qwen3 tokenizer, a world) is built by rank 0 while the others
+wait at a barrier, then read by every rank (:func:`rank0_first`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ logger = logging.getLogger(__name__)
 QWEN3_EMBEDDING_ROWS = 151936
 
 
-def _rank0_first(fn: Callable[[], object]) -> object:
+def rank0_first(fn: Callable[[], object]) -> object:
     """Run ``fn`` on rank 0, then on the others (which then find rank 0's cached result).
 
-    The others wait in a gloo group with a long timeout (``dist.patient_group``): building a demo world
+    The others wait in a gloo group with a long timeout (``dist.patient_group``): building a world
     takes longer than the default group's 10 minutes on a small machine.
     """
     result, error = None, None
@@ -50,7 +52,7 @@ def _rank0_first(fn: Callable[[], object]) -> object:
 
 def build_tokenizer(cfg: RunConfig) -> tuple[Path, SpecialIds]:
     if cfg.model.tokenizer == "qwen3":
-        path = Path(_rank0_first(ensure_qwen3_tokenizer))  # type: ignore[arg-type]
+        path = Path(rank0_first(ensure_qwen3_tokenizer))  # type: ignore[arg-type]
     else:
         path = Path(cfg.model.tokenizer)
         if not path.is_dir():
@@ -84,29 +86,16 @@ def _check_split(ds, *, name: str, option: str, cfg: RunConfig) -> None:
         )
 
 
-def build_data(cfg: RunConfig, *, tokenizer_dir: Path, special: SpecialIds, rank: int, world_size: int) -> RunData:
+def build_data(cfg: RunConfig, *, rank: int, world_size: int) -> RunData:
+    """The train batches of this rank and the held-out batches of ``data.dataset``, checked against the config."""
     import datasets
 
-    if cfg.data.dataset == "stdlib":
-        from tide_ds.data.corpus import ensure_code_corpus
-        from tide_ds.data.tokenizers import default_tokenizer_cache
-
-        path = Path(
-            _rank0_first(  # type: ignore[arg-type]
-                lambda: ensure_code_corpus(
-                    tokenizer_dir,
-                    default_tokenizer_cache(),
-                    seq_len=cfg.data.seq_len,
-                    block_size=cfg.diffusion.block_size,
-                    heldout_fraction=cfg.data.heldout_fraction,
-                    max_files=cfg.data.max_files or None,
-                )
-            )
+    path = Path(cfg.data.dataset)
+    if not cfg.data.dataset or not path.exists():
+        raise ValueError(
+            f"data.dataset={cfg.data.dataset!r} is not an existing dataset directory; give one saved with datasets' "
+            "save_to_disk, or leave it empty and launch through launch/run.py, which builds the world of world.name"
         )
-    else:
-        path = Path(cfg.data.dataset)
-        if not path.exists():
-            raise ValueError(f"data.dataset={cfg.data.dataset!r} is neither 'stdlib' nor an existing dataset directory")
     try:
         splits = datasets.load_from_disk(str(path))
     except Exception as err:
@@ -232,61 +221,3 @@ def build_teacher(cfg: RunConfig, *, device: torch.device):
         loss_implementation=resolve_loss_implementation(cfg.model.loss_implementation, device),
         device=device,
     )
-
-
-def prepare_demo_run(cfg: RunConfig, tokenizer_dir: Path):
-    """Build (rank 0) or reuse the demo world and point the config at its dataset and teacher."""
-    import dataclasses
-
-    from tide_ds.demo import prepare_demo
-
-    world = _rank0_first(
-        lambda: prepare_demo(
-            student_tokenizer=tokenizer_dir, seq_len=cfg.data.seq_len, block_size=cfg.diffusion.block_size,
-            teacher_seq_len=cfg.data.teacher_seq_len, max_files=cfg.data.max_files or None, seed=cfg.data.demo_seed,
-            pipeline=cfg.distill.resolved_pipeline, teacher_steps=cfg.data.demo_teacher_steps,
-        )
-    )
-    data = dataclasses.replace(cfg.data, dataset=str(world.dataset))
-    teacher = dataclasses.replace(cfg.teacher, path=cfg.teacher.path or str(world.teacher))
-    logger.info("demo world: dataset %s, teacher %s (held-out NLL %.3f per teacher token)",
-                world.dataset, world.teacher, world.teacher_heldout_nll)
-    return dataclasses.replace(cfg, data=data, teacher=teacher), world
-
-
-def report_demo(cfg: RunConfig, world, nll: float, out: Path) -> None:
-    """Print the student's held-out NLL beside the teacher's and the no-distillation baseline's (the last
-    preset-none run with the same world, student, schedule, seed and world size, if any)."""
-    import dataclasses
-    import hashlib
-    import json
-
-    from tide_ds.demo import record_result
-
-    from tide_ds import dist
-
-    # Comparable runs only: same world, student, schedule, seed and world size (the preset varies).
-    run = {"world": world.key, "model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion),
-           "train": {k: getattr(cfg.train, k) for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps",
-                                                          "lr", "seed")},
-           "world_size": dist.world_size()}
-    run_key = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    known = record_result(run_key, cfg.distill.preset, nll)
-    cross = world.pipeline == "A"
-    lines = [
-        "",
-        f"TIDE demo, pipeline {world.pipeline} (held-out masked-diffusion NLL per token"
-        + ("; teacher and student tokenize differently, so their numbers are per their own tokens):" if cross else "):"),
-        f"  teacher ({world.teacher.name}, "
-        + ("own SentencePiece tokenizer" if cross else "WeDLM layout, the student's Qwen3 tokenizer") + "):"
-        f" {world.teacher_heldout_nll:.4f}",
-        f"  student, preset {cfg.distill.preset} (mode {cfg.distill.objective().mode}): {nll:.4f}",
-    ]
-    if cfg.distill.preset != "none":
-        base = known.get("none")
-        pipe = "" if cross else " --distill.pipeline=B"
-        lines.append(f"  student, no distillation (preset none): {base:.4f}" if base is not None else
-                     "  student, no distillation: not run yet; run the same command with --distill.preset=none"
-                     f"{pipe} --train.output_dir=runs/demo-none")
-    lines.append(f"  logs, metrics and checkpoints: {out}")
-    logger.info("\n".join(lines))

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tide_ds.diffusion.block_mask import (
+from tide_ds.models.block_mask import (
     additive_bd3lm_mask,
     bd3lm_allowed,
     check_mask_args,

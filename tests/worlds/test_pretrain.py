@@ -13,7 +13,7 @@ def test_pretrained_teacher_learns_and_loads_as_llada2(tmp_path):
     from tide_ds.data.corpus import ensure_code_corpus
     from tide_ds.data.tokenizers import default_tokenizer_cache, ensure_qwen3_tokenizer
     from tide_ds.models.teachers import detect_family, load_teacher
-    from tide_ds.teacher.pretrain import pretrain_llada2_teacher
+    from tide_ds.worlds.pretrain import pretrain_llada2_teacher
 
     tok = ensure_qwen3_tokenizer()
     corpus = ensure_code_corpus(tok, default_tokenizer_cache(), seq_len=64, block_size=16, heldout_fraction=0.03, max_files=60)
@@ -34,7 +34,7 @@ def test_pretrained_wedlm_teacher_learns_and_loads_as_wedlm(tmp_path):
     from tide_ds.data.preprocess import PreprocessConfig, preprocess
     from tide_ds.data.tokenizers import ensure_qwen3_tokenizer
     from tide_ds.models.teachers import detect_family, load_teacher
-    from tide_ds.teacher.pretrain import pretrain_wedlm_teacher
+    from tide_ds.worlds.pretrain import pretrain_wedlm_teacher
 
     tok = ensure_qwen3_tokenizer()
     chats, _ = build_instruct_jsonl(tmp_path / "chats.jsonl", max_files=30, heldout_fraction=0.2)

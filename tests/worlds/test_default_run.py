@@ -20,7 +20,7 @@ from test_train_e2e import ROOT, _env, _free_port  # noqa: E402
 pytestmark = pytest.mark.slow
 
 # The default recipe, only smaller: fewer source files, a shorter teacher pretraining, a few steps.
-REDUCED = ["--data.max_files=40", "--data.demo_teacher_steps=20", "--data.eval_samples=16", "--train.max_steps=6",
+REDUCED = ["--world.max_files=40", "--world.teacher_steps=20", "--data.eval_samples=16", "--train.max_steps=6",
            "--train.eval_every=0", "--train.log_every=1", "--train.progress_bar=false", "--train.tensorboard=false",
            "--train.micro_batch_size=4"]
 
