@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
+from tide_ds.errors import ConfigError
+
 
 def parse_argv(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
     """Split argv into (recipe, overrides, flags); DeepSpeed's ``--local_rank`` is accepted and ignored."""
@@ -35,13 +37,18 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
             elif i + 1 < len(argv):
                 recipe, i = argv[i + 1], i + 1
             else:
-                raise ValueError("--recipe needs a file, e.g. --recipe launch/recipes/demo.yaml")
+                raise ConfigError("--recipe needs a file, e.g. --recipe launch/recipes/demo.yaml")
         elif arg in ("--print-config", "--help-options", "-h", "--help"):
             flags.add(arg)
         else:
             overrides.append(arg)
         i += 1
     return recipe, overrides, flags
+
+
+def _rank() -> str:
+    """This process's rank as the launcher set it (before any process group exists)."""
+    return os.environ.get("RANK", "0")
 
 
 def main(argv: list[str]) -> int:
@@ -56,8 +63,8 @@ def main(argv: list[str]) -> int:
             print(option_table())
             return 0
         cfg = build_config(recipe=recipe, overrides=overrides)
-    except ValueError as err:
-        print(f"tide-ds: configuration error: {err}", file=sys.stderr)
+    except ConfigError as err:  # every rank parses the same argv: each says it, in one line
+        print(f"tide-ds: configuration error (rank {_rank()}): {err}", file=sys.stderr)
         return 2
     if "--print-config" in flags:
         print(cfg.to_yaml(), end="")
@@ -79,10 +86,10 @@ def main(argv: list[str]) -> int:
             report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve())
     except Preempted:  # checkpoint written on every rank; 75 tells the sbatch script to requeue
         return PREEMPTED_EXIT_CODE
-    except ValueError as err:  # user errors found while building the run: one clear line per rank 0
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"tide-ds: error: {err}", file=sys.stderr)
+    except ConfigError as err:  # a user error found while building the run: one clear line on every rank
+        print(f"tide-ds: error (rank {_rank()}): {err}", file=sys.stderr)
         return 2
+    # Any other exception is a bug: it propagates with its traceback (and a non-zero exit) on its rank.
     finally:
         shutdown()
     return 0

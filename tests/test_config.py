@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_are_the_demo_and_valid():
     cfg = build_config()
-    assert cfg.distill.preset == "tide_cross" and cfg.distill.objective().mode == "reverse_alm"
+    assert cfg.distill.preset == "tide_cross" and cfg.distill.objective.mode == "reverse_alm"
     assert cfg.data.dataset == "" and cfg.world.name == "instruct" and cfg.model.tokenizer == "qwen3" and not cfg.teacher.path
     assert cfg.data.seq_len % cfg.diffusion.block_size == 0
 
@@ -153,7 +154,7 @@ def test_readme_option_table_is_current():
         (["--distill.preset=calm", "--distill.pipeline=B", "--teacher.path=/t"], r"defined for pipeline A only"),
         (["--distill.preset=kl", "--distill.shared_vocab_size=0", "--teacher.path=/t"], r"distill.shared_vocab_size"),
         (["--teacher.concat_order=x0x1"], r"teacher.concat_order='x0x1' is not one of"),
-        (["--distill.preset=calm", "--distill.comp_demo=yes", "--teacher.path=/t"], r"distill.comp_demo='yes' is not one of"),
+        (["--distill.preset=calm", "--distill.comp_demo=maybe", "--teacher.path=/t"], r"distill.comp_demo='maybe' .*is not a bool"),
         (["--distill.mode=reverse_almm", "--teacher.path=/t"], r"reverse_alm"),
         (["--teacher.placement=zero"], r"teacher.placement='zero' is not one of .*did you mean 'zero3'"),
         (["--distill.demo_ratio=1.5"], r"distill.demo_ratio=1.5 must lie in \(0, 1\)"),
@@ -166,7 +167,7 @@ def test_distill_config_errors(overrides, message):
 
 def test_presets_resolve_to_typed_objectives():
     def spec(*args):
-        return build_config(overrides=["--teacher.path=/t", *args]).distill.objective()
+        return build_config(overrides=["--teacher.path=/t", *args]).distill.objective
 
     assert spec("--distill.preset=tide_cross", "--distill.pipeline=A").mode == "reverse_alm"
     assert spec("--distill.preset=calm").loss_terms == ("ce", "calm")
@@ -195,3 +196,53 @@ def test_relative_recipe_and_ds_config_work_from_any_directory(tmp_path, monkeyp
         load_ds_json("nope.json")
     with pytest.raises(ValueError, match=r"--recipe='nope.yaml' does not exist \(looked in"):
         load_recipe("nope.yaml")
+
+
+def test_comp_demo_is_an_optional_bool():
+    def comp(*args):
+        return build_config(overrides=["--teacher.path=/t", "--distill.preset=tide_shared", *args]).distill
+
+    for empty in ("", "none", "null"):
+        assert comp(f"--distill.comp_demo={empty}").comp_demo is None
+    assert comp().objective.comp_demo is True  # None follows the preset: on for tide_shared
+    assert comp("--distill.comp_demo=false").comp_demo is False and not comp("--distill.comp_demo=false").objective.comp_demo
+    assert config_from_dict({"distill": {"comp_demo": True, "preset": "calm"}, "teacher": {"path": "/t"}}).distill.objective.comp_demo
+
+
+def test_choices_are_the_field_types_and_validated_on_construction():
+    from typing import get_args
+
+    from tide_ds.config import ModelArgs, choices
+    from tide_ds.errors import ConfigError
+
+    hints = typing.get_type_hints(ModelArgs)
+    assert choices(hints["attn_implementation"]) == get_args(hints["attn_implementation"]) == (
+        "sdpa", "flex_attention", "eager", "tide_bd3lm")
+    with pytest.raises(ConfigError, match=r"model.loss_implementation='tritn' is not one of .*did you mean 'triton'"):
+        ModelArgs(loss_implementation="tritn")
+    with pytest.raises(ConfigError, match=r"train.resume='always' is not one of \['auto', 'never'\]"):
+        build_config(overrides=["--train.resume=always"])
+
+
+def test_user_errors_are_config_errors_and_value_errors():
+    from tide_ds.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        build_config(overrides=["--train.max_steps=0"])
+    assert isinstance(info.value, ValueError)
+
+
+def test_objective_is_parsed_once_per_config():
+    cfg = build_config(overrides=["--teacher.path=/t"])
+    assert cfg.distill.objective is cfg.distill.objective
+    assert "objective" not in cfg.to_dict()["distill"]
+
+
+def test_help_text_is_field_metadata():
+    import dataclasses
+
+    from tide_ds.config import TrainArgs
+
+    meta = {f.name: f.metadata.get("help") for f in dataclasses.fields(TrainArgs)}
+    assert all(meta.values()), [k for k, v in meta.items() if not v]
+    assert f"| `train.max_steps` | `100` | {meta['max_steps']} |" in option_table()

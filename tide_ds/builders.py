@@ -19,6 +19,7 @@ from tide_ds import dist
 from tide_ds.config import RunConfig
 from tide_ds.data.loader import TrainBatches, eval_batches
 from tide_ds.data.tokenizers import SpecialIds, ensure_qwen3_tokenizer, load_tokenizer, resolve_special_ids
+from tide_ds.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,15 @@ def rank0_first(fn: Callable[[], object]) -> object:
         try:
             result = fn()
         except Exception as err:  # re-raised below, after every rank knows
-            error = f"{type(err).__name__}: {err}"
+            error = (isinstance(err, ConfigError), f"{type(err).__name__}: {err}")
             first = err
     error = dist.broadcast_object(error, group=group)
     if error is not None:
         if dist.rank() == 0:
             raise first
-        raise RuntimeError(f"rank 0 failed while building shared inputs: {error}")
+        user_error, text = error
+        # A user error is reported on every rank as one line; a bug keeps its traceback on rank 0.
+        raise (ConfigError if user_error else RuntimeError)(f"rank 0 failed while building shared inputs: {text}")
     if dist.rank() != 0:
         result = fn()
     return result
@@ -56,7 +59,7 @@ def build_tokenizer(cfg: RunConfig) -> tuple[Path, SpecialIds]:
     else:
         path = Path(cfg.model.tokenizer)
         if not path.is_dir():
-            raise ValueError(
+            raise ConfigError(
                 f"model.tokenizer={cfg.model.tokenizer!r} is neither 'qwen3' nor an existing tokenizer directory"
             )
     special = resolve_special_ids(load_tokenizer(path))
@@ -75,12 +78,12 @@ class RunData:
 def _check_split(ds, *, name: str, option: str, cfg: RunConfig) -> None:
     for column in ("input_ids", "labels"):
         if column not in ds.column_names:
-            raise ValueError(f"{option}: split {name!r} has no column {column!r} (columns: {ds.column_names})")
+            raise ConfigError(f"{option}: split {name!r} has no column {column!r} (columns: {ds.column_names})")
     if len(ds) == 0:
-        raise ValueError(f"{option}: split {name!r} is empty")
+        raise ConfigError(f"{option}: split {name!r} is empty")
     length = len(ds[0]["input_ids"])
     if length != cfg.data.seq_len:
-        raise ValueError(
+        raise ConfigError(
             f"data.seq_len={cfg.data.seq_len} but split {name!r} of data.dataset holds sequences of length "
             f"{length}; set --data.seq_len={length} or rebuild the dataset with seq_len {cfg.data.seq_len}"
         )
@@ -92,20 +95,20 @@ def build_data(cfg: RunConfig, *, rank: int, world_size: int) -> RunData:
 
     path = Path(cfg.data.dataset)
     if not cfg.data.dataset or not path.exists():
-        raise ValueError(
+        raise ConfigError(
             f"data.dataset={cfg.data.dataset!r} is not an existing dataset directory; give one saved with datasets' "
             "save_to_disk, or leave it empty and launch through launch/run.py, which builds the world of world.name"
         )
     try:
         splits = datasets.load_from_disk(str(path))
     except Exception as err:
-        raise ValueError(f"data.dataset={str(path)!r} could not be loaded with datasets.load_from_disk: {err}") from None
+        raise ConfigError(f"data.dataset={str(path)!r} could not be loaded with datasets.load_from_disk: {err}") from None
     for option, name in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
         if name not in splits:
-            raise ValueError(f"{option}={name!r} is not a split of {path}; splits: {list(splits)}")
+            raise ConfigError(f"{option}={name!r} is not a split of {path}; splits: {list(splits)}")
         _check_split(splits[name], name=name, option=option, cfg=cfg)
     columns = ["input_ids", "labels"]
-    spec = cfg.distill.objective()
+    spec = cfg.distill.objective
     if spec.uses_chunks or spec.aligned:
         from tide_ds.trainer.objectives import ALIGN_COLUMNS, CHUNK_COLUMNS
 
@@ -114,7 +117,7 @@ def build_data(cfg: RunConfig, *, rank: int, world_size: int) -> RunData:
         for name in (cfg.data.train_split, cfg.data.eval_split):
             missing = [c for c in needed if c not in splits[name].column_names]
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"distill mode {spec.mode!r} needs a pipeline-{kind} dataset ({what}), but split {name!r} of "
                     f"data.dataset={str(path)!r} lacks the columns {missing}; build one with "
                     f"`python -m tide_ds.data.preprocess --pipeline {kind} ...`"
@@ -152,23 +155,23 @@ def build_student(cfg: RunConfig, *, special: SpecialIds) -> torch.nn.Module:
 
     m = cfg.model
     if m.attn_implementation == "flex_attention" and not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             "model.attn_implementation='flex_attention' cannot train on the CPU (PyTorch's FlexAttention has no "
             "CPU backward); use --model.attn_implementation=sdpa here, flex_attention on GPUs"
         )
     if m.path:
         if not Path(m.path).is_dir():
-            raise ValueError(f"model.path={m.path!r} is not a directory; give a local Hugging Face checkpoint directory")
+            raise ConfigError(f"model.path={m.path!r} is not a directory; give a local Hugging Face checkpoint directory")
         hf = load_student(m.path, attn_implementation=m.attn_implementation)
         rows = hf.config.vocab_size
         if special.vocab_size > rows:
-            raise ValueError(
+            raise ConfigError(
                 f"the tokenizer (model.tokenizer={m.tokenizer!r}) has {special.vocab_size} entries but the student at "
                 f"model.path={m.path!r} has only {rows} embedding rows; use the tokenizer the student was trained with"
             )
         ckpt_mask = getattr(hf.config, "mask_token_id", None)
         if ckpt_mask is not None and ckpt_mask != special.mask_id:
-            raise ValueError(
+            raise ConfigError(
                 f"the student's config.json says mask_token_id={ckpt_mask} but the tokenizer's mask token has id "
                 f"{special.mask_id}; use the matching tokenizer (model.tokenizer)"
             )
@@ -198,16 +201,17 @@ def build_student(cfg: RunConfig, *, special: SpecialIds) -> torch.nn.Module:
 def build_teacher(cfg: RunConfig, *, device: torch.device):
     """The frozen teacher engine of ``teacher.*`` (placement decided and logged there)."""
     from tide_ds.losses.fused_head import resolve_loss_implementation
+    from tide_ds.losses.objective import Pipeline
     from tide_ds.teacher.engine import TeacherEngine
 
     t = cfg.teacher
     if not Path(t.path).is_dir():
-        raise ValueError(f"teacher.path={t.path!r} is not a directory; give a local teacher checkpoint directory")
+        raise ConfigError(f"teacher.path={t.path!r} is not a directory; give a local teacher checkpoint directory")
     if t.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, t.dtype)
-    pipeline_b = cfg.distill.objective().pipeline is not None and cfg.distill.objective().pipeline.value == "B"
+    pipeline_b = cfg.distill.objective.pipeline is Pipeline.B
     return TeacherEngine.build(
         t.path,
         family=t.family or None,

@@ -8,16 +8,17 @@ A run is configured in three layers, later ones winning:
 
 Every mistake is reported before any work starts, naming the option, the value seen and the fix:
 unknown sections or fields suggest the closest valid name, values are converted to the field's
-declared type (a failed conversion names the expected type), and cross-field rules live in each
-dataclass's ``__post_init__``. The field docstrings (``#:`` comments) are the option reference; the
-README's option table is generated from them by :func:`option_table`.
+declared type (a failed conversion names the expected type; a ``Literal`` type is the option's one list
+of choices), and cross-field rules live in each dataclass's ``__post_init__``. Every mistake raises
+:class:`~tide_ds.errors.ConfigError`. Each field's help text (its ``option(default, help)`` metadata) is
+the option reference; the README's option table is generated from it by :func:`option_table`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
+import functools
 import re
 import signal
 import types
@@ -25,25 +26,68 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", "tide_bd3lm")
-LOSS_IMPLEMENTATIONS = ("auto", "reference", "triton")  # tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS
-SCHEDULES = ("linear", "cosine")
-LOSS_WEIGHT_TYPES = ("scheduler", "uniform")
-LOSS_NORM_TYPES = ("token", "sequence", "batch")
-PRESETS = ("none", "calm", "tide_cross", "tide_shared", "kl")
-RESUME_MODES = ("auto", "never")
-WORLDS = ("instruct", "code")
+from tide_ds.errors import ConfigError
+
+from tide_ds.losses.objective import Preset
+
+if TYPE_CHECKING:
+    from tide_ds.losses.objective import ObjectiveSpec
+
+# The choices of each option, once: the field's type. ``choices(T)`` lists them.
+AttnImplementation = Literal["sdpa", "flex_attention", "eager", "tide_bd3lm"]
+LossImplementation = Literal["auto", "reference", "triton"]  # tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS
+Schedule = Literal["linear", "cosine"]
+LossWeightType = Literal["scheduler", "uniform"]
+LossNormType = Literal["token", "sequence", "batch"]
+World = Literal["instruct", "code"]
+TeacherFamilyName = Literal["", "llada2_moe", "wedlm", "llada", "dream"]
+TeacherPlacement = Literal["replicate", "zero3", "zero3_offload", "auto"]
+TeacherDtype = Literal["auto", "bfloat16", "float32"]
+TeacherAttnImplementation = Literal["sdpa", "eager", "tide_bd3lm"]
+ConcatOrder = Literal["x0_xt", "xt_x0"]
+PipelineChoice = Literal["auto", "A", "B"]
+TidalGrowth = Literal["cosine", "linear"]
+TidalAxis = Literal["both", "training_only", "timestep_only"]
+TidalTimestepWeight = Literal["uniform", "midrange"]
+ResumeMode = Literal["auto", "never"]
 
 
-def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.4)
+def choices(tp: Any) -> tuple[str, ...]:
+    """The values of a ``Literal`` option type."""
+    return typing.get_args(tp)
+
+
+ATTN_IMPLEMENTATIONS = choices(AttnImplementation)
+LOSS_IMPLEMENTATIONS = choices(LossImplementation)
+SCHEDULES = choices(Schedule)
+LOSS_WEIGHT_TYPES = choices(LossWeightType)
+LOSS_NORM_TYPES = choices(LossNormType)
+PRESETS = choices(Preset)
+RESUME_MODES = choices(ResumeMode)
+WORLDS = choices(World)
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - the field's help text
+    """A config field with its default and its help text (the option reference and README table)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _check_choices(section: object, name: str) -> None:
+    """Every ``Literal``-typed field of ``section`` (named ``name``) holds one of its choices."""
+    for f, tp in _field_types(type(section)).items():
+        if typing.get_origin(tp) is Literal:
+            _choice(f"{name}.{f}", getattr(section, f), choices(tp))
+
+
+def _choice(option: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        close = difflib.get_close_matches(str(value), valid, n=1, cutoff=0.4)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{option}={value!r} is not one of {list(choices)}{hint}")
+        raise ConfigError(f"{option}={value!r} is not one of {list(valid)}{hint}")
 
 
 def parse_signals(option: str, spec: str) -> list[signal.Signals]:
@@ -55,9 +99,9 @@ def parse_signals(option: str, spec: str) -> list[signal.Signals]:
             continue
         full = name if name.startswith("SIG") else f"SIG{name}"
         if full in ("SIGKILL", "SIGSTOP"):
-            raise ValueError(f"{option}: {raw.strip()!r} cannot be caught; use USR1, USR2, TERM or INT")
+            raise ConfigError(f"{option}: {raw.strip()!r} cannot be caught; use USR1, USR2, TERM or INT")
         if full not in signal.Signals.__members__:
-            raise ValueError(f"{option}: {raw.strip()!r} is not a signal name; use a comma-separated list such as USR1,TERM")
+            raise ConfigError(f"{option}: {raw.strip()!r} is not a signal name; use a comma-separated list such as USR1,TERM")
         if signal.Signals[full] not in out:
             out.append(signal.Signals[full])
     return out
@@ -66,44 +110,60 @@ def parse_signals(option: str, spec: str) -> list[signal.Signals]:
 def _positive(option: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         need = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{option}={value!r} must be {need}")
+        raise ConfigError(f"{option}={value!r} must be {need}")
 
 
 @dataclass(kw_only=True)
 class ModelArgs:
     """The student model (a Qwen3 BD3LM; spec MODELS.md §7)."""
 
-    #: Local Hugging Face checkpoint directory of the student; empty builds a fresh random student from the size fields below.
-    path: str = ""
-    #: Tokenizer: "qwen3" builds the real Qwen3 tokenizer offline into the cache; otherwise a local tokenizer directory.
-    tokenizer: str = "qwen3"
-    #: Attention backend of the student: sdpa (dense boolean mask), flex_attention (cached BlockMask), eager, or tide_bd3lm (our Triton kernel on GPUs, its PyTorch reference elsewhere).
-    attn_implementation: str = "sdpa"
-    #: Hidden size of a fresh student (ignored with model.path).
-    hidden_size: int = 64
-    #: MLP width of a fresh student (ignored with model.path).
-    intermediate_size: int = 192
-    #: Number of transformer layers of a fresh student (ignored with model.path).
-    num_layers: int = 2
-    #: Query heads of a fresh student (ignored with model.path).
-    num_heads: int = 4
-    #: Key/value heads of a fresh student (grouped-query attention; ignored with model.path).
-    num_kv_heads: int = 2
-    #: Head dimension of a fresh student (may differ from hidden_size / num_heads, as in Qwen3; ignored with model.path).
-    head_dim: int = 32
-    #: Rows of the LM head per chunk in the plain-PyTorch fused CE (bounds the [rows, V] logits tile); 0 = automatic.
-    ce_chunk_rows: int = 0
-    #: Fused LM-head losses (student CE and CALM family, teacher target log-probs): auto (Triton kernels on GPUs, the row-tiled PyTorch reference elsewhere), reference, or triton (on a CPU only under TRITON_INTERPRET=1).
-    loss_implementation: str = "auto"
+    path: str = option(
+        "",
+        "Local Hugging Face checkpoint directory of the student; empty builds a fresh random student from the "
+        "size fields below.",
+    )
+    tokenizer: str = option(
+        "qwen3",
+        'Tokenizer: "qwen3" builds the real Qwen3 tokenizer offline into the cache; otherwise a local tokenizer '
+        'directory.',
+    )
+    attn_implementation: AttnImplementation = option(
+        "sdpa",
+        "Attention backend of the student: sdpa (dense boolean mask), flex_attention (cached BlockMask), eager, "
+        "or tide_bd3lm (our Triton kernel on GPUs, its PyTorch reference elsewhere).",
+    )
+    hidden_size: int = option(64, "Hidden size of a fresh student (ignored with model.path).")
+    intermediate_size: int = option(192, "MLP width of a fresh student (ignored with model.path).")
+    num_layers: int = option(2, "Number of transformer layers of a fresh student (ignored with model.path).")
+    num_heads: int = option(4, "Query heads of a fresh student (ignored with model.path).")
+    num_kv_heads: int = option(
+        2,
+        "Key/value heads of a fresh student (grouped-query attention; ignored with model.path).",
+    )
+    head_dim: int = option(
+        32,
+        "Head dimension of a fresh student (may differ from hidden_size / num_heads, as in Qwen3; ignored with "
+        "model.path).",
+    )
+    ce_chunk_rows: int = option(
+        0,
+        "Rows of the LM head per chunk in the plain-PyTorch fused CE (bounds the [rows, V] logits tile); 0 = "
+        "automatic.",
+    )
+    loss_implementation: LossImplementation = option(
+        "auto",
+        "Fused LM-head losses (student CE and CALM family, teacher target log-probs): auto (Triton kernels on "
+        "GPUs, the row-tiled PyTorch reference elsewhere), reference, or triton (on a CPU only under "
+        "TRITON_INTERPRET=1).",
+    )
 
     def __post_init__(self) -> None:
-        _choice("model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
-        _choice("model.loss_implementation", self.loss_implementation, LOSS_IMPLEMENTATIONS)
+        _check_choices(self, "model")
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
             _positive(f"model.{name}", getattr(self, name))
         _positive("model.ce_chunk_rows", self.ce_chunk_rows, allow_zero=True)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}; "
                 "grouped-query attention needs whole groups: change one of them"
             )
@@ -113,16 +173,18 @@ class ModelArgs:
 class DataArgs:
     """Training and evaluation data (tokenized offline; training never tokenizes)."""
 
-    #: Dataset directory saved with datasets' save_to_disk; empty: launch/run.py builds the world of world.name first and trains on its dataset.
-    dataset: str = ""
-    #: Student sequence length L (one copy; the model sees 2L tokens). Must be a multiple of diffusion.block_size.
-    seq_len: int = 128
-    #: Split used for training.
-    train_split: str = "train"
-    #: Held-out split used for evaluation.
-    eval_split: str = "heldout"
-    #: Number of held-out samples evaluated each time (0 = all).
-    eval_samples: int = 64
+    dataset: str = option(
+        "",
+        "Dataset directory saved with datasets' save_to_disk; empty: launch/run.py builds the world of world.name"
+        " first and trains on its dataset.",
+    )
+    seq_len: int = option(
+        128,
+        "Student sequence length L (one copy; the model sees 2L tokens). Must be a multiple of diffusion.block_size.",
+    )
+    train_split: str = option("train", "Split used for training.")
+    eval_split: str = option("heldout", "Held-out split used for evaluation.")
+    eval_samples: int = option(64, "Number of held-out samples evaluated each time (0 = all).")
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len)
@@ -133,133 +195,139 @@ class DataArgs:
 class WorldArgs:
     """A small self-contained world built offline before training when data.dataset is empty (tide_ds.worlds)."""
 
-    #: instruct: the TIDE demo world of distill.pipeline (instruction corpus of the standard library, preprocessed dataset, a pretrained teacher; all built once into the cache); code: standard-library source as plain text (CE only, no teacher).
-    name: str = "instruct"
-    #: Teacher sequence length L_t for the instruct world's preprocessing.
-    teacher_seq_len: int = 256
-    #: Fraction of source files held out (code world; the split is by file).
-    heldout_fraction: float = 0.03
-    #: Limit of source files read for the world's corpus (0 = all).
-    max_files: int = 0
-    #: Pretraining steps of the instruct world's teacher (built once per value and cached).
-    teacher_steps: int = 150
-    #: Seed of the instruct world (corpus split, teacher tokenizer and pretraining); independent of train.seed, so a sweep over the student's seed reuses one teacher.
-    seed: int = 42
+    name: World = option(
+        "instruct",
+        "instruct: the TIDE demo world of distill.pipeline (instruction corpus of the standard library, "
+        "preprocessed dataset, a pretrained teacher; all built once into the cache); code: standard-library "
+        "source as plain text (CE only, no teacher).",
+    )
+    teacher_seq_len: int = option(256, "Teacher sequence length L_t for the instruct world's preprocessing.")
+    heldout_fraction: float = option(0.03, "Fraction of source files held out (code world; the split is by file).")
+    max_files: int = option(0, "Limit of source files read for the world's corpus (0 = all).")
+    teacher_steps: int = option(
+        150,
+        "Pretraining steps of the instruct world's teacher (built once per value and cached).",
+    )
+    seed: int = option(
+        42,
+        "Seed of the instruct world (corpus split, teacher tokenizer and pretraining); independent of train.seed,"
+        " so a sweep over the student's seed reuses one teacher.",
+    )
 
     def __post_init__(self) -> None:
-        _choice("world.name", self.name, WORLDS)
+        _check_choices(self, "world")
         _positive("world.teacher_steps", self.teacher_steps)
         _positive("world.max_files", self.max_files, allow_zero=True)
         if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"world.heldout_fraction={self.heldout_fraction!r} must lie in (0, 1)")
+            raise ConfigError(f"world.heldout_fraction={self.heldout_fraction!r} must lie in (0, 1)")
 
 
 @dataclass(kw_only=True)
 class DiffusionArgs:
     """Masked block diffusion (spec ALGORITHMS.md §1–§2)."""
 
-    #: BD3LM block size K.
-    block_size: int = 32
-    #: Timesteps are drawn from [time_epsilon, 1); must lie in (0, 1).
-    time_epsilon: float = 1e-3
-    #: Noise schedule alpha(t): linear or cosine.
-    schedule: str = "linear"
-    #: Per-token CE weight: "scheduler" (ELBO weight w(t)) or "uniform".
-    loss_weight_type: str = "scheduler"
-    #: CE normalisation: token (per maskable token), sequence or batch.
-    loss_norm_type: str = "token"
+    block_size: int = option(32, "BD3LM block size K.")
+    time_epsilon: float = option(1e-3, "Timesteps are drawn from [time_epsilon, 1); must lie in (0, 1).")
+    schedule: Schedule = option("linear", "Noise schedule alpha(t): linear or cosine.")
+    loss_weight_type: LossWeightType = option("scheduler", 'Per-token CE weight: "scheduler" (ELBO weight w(t)) or "uniform".')
+    loss_norm_type: LossNormType = option("token", "CE normalisation: token (per maskable token), sequence or batch.")
 
     def __post_init__(self) -> None:
         _positive("diffusion.block_size", self.block_size)
         if not 0.0 < self.time_epsilon < 1.0:
-            raise ValueError(f"diffusion.time_epsilon={self.time_epsilon!r} must lie in (0, 1)")
-        _choice("diffusion.schedule", self.schedule, SCHEDULES)
-        _choice("diffusion.loss_weight_type", self.loss_weight_type, LOSS_WEIGHT_TYPES)
-        _choice("diffusion.loss_norm_type", self.loss_norm_type, LOSS_NORM_TYPES)
+            raise ConfigError(f"diffusion.time_epsilon={self.time_epsilon!r} must lie in (0, 1)")
+        _check_choices(self, "diffusion")
 
 
 @dataclass(kw_only=True)
 class TeacherArgs:
     """The frozen teacher (a second DeepSpeed engine; spec MODELS.md §3–§6)."""
 
-    #: Local checkpoint directory of the teacher (LLaDA2.0-mini, WeDLM, LLaDA or Dream layout); empty = no teacher.
-    path: str = ""
-    #: Teacher family (llada2_moe, wedlm, llada, dream); empty detects it from config.json.
-    family: str = ""
-    #: Placement: replicate, zero3, zero3_offload, or auto (decided from bytes, world size and free memory).
-    placement: str = "auto"
-    #: Teacher dtype: auto (bf16 on GPUs, fp32 on the CPU), bfloat16 or float32.
-    dtype: str = "auto"
-    #: Attention backend of the teacher: sdpa, eager, or tide_bd3lm (our Triton kernel on GPUs: key lengths for bidirectional teachers, right padding; the BD3LM mask for WeDLM).
-    attn_implementation: str = "sdpa"
-    #: Order of the BD3LM teacher's two copies (WeDLM): x0_xt (WeDLM's own) or xt_x0; bidirectional teachers ignore it.
-    concat_order: str = "x0_xt"
-    #: The teacher's mask token id; -1 reads it from the checkpoint (config.json or tokenizer), which is then checked.
-    mask_token_id: int = -1
+    path: str = option(
+        "",
+        "Local checkpoint directory of the teacher (LLaDA2.0-mini, WeDLM, LLaDA or Dream layout); empty = no "
+        "teacher.",
+    )
+    family: TeacherFamilyName = option("", "Teacher family (llada2_moe, wedlm, llada, dream); empty detects it from config.json.")
+    placement: TeacherPlacement = option(
+        "auto",
+        "Placement: replicate, zero3, zero3_offload, or auto (decided from bytes, world size and free memory).",
+    )
+    dtype: TeacherDtype = option("auto", "Teacher dtype: auto (bf16 on GPUs, fp32 on the CPU), bfloat16 or float32.")
+    attn_implementation: TeacherAttnImplementation = option(
+        "sdpa",
+        "Attention backend of the teacher: sdpa, eager, or tide_bd3lm (our Triton kernel on GPUs: key lengths for"
+        " bidirectional teachers, right padding; the BD3LM mask for WeDLM).",
+    )
+    concat_order: ConcatOrder = option(
+        "x0_xt",
+        "Order of the BD3LM teacher's two copies (WeDLM): x0_xt (WeDLM's own) or xt_x0; bidirectional teachers "
+        "ignore it.",
+    )
+    mask_token_id: int = option(
+        -1,
+        "The teacher's mask token id; -1 reads it from the checkpoint (config.json or tokenizer), which is then "
+        "checked.",
+    )
 
     def __post_init__(self) -> None:
-        _choice("teacher.placement", self.placement, ("replicate", "zero3", "zero3_offload", "auto"))
-        _choice("teacher.concat_order", self.concat_order, ("x0_xt", "xt_x0"))
+        _check_choices(self, "teacher")
         if self.mask_token_id < -1:
-            raise ValueError(f"teacher.mask_token_id={self.mask_token_id} must be -1 (from the checkpoint) or an id >= 0")
-        _choice("teacher.dtype", self.dtype, ("auto", "bfloat16", "float32"))
-        _choice("teacher.attn_implementation", self.attn_implementation, ("sdpa", "eager", "tide_bd3lm"))
-        if self.family:
-            _choice("teacher.family", self.family, ("llada2_moe", "wedlm", "llada", "dream"))
+            raise ConfigError(f"teacher.mask_token_id={self.mask_token_id} must be -1 (from the checkpoint) or an id >= 0")
 
 
 @dataclass(kw_only=True)
 class DistillArgs:
     """The objective: masked-diffusion CE plus the distillation terms of a preset or mode (spec §5–§10)."""
 
-    #: Paper variant: none (CE only), calm, tide_cross, tide_shared, kl (spec §9.3).
-    preset: str = "tide_cross"
-    #: Pipeline: A (cross tokenizer, chunk terms), B (shared tokenizer, token terms), or auto (calm -> A, kl -> B, otherwise A).
-    pipeline: str = "auto"
-    #: Reference mode string (e.g. reverse_alm, taid_aligned+kl_aligned); overrides the preset's mode when set.
-    mode: str = ""
-    #: CompDemo (two complementary teacher passes); empty follows the preset (on for tide_shared).
-    comp_demo: str = ""
-    #: Fraction of masked items revealed to the teacher in CompDemo's first pass.
-    demo_ratio: float = 0.5
-    #: Weight of CALM / Reverse CALM / chunk TIDAL.
-    calm_weight: float = 1.0
-    #: Chunk temperature T (the paper's pipeline-A script uses 5.0; the reference's Python default is 2.0).
-    calm_temperature: float = 5.0
-    #: Weight of KL / reverse KL.
-    kl_weight: float = 1.0
-    #: Temperature of KL, reverse KL and token TIDAL.
-    kl_temperature: float = 2.0
-    #: Pipeline B: the shared vocabulary prefix V' both logit vectors are cut to (151646 for Qwen-family pairs).
-    shared_vocab_size: int = 151646
-    #: Weight of token TIDAL.
-    tidal_weight: float = 1.0
-    #: TIDAL lambda at the start of training.
-    tidal_lambda_init: float = 0.1
-    #: TIDAL lambda at the end of training.
-    tidal_lambda_max: float = 0.9
-    #: TIDAL growth over training progress: cosine or linear.
-    tidal_growth: str = "cosine"
-    #: TIDAL axes: both, training_only or timestep_only.
-    tidal_axis: str = "both"
-    #: TIDAL timestep weight: uniform or midrange.
-    tidal_timestep_weight: str = "uniform"
+    preset: Preset = option("tide_cross", "Paper variant: none (CE only), calm, tide_cross, tide_shared, kl (spec §9.3).")
+    pipeline: PipelineChoice = option(
+        "auto",
+        "Pipeline: A (cross tokenizer, chunk terms), B (shared tokenizer, token terms), or auto (calm -> A, kl ->"
+        " B, otherwise A).",
+    )
+    mode: str = option(
+        "",
+        "Reference mode string (e.g. reverse_alm, taid_aligned+kl_aligned); overrides the preset's mode when set.",
+    )
+    comp_demo: bool | None = option(
+        None,
+        "CompDemo (two complementary teacher passes): true or false; empty (none) follows the preset (on for "
+        "tide_shared).",
+    )
+    demo_ratio: float = option(0.5, "Fraction of masked items revealed to the teacher in CompDemo's first pass.")
+    calm_weight: float = option(1.0, "Weight of CALM / Reverse CALM / chunk TIDAL.")
+    calm_temperature: float = option(
+        5.0,
+        "Chunk temperature T (the paper's pipeline-A script uses 5.0; the reference's Python default is 2.0).",
+    )
+    kl_weight: float = option(1.0, "Weight of KL / reverse KL.")
+    kl_temperature: float = option(2.0, "Temperature of KL, reverse KL and token TIDAL.")
+    shared_vocab_size: int = option(
+        151646,
+        "Pipeline B: the shared vocabulary prefix V' both logit vectors are cut to (151646 for Qwen-family pairs).",
+    )
+    tidal_weight: float = option(1.0, "Weight of token TIDAL.")
+    tidal_lambda_init: float = option(0.1, "TIDAL lambda at the start of training.")
+    tidal_lambda_max: float = option(0.9, "TIDAL lambda at the end of training.")
+    tidal_growth: TidalGrowth = option("cosine", "TIDAL growth over training progress: cosine or linear.")
+    tidal_axis: TidalAxis = option("both", "TIDAL axes: both, training_only or timestep_only.")
+    tidal_timestep_weight: TidalTimestepWeight = option("uniform", "TIDAL timestep weight: uniform or midrange.")
 
     def __post_init__(self) -> None:
-        _choice("distill.preset", self.preset, PRESETS)
-        _choice("distill.pipeline", self.pipeline, ("auto", "A", "B"))
-        if self.comp_demo:
-            _choice("distill.comp_demo", self.comp_demo, ("true", "false"))
+        _check_choices(self, "distill")
+        if self.comp_demo not in (None, True, False):
+            raise ConfigError(f"distill.comp_demo={self.comp_demo!r} must be true, false or empty (follow the preset)")
         if not 0.0 < self.demo_ratio < 1.0:
-            raise ValueError(f"distill.demo_ratio={self.demo_ratio!r} must lie in (0, 1)")
+            raise ConfigError(f"distill.demo_ratio={self.demo_ratio!r} must lie in (0, 1)")
         _positive("distill.shared_vocab_size", self.shared_vocab_size)
         for name in ("calm_temperature", "kl_temperature"):
             _positive(f"distill.{name}", getattr(self, name))
         for name in ("calm_weight", "kl_weight", "tidal_weight"):
             _positive(f"distill.{name}", getattr(self, name), allow_zero=True)
-        self.objective()  # parse once now, so a bad preset/mode/pipeline fails before any work
+        self.objective  # parsed once, now: a bad preset/mode/pipeline fails before any work  # noqa: B018
 
-    @property
+    @functools.cached_property
     def resolved_pipeline(self) -> str:
         """"A" or "B": the explicit choice, else the preset's only pipeline, else A (the paper's best, TIDE-Cross)."""
         if self.pipeline != "auto":
@@ -274,13 +342,14 @@ class DistillArgs:
         pipelines = preset_pipelines(self.preset)
         return pipelines[0] if len(pipelines) == 1 else "A"
 
-    def objective(self):
-        """The typed objective (``tide_ds.losses.objective.ObjectiveSpec``)."""
+    @functools.cached_property
+    def objective(self) -> ObjectiveSpec:
+        """The typed objective, parsed once per config (sections are replaced, never mutated)."""
         from tide_ds.losses.objective import parse_mode, preset_objective
 
         if self.mode:  # the mode replaces the preset's; CompDemo follows distill.comp_demo, else the preset
-            if self.comp_demo:
-                comp = self.comp_demo == "true"
+            if self.comp_demo is not None:
+                comp = self.comp_demo
             else:
                 try:
                     comp = preset_objective(self.preset, pipeline=self.resolved_pipeline).comp_demo
@@ -289,10 +358,10 @@ class DistillArgs:
             spec = parse_mode(self.mode, comp_demo=comp)
         else:
             spec = preset_objective(self.preset, pipeline=self.resolved_pipeline)
-        if not self.mode and self.comp_demo:
-            spec = parse_mode(spec.mode, comp_demo=self.comp_demo == "true") if spec.terms else spec
+        if not self.mode and self.comp_demo is not None:
+            spec = parse_mode(spec.mode, comp_demo=self.comp_demo) if spec.terms else spec
         if self.pipeline != "auto" and spec.pipeline is not None and spec.pipeline.value != self.pipeline:
-            raise ValueError(
+            raise ConfigError(
                 f"distill.mode={spec.mode!r} belongs to pipeline {spec.pipeline.value}, but distill.pipeline="
                 f"{self.pipeline!r}; drop one of them"
             )
@@ -303,54 +372,52 @@ class DistillArgs:
 class TrainArgs:
     """Optimisation, cadence and run-directory handling."""
 
-    #: Run directory: logs, metrics, TensorBoard events and checkpoints go here.
-    output_dir: str = "runs/demo"
-    #: DeepSpeed engine config (engine settings only: ZeRO stage, precision, offload).
-    ds_config: str = "ds_configs/zero2.json"
-    #: Samples per rank per micro-step.
-    micro_batch_size: int = 8
-    #: Micro-steps per optimizer step.
-    gradient_accumulation_steps: int = 1
-    #: Number of optimizer steps.
-    max_steps: int = 100
-    #: Peak learning rate (AdamW).
-    lr: float = 3e-3
-    #: Warm-up length as a fraction of max_steps (linear warm-up, then cosine decay to min_lr_ratio * lr).
-    warmup_ratio: float = 0.1
-    #: Final learning rate as a fraction of the peak.
-    min_lr_ratio: float = 0.0
-    #: AdamW weight decay.
-    weight_decay: float = 0.0
-    #: AdamW beta1.
-    adam_beta1: float = 0.9
-    #: AdamW beta2.
-    adam_beta2: float = 0.999
-    #: AdamW epsilon.
-    adam_eps: float = 1e-8
-    #: Gradient clipping by global norm (0 disables).
-    grad_clip: float = 1.0
-    #: Seed of model init, data order and every noise generator (noise is seeded per (seed, step, rank)).
-    seed: int = 42
-    #: Steps between log lines / metrics records (the only host synchronisation of the loop).
-    log_every: int = 10
-    #: Steps between held-out evaluations (0 = only at the end).
-    eval_every: int = 50
-    #: Seed of the evaluation noise, fixed so numbers are comparable across steps.
-    eval_seed: int = 1234
-    #: Steps between checkpoints (0 = only at the end).
-    save_every: int = 0
-    #: Number of most recent checkpoints kept.
-    keep_last: int = 2
-    #: "auto" continues from the last complete checkpoint of output_dir; "never" requires a fresh output_dir.
-    resume: str = "never"
-    #: Move an existing output_dir aside (renamed with a timestamp, never deleted) and start fresh.
-    overwrite: bool = False
-    #: Signals that ask for a checkpoint at the next step boundary and an exit with code 75 for a requeue (comma-separated; empty disables).
-    preempt_signals: str = "USR1,TERM"
-    #: Write TensorBoard scalars.
-    tensorboard: bool = True
-    #: Show a progress bar on rank 0.
-    progress_bar: bool = True
+    output_dir: str = option("runs/demo", "Run directory: logs, metrics, TensorBoard events and checkpoints go here.")
+    ds_config: str = option(
+        "ds_configs/zero2.json",
+        "DeepSpeed engine config (engine settings only: ZeRO stage, precision, offload).",
+    )
+    micro_batch_size: int = option(8, "Samples per rank per micro-step.")
+    gradient_accumulation_steps: int = option(1, "Micro-steps per optimizer step.")
+    max_steps: int = option(100, "Number of optimizer steps.")
+    lr: float = option(3e-3, "Peak learning rate (AdamW).")
+    warmup_ratio: float = option(
+        0.1,
+        "Warm-up length as a fraction of max_steps (linear warm-up, then cosine decay to min_lr_ratio * lr).",
+    )
+    min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of the peak.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    adam_eps: float = option(1e-8, "AdamW epsilon.")
+    grad_clip: float = option(1.0, "Gradient clipping by global norm (0 disables).")
+    seed: int = option(
+        42,
+        "Seed of model init, data order and every noise generator (noise is seeded per (seed, step, rank)).",
+    )
+    log_every: int = option(
+        10,
+        "Steps between log lines / metrics records (the only host synchronisation of the loop).",
+    )
+    eval_every: int = option(50, "Steps between held-out evaluations (0 = only at the end).")
+    eval_seed: int = option(1234, "Seed of the evaluation noise, fixed so numbers are comparable across steps.")
+    save_every: int = option(0, "Steps between checkpoints (0 = only at the end).")
+    keep_last: int = option(2, "Number of most recent checkpoints kept.")
+    resume: ResumeMode = option(
+        "never",
+        '"auto" continues from the last complete checkpoint of output_dir; "never" requires a fresh output_dir.',
+    )
+    overwrite: bool = option(
+        False,
+        "Move an existing output_dir aside (renamed with a timestamp, never deleted) and start fresh.",
+    )
+    preempt_signals: str = option(
+        "USR1,TERM",
+        "Signals that ask for a checkpoint at the next step boundary and an exit with code 75 for a requeue "
+        "(comma-separated; empty disables).",
+    )
+    tensorboard: bool = option(True, "Write TensorBoard scalars.")
+    progress_bar: bool = option(True, "Show a progress bar on rank 0.")
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr", "log_every", "keep_last"):
@@ -359,14 +426,14 @@ class TrainArgs:
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1]")
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1]")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1)")
-        _choice("train.resume", self.resume, RESUME_MODES)
+                raise ConfigError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1)")
+        _check_choices(self, "train")
         parse_signals("train.preempt_signals", self.preempt_signals)
         if self.resume == "auto" and self.overwrite:
-            raise ValueError(
+            raise ConfigError(
                 "train.resume=auto and train.overwrite=true contradict each other: "
                 "resume continues the run in output_dir, overwrite moves it aside; pick one"
             )
@@ -386,16 +453,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.data.seq_len % self.diffusion.block_size:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is not a multiple of diffusion.block_size="
                 f"{self.diffusion.block_size}; BD3LM blocks must tile the sequence: change one of them"
             )
 
-        spec = self.distill.objective()
+        spec = self.distill.objective
         world_teacher = not self.data.dataset and self.world.name == "instruct"  # the world pretrains one
         if spec.terms and not self.teacher.path and not world_teacher:
             where = "" if self.data.dataset else f" (world.name={self.world.name!r} builds no teacher)"
-            raise ValueError(
+            raise ConfigError(
                 f"distill.preset={self.distill.preset!r} (mode {spec.mode!r}) distils from a teacher, but "
                 f"teacher.path is empty{where}; set --teacher.path=<checkpoint dir> or use --distill.preset=none"
             )
@@ -420,10 +487,10 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _unknown(kind: str, name: str, valid: list[str], where: str) -> ValueError:
+def _unknown(kind: str, name: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(valid)}"
-    return ValueError(f"unknown {kind} {name!r} in {where}; {hint}")
+    return ConfigError(f"unknown {kind} {name!r} in {where}; {hint}")
 
 
 def _type_name(tp: Any) -> str:
@@ -433,13 +500,18 @@ def _type_name(tp: Any) -> str:
 def convert_value(option: str, value: Any, tp: Any, *, source: str) -> Any:
     """Convert ``value`` (a YAML scalar or a command-line string) to the field type ``tp``."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
+    if origin in (typing.Union, types.UnionType):  # optional: empty, none or null is None ("not set")
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
             return None
         return convert_value(option, value, args[0], source=source)
+    if origin is Literal:  # a choice: the type is the list
+        if isinstance(value, (dict, list, bool)):
+            value = repr(value)
+        _choice(option, str(value), choices(tp))
+        return str(value)
     article = "an" if _type_name(tp)[0] in "aeiou" else "a"
-    bad = ValueError(f"{option}={value!r} ({source}) is not {article} {_type_name(tp)}; expected {article} {_type_name(tp)} value")
+    bad = ConfigError(f"{option}={value!r} ({source}) is not {article} {_type_name(tp)}; expected {article} {_type_name(tp)} value")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -447,7 +519,7 @@ def convert_value(option: str, value: Any, tp: Any, *, source: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise ValueError(f"{option}={value!r} ({source}) is not a bool; expected true or false")
+        raise ConfigError(f"{option}={value!r} ({source}) is not a bool; expected true or false")
     if tp is int:
         if isinstance(value, bool):
             raise bad
@@ -515,7 +587,7 @@ def _with_current_names(data: dict[str, Any], source: str) -> dict[str, Any]:
             for new_section, new_key, new_value in renamed_option(section, key, value, source=source):
                 target = out.setdefault(new_section, {})
                 if not isinstance(target, dict):
-                    raise ValueError(f"section {new_section!r} in {source} must be a mapping of fields, got {target!r}")
+                    raise ConfigError(f"section {new_section!r} in {source} must be a mapping of fields, got {target!r}")
                 target[new_key] = new_value
     return out
 
@@ -523,7 +595,7 @@ def _with_current_names(data: dict[str, Any], source: str) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any], *, source: str = "recipe") -> RunConfig:
     """Build and validate a :class:`RunConfig` from ``{section: {field: value}}``."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source} must be a mapping of sections to mappings, got {type(data).__name__}")
+        raise ConfigError(f"{source} must be a mapping of sections to mappings, got {type(data).__name__}")
     data = _with_current_names(data, source)
     sections = _sections()
     built: dict[str, Any] = {}
@@ -533,7 +605,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "recipe") -> RunConf
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise ValueError(f"section {name!r} in {source} must be a mapping of fields, got {values!r}")
+            raise ConfigError(f"section {name!r} in {source} must be a mapping of fields, got {values!r}")
         types_ = _field_types(sections[name])
         kwargs = {}
         for key, value in values.items():
@@ -548,7 +620,7 @@ def parse_override(arg: str) -> tuple[str, str, str]:
     """Split ``--section.field=value`` into its parts."""
     match = re.fullmatch(r"--([A-Za-z_]\w*)\.([A-Za-z_]\w*)=(.*)", arg, flags=re.S)
     if not match:
-        raise ValueError(
+        raise ConfigError(
             f"cannot parse argument {arg!r}; overrides are written --section.field=value, "
             "e.g. --train.max_steps=100"
         )
@@ -576,14 +648,14 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     given = path
     path = resolve_repo_path(path)
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"--recipe={str(given)!r} does not exist (looked in {Path.cwd()} and {REPO_ROOT}); recipes live in "
             "launch/recipes/"
         )
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
     return data or {}
 
 
@@ -610,13 +682,10 @@ def build_config(*, recipe: str | Path | None = None, overrides: list[str] | tup
 
 
 def option_table() -> str:
-    """A markdown table of every option with its default and docstring (for the README)."""
+    """A markdown table of every option with its default and help text (for the README)."""
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for section, cls in _sections().items():
-        source = inspect.getsource(cls)
-        docs = dict(re.findall(r"#: (.*)\n\s+(\w+):", source))
-        docs = {name: doc for doc, name in docs.items()}
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {docs.get(f.name, '')} |")
+            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {f.metadata.get('help', '')} |")
     return "\n".join(rows)

@@ -21,9 +21,11 @@ import difflib
 import enum
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
-__all__ = ["MODES", "PRESETS", "LossTerm", "ObjectiveSpec", "Pipeline", "TermKind", "parse_mode", "preset_objective",
+from tide_ds.errors import ConfigError
+
+__all__ = ["MODES", "PRESETS", "LossTerm", "Preset", "ObjectiveSpec", "Pipeline", "TermKind", "parse_mode", "preset_objective",
            "preset_pipelines"]
 
 
@@ -62,8 +64,9 @@ _CHUNK_PARTS = ("alm", "reverse_alm", "alm_taid", "reverse_alm_taid")
 
 #: Every single mode of the reference; ``+`` sums of token-level parts are valid too.
 MODES = _CHUNK_PARTS + _TOKEN_PARTS + tuple(f"{part}_aligned" for part in _TOKEN_PARTS)
-#: The paper's named variants (§9.3); all include the CE term.
-PRESETS = ("none", "calm", "tide_cross", "tide_shared", "kl")
+#: The paper's named variants (§9.3); all include the CE term. The type of ``distill.preset``.
+Preset = Literal["none", "calm", "tide_cross", "tide_shared", "kl"]
+PRESETS: tuple[str, ...] = get_args(Preset)
 
 _VALID_MODES_TEXT = (
     f"valid modes are {list(MODES)} or a '+' sum of distinct parts from {list(_TOKEN_PARTS)} "
@@ -81,7 +84,7 @@ class LossTerm:
 
     def __post_init__(self) -> None:
         if (self.kind, self.reverse) not in _TERM_MODES:
-            raise ValueError("distill.mode: token-level TIDAL has no reverse form (spec §7.3 is a forward KL)")
+            raise ConfigError("distill.mode: token-level TIDAL has no reverse form (spec §7.3 is a forward KL)")
 
     @property
     def name(self) -> str:
@@ -128,22 +131,22 @@ class ObjectiveSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "terms", tuple(self.terms))
         if len(set(self.terms)) != len(self.terms):
-            raise ValueError(f"distill.mode={self.mode!r}: each term may appear once in a sum")
+            raise ConfigError(f"distill.mode={self.mode!r}: each term may appear once in a sum")
         n_chunk = sum(term.chunk_level for term in self.terms)
         if n_chunk and n_chunk != len(self.terms):
-            raise ValueError(
+            raise ConfigError(
                 f"distill.mode={self.mode!r}: chunk-level (CALM) terms need pipeline A and token-level terms "
                 "pipeline B; they cannot be combined"
             )
         if n_chunk > 1:
-            raise ValueError(f"distill.mode={self.mode!r}: ALM modes cannot be composed (one CALM term per run)")
+            raise ConfigError(f"distill.mode={self.mode!r}: ALM modes cannot be composed (one CALM term per run)")
         if self.aligned and (n_chunk or not self.terms):
-            raise ValueError(
+            raise ConfigError(
                 "distill.mode: _aligned applies to pipeline-B token terms only (CALM chunks already align "
                 "the two tokenizations)"
             )
         if self.comp_demo and not self.terms:
-            raise ValueError(
+            raise ConfigError(
                 "distill.comp_demo=True needs a distillation term: CompDemo only changes the teacher passes"
             )
         self._warn_tidal_with_reverse()
@@ -203,15 +206,15 @@ def _suggest(value: str, choices: tuple[str, ...]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _mode_error(mode: str, reason: str, bad: str | None) -> ValueError:
+def _mode_error(mode: str, reason: str, bad: str | None) -> ConfigError:
     hint = _suggest(bad, MODES) if bad else ""
-    return ValueError(f"distill.mode={mode!r} is not valid: {reason}; {_VALID_MODES_TEXT}{hint}")
+    return ConfigError(f"distill.mode={mode!r} is not valid: {reason}; {_VALID_MODES_TEXT}{hint}")
 
 
 def parse_mode(mode: str, *, comp_demo: bool = False) -> ObjectiveSpec:
     """Parse a reference ``distill_mode`` string (§9.1) into an :class:`ObjectiveSpec`.
 
-    Whitespace around ``+`` parts is ignored. Raises ValueError naming ``distill.mode``, the value,
+    Whitespace around ``+`` parts is ignored. Raises ConfigError naming ``distill.mode``, the value,
     the valid choices and the closest valid mode.
     """
     parts = [part.strip() for part in mode.split("+")]
@@ -250,7 +253,7 @@ def preset_pipelines(preset: str) -> tuple[str, ...]:
     if preset == "none":
         return ("A", "B")
     if preset not in _PRESET_MODES:
-        raise ValueError(f"distill.preset={preset!r} is not one of {list(PRESETS)}{_suggest(preset, PRESETS)}")
+        raise ConfigError(f"distill.preset={preset!r} is not one of {list(PRESETS)}{_suggest(preset, PRESETS)}")
     return tuple(p.value for p in _PRESET_MODES[preset])
 
 
@@ -260,22 +263,22 @@ def preset_objective(preset: str, *, pipeline: Pipeline | str | None = None) -> 
     ``none``: CE only (any pipeline). ``calm``: CALM (A only). ``kl``: forward KL on aligned rows (B only).
     ``tide_cross``: Reverse CALM (A) / reverse KL aligned (B). ``tide_shared``: TIDAL + CompDemo, chunk
     TIDAL ``alm_taid`` (A) / ``taid_aligned`` (B). ``calm`` and ``kl`` imply their pipeline; the two
-    TIDE presets need it. Raises ValueError naming ``distill.preset`` on an unknown preset or a preset
+    TIDE presets need it. Raises ConfigError naming ``distill.preset`` on an unknown preset or a preset
     the pipeline cannot run.
     """
     if preset not in PRESETS:
-        raise ValueError(f"distill.preset={preset!r} is not one of {list(PRESETS)}{_suggest(preset, PRESETS)}")
+        raise ConfigError(f"distill.preset={preset!r} is not one of {list(PRESETS)}{_suggest(preset, PRESETS)}")
     if isinstance(pipeline, str):
         try:
             pipeline = Pipeline(pipeline.upper())
         except ValueError:
-            raise ValueError(f"pipeline={pipeline!r} is not one of ['A', 'B']") from None
+            raise ConfigError(f"pipeline={pipeline!r} is not one of ['A', 'B']") from None
     if preset == "none":
         return ObjectiveSpec()
     by_pipeline = _PRESET_MODES[preset]
     if pipeline is None:
         if len(by_pipeline) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"distill.preset={preset!r} exists for pipelines A and B; choose one with --distill.pipeline=A "
                 "(cross tokenizer) or --distill.pipeline=B (shared tokenizer)"
             )
@@ -283,7 +286,7 @@ def preset_objective(preset: str, *, pipeline: Pipeline | str | None = None) -> 
     if pipeline not in by_pipeline:
         (other,) = by_pipeline
         need = "a cross-tokenizer teacher (chunk alignment)" if other is Pipeline.A else "a shared tokenizer"
-        raise ValueError(
+        raise ConfigError(
             f"distill.preset={preset!r} is defined for pipeline {other.value} only ({need}), not pipeline "
             f"{pipeline.value}; valid presets for pipeline {pipeline.value}: "
             f"{['none'] + [name for name, modes in _PRESET_MODES.items() if pipeline in modes]}"

@@ -32,6 +32,7 @@ from typing import Any
 
 from tide_ds import dist
 from tide_ds.config import RunConfig
+from tide_ds.errors import ConfigError
 from tide_ds.trainer import universal
 
 logger = logging.getLogger(__name__)
@@ -113,14 +114,14 @@ def _decide(cfg: RunConfig) -> RunDirDecision:
 def prepare_run_dir(cfg: RunConfig) -> RunDirDecision:
     """Decide on rank 0 whether to start fresh, resume or refuse; every rank gets the same answer.
 
-    Raises ``ValueError`` on every rank when the directory holds a run and neither
+    Raises ``ConfigError`` on every rank when the directory holds a run and neither
     ``train.resume=auto`` nor ``train.overwrite=true`` was given.
     """
     decision = _decide(cfg) if dist.rank() == 0 else None
     decision = dist.broadcast_object(decision)
     assert isinstance(decision, RunDirDecision)
     if decision.error:
-        raise ValueError(decision.error)
+        raise ConfigError(decision.error)
     if dist.rank() == 0:
         out = Path(cfg.train.output_dir)
         (out / CKPT_SUBDIR).mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from tide_ds.config import REPO_ROOT, RunConfig, resolve_repo_path
+from tide_ds.errors import ConfigError
 from tide_ds.trainer.student import DiffusionCEModule
 
 logger = logging.getLogger(__name__)
@@ -38,16 +39,16 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
     given = path
     path = resolve_repo_path(path)
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"train.ds_config={str(given)!r} does not exist (looked in {Path.cwd()} and {REPO_ROOT}); use one of "
             "the files in ds_configs/ (zero2.json, zero3.json) or a path to your own engine JSON"
         )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"train.ds_config={str(path)!r} is not valid JSON: {err}") from None
+        raise ConfigError(f"train.ds_config={str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"train.ds_config={str(path)!r} must hold a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"train.ds_config={str(path)!r} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -60,7 +61,7 @@ def build_ds_config(cfg: RunConfig, *, world_size: int, has_accelerator: bool | 
     ds = copy.deepcopy(load_ds_json(cfg.train.ds_config))
     for key, option in RECIPE_OWNED_KEYS.items():
         if key in ds:
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.train.ds_config} sets {key!r}={ds[key]!r}, but that value comes from the recipe "
                 f"({option}); remove {key!r} from the JSON and set the recipe option instead"
             )
@@ -71,7 +72,7 @@ def build_ds_config(cfg: RunConfig, *, world_size: int, has_accelerator: bool | 
         if isinstance(section, dict) and section.get("enabled") == "auto":
             section["enabled"] = bool(has_accelerator) and precision == "bf16"
     if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
-        raise ValueError(f"{cfg.train.ds_config} enables both bf16 and fp16; enable one of them")
+        raise ConfigError(f"{cfg.train.ds_config} enables both bf16 and fp16; enable one of them")
     t = cfg.train
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps

@@ -16,6 +16,7 @@ from tide_ds import dist
 from tide_ds.builders import RunData, build_data, build_student, build_teacher, build_tokenizer
 from tide_ds.config import RunConfig
 from tide_ds.diffusion.schedules import NoiseSchedule, get_schedule
+from tide_ds.errors import ConfigError
 from tide_ds.log import setup_logging
 from tide_ds.losses.fused_head import resolve_loss_implementation
 from tide_ds.trainer import checkpoint, preemption
@@ -50,7 +51,7 @@ def check_shared_vocab(cfg: RunConfig, student: torch.nn.Module) -> None:
     """Pipeline B compares the first V' logits of both models: the student must have that many rows."""
     rows = student.lm_head_weight.shape[0]
     if cfg.distill.shared_vocab_size > rows:
-        raise ValueError(
+        raise ConfigError(
             f"distill.shared_vocab_size={cfg.distill.shared_vocab_size} exceeds the student's vocabulary ({rows} rows); "
             "pipeline B needs student and teacher on the same tokenizer (151646 for Qwen-family pairs)"
         )
@@ -83,14 +84,17 @@ def build_run(cfg: RunConfig) -> Run:
     setup_logging()
     guard = preemption.install(cfg.train.preempt_signals)  # a signal only sets a flag, checked after each step
     device = init_distributed()
-    loss_implementation = resolve_loss_implementation(cfg.model.loss_implementation, device)  # fails early, logs once
+    try:  # fails early, logs once
+        loss_implementation = resolve_loss_implementation(cfg.model.loss_implementation, device)
+    except ValueError as err:  # the choice cannot run here (triton without a GPU or TRITON_INTERPRET=1)
+        raise ConfigError(str(err)) from None
     rank, world = dist.rank(), dist.world_size()
     decision = checkpoint.prepare_run_dir(cfg)
     logger.info("resolved config:\n%s", cfg.to_yaml())
 
     _, special = build_tokenizer(cfg)
     data = build_data(cfg, rank=rank, world_size=world)
-    spec = cfg.distill.objective()
+    spec = cfg.distill.objective
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     student = build_student(cfg, special=special)
     teacher = None
@@ -154,7 +158,7 @@ def run_training(run: Run) -> dict[str, float]:
         if run.objective.tidal is not None:
             record["lambda_train"] = run.objective.tidal.lambda_train(min(1.0, step / cfg.train.max_steps))
         metrics.write(step, "train", record)
-        terms = "".join(f" | {k} {record[k]:.4f}" for k in cfg.distill.objective().loss_terms if k != "ce" and k in record)
+        terms = "".join(f" | {k} {record[k]:.4f}" for k in cfg.distill.objective.loss_terms if k != "ce" and k in record)
         line = (
             f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f}{terms} | "
             f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | tok/s {record['tokens_per_s']:.0f} | "

@@ -93,7 +93,7 @@ def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path) ->
         f"  teacher ({world.teacher.name}, "
         + ("own SentencePiece tokenizer" if cross else "WeDLM layout, the student's Qwen3 tokenizer") + "):"
         f" {world.teacher_heldout_nll:.4f}",
-        f"  student, preset {cfg.distill.preset} (mode {cfg.distill.objective().mode}): {nll:.4f}",
+        f"  student, preset {cfg.distill.preset} (mode {cfg.distill.objective.mode}): {nll:.4f}",
     ]
     if cfg.distill.preset != "none":
         base = known.get("none")

@@ -1,0 +1,56 @@
+"""launch/run.py: a user error is one line on every rank (exit 2); any other exception keeps its traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+import tide_ds.trainer.loop as loop
+import tide_ds.worlds as worlds
+from tide_ds.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_py(monkeypatch):
+    spec = importlib.util.spec_from_file_location("tide_run", ROOT / "launch" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(loop, "init_distributed", lambda: None)
+    monkeypatch.setattr(loop, "shutdown", lambda: None)
+    monkeypatch.setattr(worlds, "prepare_world", lambda cfg: (cfg, None))
+    return module
+
+
+ARGS = ["--data.dataset=/d", "--distill.preset=none", "--train.progress_bar=false"]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_config_error_is_one_line_on_every_rank(run_py, monkeypatch, capsys, rank):
+    monkeypatch.setenv("RANK", rank)
+
+    def train(cfg):
+        raise ConfigError("data.dataset='/d' is not an existing dataset directory")
+
+    monkeypatch.setattr(loop, "train", train)
+    assert run_py.main(ARGS) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"tide-ds: error (rank {rank}): data.dataset='/d' is not an existing dataset directory"
+
+
+def test_config_error_in_the_arguments_names_the_rank(run_py, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    assert run_py.main(["--train.max_stpes=3"]) == 2
+    assert "tide-ds: configuration error (rank 1): unknown option 'train.max_stpes'" in capsys.readouterr().err
+
+
+def test_other_exceptions_keep_their_traceback(run_py, monkeypatch):
+    def train(cfg):
+        raise ValueError("an internal bug, not a user error")
+
+    monkeypatch.setattr(loop, "train", train)
+    with pytest.raises(ValueError, match="an internal bug"):
+        run_py.main(ARGS)
