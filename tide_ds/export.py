@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from tide_ds.data.tokenizers import publish_dir, sha256_file, staging_dir
 from tide_ds.sampling.load import (
     EXPORT_RECORD,
     EXPORT_RUN_CONFIG,
@@ -41,6 +40,7 @@ from tide_ds.sampling.load import (
     parse_dtype,
     resolve_checkpoint,
 )
+from tide_ds.utils.files import publish_dir, sha256_file, staging_dir
 
 __all__ = ["export_checkpoint", "main"]
 

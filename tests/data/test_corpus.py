@@ -22,7 +22,8 @@ from tide_ds.data.corpus import (
     stdlib_root,
     stdlib_source_files,
 )
-from tide_ds.data.tokenizers import ensure_qwen3_tokenizer, load_tokenizer, sha256_file
+from tide_ds.data.tokenizers import ensure_qwen3_tokenizer, load_tokenizer
+from tide_ds.utils.files import sha256_file
 
 SEQ_LEN, BLOCK = 64, 16
 EOS, PAD = 151645, 151643

@@ -27,17 +27,10 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from tide_ds.data.tokenizers import (
-    SpecialIds,
-    file_lock,
-    load_tokenizer,
-    publish_dir,
-    resolve_special_ids,
-    sha256_file,
-    staging_dir,
-)
+from tide_ds.data.tokenizers import SpecialIds, load_tokenizer, resolve_special_ids
 from tide_ds.diffusion.layout import check_block_multiple, eos_block_pad, pad_to_length
 from tide_ds.diffusion.masking import IGNORE_INDEX
+from tide_ds.utils.files import file_lock, publish_dir, sha256_file, staging_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -21,7 +21,6 @@ import ast
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from collections.abc import Iterator
@@ -29,7 +28,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tide_ds.data.corpus import _select, split_of, stdlib_root, stdlib_source_files
-from tide_ds.data.tokenizers import default_tokenizer_cache, file_lock
+from tide_ds.data.tokenizers import default_tokenizer_cache
+from tide_ds.utils.files import atomic_path, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -149,17 +149,11 @@ def build_instruct_jsonl(out_path: str | Path, *, max_files: int | None = None,
     """Write the corpus to ``out_path`` atomically (temporary file + rename); returns (path, rows)."""
     out_path = Path(out_path).absolute()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.parent / f".{out_path.name}.tmp-{os.getpid()}"
     start, count = time.perf_counter(), 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for row in instruct_rows(max_files=max_files, heldout_fraction=heldout_fraction):
-                fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-                count += 1
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for row in instruct_rows(max_files=max_files, heldout_fraction=heldout_fraction):
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+            count += 1
     logger.info("wrote %d instruction rows to %s (%.1f s)", count, out_path, time.perf_counter() - start)
     return out_path, count
 

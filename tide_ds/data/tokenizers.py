@@ -6,32 +6,28 @@ turns them into a ``tokenizers`` BPE model; with Qwen2's pre-tokenizer regex, NF
 Qwen3's 26 added tokens at their real ids the result encodes like Qwen3's own ``tokenizer.json``.
 The student's ``<|mask|>`` comes last, at id 151669 (spec/MODELS.md §7.4).
 
-Everything here writes directories atomically (build beside the target, then rename), so a crash
-or two concurrent builders never leave a half-written tokenizer or corpus behind.
+Everything here writes directories atomically (:mod:`tide_ds.utils.files`: build beside the target, then
+rename), so a crash or two concurrent builders never leave a half-written tokenizer or corpus behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
-import fcntl
-import hashlib
 import importlib.metadata
 import importlib.resources
 import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from tokenizers import AddedToken, Tokenizer, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+# The file utilities live in tide_ds.utils.files; imported from here by older code, so re-exported.
+from tide_ds.utils.files import file_lock, publish_dir, sha256_file, staging_dir  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -61,72 +57,6 @@ QWEN3_EOS_TOKEN = "<|im_end|>"
 #: Bumped whenever the builder's output changes, so caches built by an older version are rebuilt.
 BUILDER_VERSION = 1
 BUILD_RECORD = "tide_ds_build.json"
-
-
-# --- atomic directories and locks (also used by tide_ds.data.corpus) ---
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def staging_dir(out_dir: Path) -> Path:
-    """A fresh, empty directory beside ``out_dir`` (same file system, so a rename can publish it)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    staged.chmod(0o755)  # mkdtemp makes it private; the published directory is shared like any other
-    return staged
-
-
-def publish_dir(staged: Path, out_dir: Path, *, replace: bool) -> bool:
-    """Move the finished directory ``staged`` to ``out_dir`` in one rename.
-
-    If ``out_dir`` exists: with ``replace`` it is moved aside and deleted after the rename (it is
-    missing only between two renames); without ``replace`` the staged copy is deleted and False is
-    returned (another builder won the race; its result stands).
-    """
-    old = None
-    if replace and out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    try:
-        os.rename(staged, out_dir)  # fails on a non-empty existing directory: no silent merge
-    except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or replace:
-            raise
-        shutil.rmtree(staged, ignore_errors=True)
-        return False
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    return True
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (``fcntl.flock``) on ``path``, created if needed.
-
-    Where the file system has no locks the builders still stay correct (they publish by rename);
-    the lock only saves duplicate work.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as err:
-            logger.warning("cannot lock %s (%s); continuing without the lock", path, err)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # --- building the Qwen3 tokenizer ---

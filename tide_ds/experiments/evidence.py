@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tide_ds.experiments import report
+from tide_ds.utils.files import atomic_write_text
 
 logger = logging.getLogger("tide_ds.experiments.evidence")  # not __name__: under `python -m` that is __main__
 
@@ -346,9 +347,7 @@ class Runner:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
         job.run_dir.mkdir(parents=True, exist_ok=True)
         spec_path = job.run_dir / SPEC_FILE
-        tmp = spec_path.with_name(f".{SPEC_FILE}.tmp")
-        tmp.write_text(json.dumps(_spec(job, self.plan), indent=1))
-        tmp.replace(spec_path)
+        atomic_write_text(spec_path, json.dumps(_spec(job, self.plan), indent=1))
         (job.run_dir / report.EXIT_FILE).unlink(missing_ok=True)
         load_start = os.getloadavg()
         start = time.monotonic()
@@ -366,9 +365,7 @@ class Runner:
         info = {"exit_code": proc.returncode, "wall_s": round(time.monotonic() - start, 2),
                 "cpu_s": round(usage.ru_utime + usage.ru_stime, 2), "loadavg_start": load_start,
                 "loadavg_end": os.getloadavg(), "command": shlex.join(cmd)}
-        tmp = job.run_dir / f".{report.EXIT_FILE}.tmp"
-        tmp.write_text(json.dumps(info, indent=1))
-        tmp.replace(job.run_dir / report.EXIT_FILE)
+        atomic_write_text(job.run_dir / report.EXIT_FILE, json.dumps(info, indent=1))
         result = self.collect(job)
         logger.info("%s seed %d: %s (%.0f s wall, %.0f s CPU)%s", job.variant.key, job.seed, result.describe(),
                     info["wall_s"], info["cpu_s"],
@@ -441,19 +438,13 @@ def write_report(out: Path, *, plan: Plan, jobs: list[RunJob], results: list[rep
         "directions": directions,
         "runs": [r.to_json() for r in results],
     }
-    _atomic(out / "results.json", json.dumps(data, indent=1))
-    _atomic(out / "results.md", markdown(data, summaries, directions, labels))
+    atomic_write_text(out / "results.json", json.dumps(data, indent=1))
+    atomic_write_text(out / "results.md", markdown(data, summaries, directions, labels))
     if with_plot:
         by_pipeline = {p: [s for s in summaries if VARIANTS[s.variant].pipeline == p] for p in plan.pipelines}
         report.plot(by_pipeline, out / "evidence.png",
                     title=f"tide-ds evidence: {plan.steps} steps, seeds {list(plan.seeds)}, commit {meta['git']['commit'][:10]}")
     return data
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def markdown(data: dict, summaries: list[report.VariantSummary], directions: list[dict], labels: dict[str, str]) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from tide_ds.utils.files import atomic_path
+
 #: Written by the evidence runner beside each run's metrics: the exit code and the time the run took.
 EXIT_FILE = "evidence_exit.json"
 
@@ -395,8 +397,7 @@ def plot(summaries_by_pipeline: dict[str, list[VariantSummary]], path: str | Pat
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path

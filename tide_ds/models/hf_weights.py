@@ -15,11 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from tide_ds.utils.files import atomic_path
 
 __all__ = [
     "INDEX_NAME",
@@ -79,14 +82,9 @@ def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int | None) 
     return shards
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_safetensors_checkpoint(

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import transformers
 
-from tide_ds.models.layers import (
+from tide_ds.models.adapter_glue import (
     LoadPlan,
     materialize,
     shape_state,

@@ -27,6 +27,7 @@ from tide_ds.models.hf_weights import load_safetensors_checkpoint, save_safetens
 from tide_ds.models.tide_attention import (
     TIDE_BD3LM, BD3LMMaskSpec, check_head_dim, kernel_implementation, register_tide_attention,
 )
+from tide_ds.utils.files import atomic_write_text
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -223,9 +224,7 @@ def save_student(
     out = Path(out_dir)
     save_safetensors_checkpoint(state, out, max_shard_bytes=max_shard_bytes)
     text = config.to_json_string()
-    tmp = out / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, out / "config.json")
+    atomic_write_text(out / "config.json", text)
 
 
 @functools.lru_cache(maxsize=None)

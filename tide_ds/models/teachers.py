@@ -26,7 +26,7 @@ import torch
 import transformers
 
 from tide_ds.models import dream, llada, llada2_moe, wedlm
-from tide_ds.models.layers import LoadPlan, read_config_json
+from tide_ds.models.adapter_glue import LoadPlan, read_config_json
 
 __all__ = ["FAMILIES", "TeacherFamily", "detect_family", "get_family", "load_teacher", "teacher_family"]
 

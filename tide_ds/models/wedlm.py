@@ -26,7 +26,7 @@ import transformers
 from tide_ds.models.block_mask import additive_bd3lm_mask, dense_bd3lm_mask
 from tide_ds.models import tide_attention
 from tide_ds.models.tide_attention import TIDE_BD3LM, BD3LMMaskSpec
-from tide_ds.models.layers import (
+from tide_ds.models.adapter_glue import (
     LoadPlan,
     identity_convert,
     materialize,

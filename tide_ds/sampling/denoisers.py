@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from tide_ds.models.layers import to_additive
+from tide_ds.models.adapter_glue import to_additive
 from tide_ds.sampling.cache import CanvasKVCache
 from tide_ds.sampling.masks import block_causal_mask
 

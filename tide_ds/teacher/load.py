@@ -4,7 +4,7 @@ Partitioned loading never holds the whole teacher on any rank. The model is buil
 ``deepspeed.zero.Init`` (each rank allocates only its partition of every parameter), then the
 checkpoint is streamed one group at a time (the top-level tensors, then one decoder layer after the
 other): the group's tensors are read from the safetensors files, converted to the native layout by the
-family's :class:`~tide_ds.models.layers.LoadPlan`, and each rank copies only its own slice of every
+family's :class:`~tide_ds.models.adapter_glue.LoadPlan`, and each rank copies only its own slice of every
 flattened parameter into ``param.ds_tensor``. Peak memory per rank is its partition plus one group.
 """
 
@@ -20,7 +20,7 @@ import transformers
 
 from tide_ds import dist
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint
-from tide_ds.models.layers import LoadPlan, instantiate
+from tide_ds.models.adapter_glue import LoadPlan, instantiate
 
 logger = logging.getLogger(__name__)
 

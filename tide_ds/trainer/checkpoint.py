@@ -34,6 +34,7 @@ from tide_ds import dist
 from tide_ds.config import RunConfig
 from tide_ds.errors import ConfigError
 from tide_ds.trainer import universal
+from tide_ds.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,7 @@ def tag_for(step: int) -> str:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, text, fsync=True)
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:

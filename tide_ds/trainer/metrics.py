@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 
 from tide_ds import dist
+from tide_ds.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,7 @@ class MetricsWriter:
                 continue  # a line cut by a crash
             if start_step > 0 and record.get("step", 0) <= start_step:
                 kept.append(line)
-        tmp = self.path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:

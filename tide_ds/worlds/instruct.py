@@ -31,7 +31,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tide_ds.data.tokenizers import default_tokenizer_cache, file_lock
+from tide_ds.data.tokenizers import default_tokenizer_cache
+from tide_ds.utils.files import atomic_path, atomic_write_text, file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +70,13 @@ def _text_file(jsonl: Path, out: Path, *, heldout_fraction: float) -> Path:
 
     if out.is_file():
         return out
-    tmp = out.with_suffix(".tmp")
-    with open(jsonl) as src, open(tmp, "w") as dst:
+    with atomic_path(out) as tmp, open(jsonl) as src, open(tmp, "w") as dst:
         for line in src:
             row = json.loads(line)
             if split_of_row(row, heldout_fraction=heldout_fraction) != "train":
                 continue
             for message in row["messages"]:
                 dst.write(message["content"] + "\n")
-    tmp.rename(out)
     return out
 
 
@@ -173,7 +172,5 @@ def record_result(data_key: str, preset: str, nll: float) -> dict:
     path = results_file()
     results = json.loads(path.read_text()) if path.is_file() else {}
     results.setdefault(data_key, {})[preset] = nll
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True))
     return results[data_key]

@@ -30,7 +30,7 @@ from tide_ds.diffusion.schedules import get_schedule
 from tide_ds.diffusion.timesteps import sample_timesteps
 from tide_ds.losses.diffusion_ce import fused_linear_masked_ce
 from tide_ds.models import wedlm
-from tide_ds.models.layers import write_tiny_checkpoint
+from tide_ds.models.adapter_glue import write_tiny_checkpoint
 from tide_ds.models.llada2_moe import (
     load_llada2_moe,
     save_llada2_moe_checkpoint,

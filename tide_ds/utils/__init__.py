@@ -1,0 +1,1 @@
+"""Small generic utilities with no tide-ds knowledge (files, locks)."""
