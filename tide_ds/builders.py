@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -20,6 +20,9 @@ from tide_ds.config import RunConfig
 from tide_ds.data.loader import TrainBatches, eval_batches
 from tide_ds.data.tokenizers import SpecialIds, ensure_qwen3_tokenizer, load_tokenizer, resolve_special_ids
 from tide_ds.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tide_ds.teacher.engine import TeacherEngine
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class RunData:
     num_eval: int
 
 
-def _check_split(ds, *, name: str, option: str, cfg: RunConfig) -> None:
+def _check_split(ds: Any, *, name: str, option: str, cfg: RunConfig) -> None:
     for column in ("input_ids", "labels"):
         if column not in ds.column_names:
             raise ConfigError(f"{option}: split {name!r} has no column {column!r} (columns: {ds.column_names})")
@@ -198,7 +201,7 @@ def build_student(cfg: RunConfig, *, special: SpecialIds) -> torch.nn.Module:
     return BD3LMStudent(hf, block_size=cfg.diffusion.block_size, attn_implementation=m.attn_implementation)
 
 
-def build_teacher(cfg: RunConfig, *, device: torch.device):
+def build_teacher(cfg: RunConfig, *, device: torch.device) -> TeacherEngine:
     """The frozen teacher engine of ``teacher.*`` (placement decided and logged there)."""
     from tide_ds.losses.fused_head import resolve_loss_implementation
     from tide_ds.losses.objective import Pipeline

@@ -32,34 +32,29 @@ import yaml
 
 from tide_ds.errors import ConfigError
 
+from tide_ds.choices import (
+    AttnImplementation,
+    ConcatOrder,
+    LossImplementation,
+    LossNormType,
+    LossWeightType,
+    PipelineChoice,
+    ResumeMode,
+    Schedule,
+    TeacherAttnImplementation,
+    TeacherDtype,
+    TeacherFamilyName,
+    TeacherPlacement,
+    TidalAxis,
+    TidalGrowth,
+    TidalTimestepWeight,
+    World,
+    choices,
+)
 from tide_ds.losses.objective import Preset
 
 if TYPE_CHECKING:
     from tide_ds.losses.objective import ObjectiveSpec
-
-# The choices of each option, once: the field's type. ``choices(T)`` lists them.
-AttnImplementation = Literal["sdpa", "flex_attention", "eager", "tide_bd3lm"]
-LossImplementation = Literal["auto", "reference", "triton"]  # tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS
-Schedule = Literal["linear", "cosine"]
-LossWeightType = Literal["scheduler", "uniform"]
-LossNormType = Literal["token", "sequence", "batch"]
-World = Literal["instruct", "code"]
-TeacherFamilyName = Literal["", "llada2_moe", "wedlm", "llada", "dream"]
-TeacherPlacement = Literal["replicate", "zero3", "zero3_offload", "auto"]
-TeacherDtype = Literal["auto", "bfloat16", "float32"]
-TeacherAttnImplementation = Literal["sdpa", "eager", "tide_bd3lm"]
-ConcatOrder = Literal["x0_xt", "xt_x0"]
-PipelineChoice = Literal["auto", "A", "B"]
-TidalGrowth = Literal["cosine", "linear"]
-TidalAxis = Literal["both", "training_only", "timestep_only"]
-TidalTimestepWeight = Literal["uniform", "midrange"]
-ResumeMode = Literal["auto", "never"]
-
-
-def choices(tp: Any) -> tuple[str, ...]:
-    """The values of a ``Literal`` option type."""
-    return typing.get_args(tp)
-
 
 ATTN_IMPLEMENTATIONS = choices(AttnImplementation)
 LOSS_IMPLEMENTATIONS = choices(LossImplementation)

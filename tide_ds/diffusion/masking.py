@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from tide_ds.choices import LossNormType, LossWeightType, choices
 from tide_ds.diffusion.schedules import NoiseSchedule
 
 __all__ = ["IGNORE_INDEX", "NORM_TYPES", "WEIGHT_TYPES", "loss_weight", "mask_tokens", "token_loss_weights"]
@@ -16,9 +17,9 @@ __all__ = ["IGNORE_INDEX", "NORM_TYPES", "WEIGHT_TYPES", "loss_weight", "mask_to
 #: Label of tokens that are never masked nor trained (prompt, batch padding).
 IGNORE_INDEX = -100
 #: Valid ``diffusion.loss_weight_type`` values.
-WEIGHT_TYPES = ("scheduler", "uniform")
+WEIGHT_TYPES = choices(LossWeightType)
 #: Valid ``diffusion.loss_norm_type`` values.
-NORM_TYPES = ("token", "sequence", "batch")
+NORM_TYPES = choices(LossNormType)
 
 
 def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:

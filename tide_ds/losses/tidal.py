@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tide_ds.choices import TidalAxis, TidalGrowth, TidalTimestepWeight, choices
 from tide_ds.losses.calm import (
     accumulation_dtype,
     check_chunk_inputs,
@@ -44,11 +45,11 @@ __all__ = [
 ]
 
 #: Growth curves g(p) of the training-progress axis (the reference's ``taid_lambda_decay``).
-GROWTHS = ("cosine", "linear")
+GROWTHS = choices(TidalGrowth)
 #: Timestep-axis modes (``taid_axis_mode``).
-AXIS_MODES = ("both", "training_only", "timestep_only")
+AXIS_MODES = choices(TidalAxis)
 #: Per-sample weights (``taid_timestep_weight``).
-TIMESTEP_WEIGHTS = ("uniform", "midrange")
+TIMESTEP_WEIGHTS = choices(TidalTimestepWeight)
 
 _MIDRANGE_SIGMA = 0.15
 

@@ -28,6 +28,7 @@ import torch
 import transformers
 from transformers.initialization import no_init_weights
 
+from tide_ds.choices import TeacherAttnImplementation, choices
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint, save_safetensors_checkpoint
 from tide_ds.models.tide_attention import TIDE_BD3LM, check_head_dim, key_lengths_mask, register_tide_attention
 
@@ -60,7 +61,8 @@ logger = logging.getLogger(__name__)
 #: Backends the teacher adapters accept: sdpa and eager take the explicit 4-D masks built here; tide_bd3lm
 #: (tide_attention.py) runs our Triton kernels: key lengths for the bidirectional teachers, the BD3LM mask
 #: for WeDLM.
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", TIDE_BD3LM)
+ATTN_IMPLEMENTATIONS = choices(TeacherAttnImplementation)
+assert TIDE_BD3LM in ATTN_IMPLEMENTATIONS
 _LAYER_KEY = re.compile(r"^(?:model\.layers|model\.transformer\.blocks)\.(\d+)\.")
 
 

@@ -22,6 +22,7 @@ import torch
 import transformers
 from transformers.initialization import no_init_weights
 
+from tide_ds.choices import AttnImplementation, choices
 from tide_ds.models.block_mask import additive_bd3lm_mask, dense_bd3lm_mask, flex_bd3lm_block_mask
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, save_safetensors_checkpoint
 from tide_ds.models.tide_attention import (
@@ -41,7 +42,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Attention backends the BD3LM forward supports (the reference has no FlashAttention-2 path either).
-ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", TIDE_BD3LM)
+ATTN_IMPLEMENTATIONS = choices(AttnImplementation)
+assert TIDE_BD3LM in ATTN_IMPLEMENTATIONS
 #: ``model_type`` values accepted in a student's config.json (``a2d-qwen3`` is dllm's registered name).
 MODEL_TYPES = ("qwen3", "a2d-qwen3")
 _STRUCTURAL_FIELDS = (

@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
+from tide_ds.choices import TeacherPlacement, choices
+
 logger = logging.getLogger(__name__)
 
-PLACEMENTS = ("replicate", "zero3", "zero3_offload", "auto")
+PLACEMENTS = choices(TeacherPlacement)
 
 #: Fraction of free memory the teacher may take; the rest is for the student, activations and logits.
 TEACHER_MEMORY_FRACTION = 0.5
