@@ -1,6 +1,6 @@
-"""Train small teachers from scratch as masked diffusion LMs (for the demo worlds).
+"""Train small teachers from scratch as masked diffusion LMs (for the instruct world, :mod:`tide_ds.worlds`).
 
-The demos need a teacher that knows its corpus. Where no real checkpoint is at hand, this trains one on
+The worlds need a teacher that knows its corpus. Where no real checkpoint is at hand, this trains one on
 the teacher side of a preprocessed dataset (``teacher_input_ids``, padding never masked):
 
 * pipeline A: a tiny LLaDA2.0-style MoE (``Glm4MoeForCausalLM`` route, bidirectional) with the MDLM
@@ -20,7 +20,7 @@ import math
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,12 +42,19 @@ from tide_ds.models.llada2_moe import (
 logger = logging.getLogger(__name__)
 
 
-def _bidirectional_hidden(model, x_t, x_0, attention_BL):
+#: ``forward(model, x_t [B, L], x_0 [B, L], attention [B, L]) -> hidden [B, L, D]`` of the noisy copy.
+HiddenForward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bidirectional_hidden(
+    model: torch.nn.Module, x_t: torch.Tensor, x_0: torch.Tensor, attention_BL: torch.Tensor
+) -> torch.Tensor:
     return teacher_forward_hidden(model, x_t, attention_mask_BL=attention_BL)
 
 
-def _mdlm_loss(model, ids_BL, attention_BL, *, mask_id: int, generator: torch.Generator, normalise: bool = True,
-               forward=_bidirectional_hidden):
+def _mdlm_loss(model: torch.nn.Module, ids_BL: torch.Tensor, attention_BL: torch.Tensor, *, mask_id: int,
+               generator: torch.Generator, normalise: bool = True,
+               forward: HiddenForward = _bidirectional_hidden) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-diffusion CE of one batch (spec §1.3–§1.4): (loss, maskable count). ``forward(model, x_t, x_0, att)``
     gives the hidden states of the noisy copy."""
     schedule = get_schedule("linear")
@@ -72,8 +79,8 @@ def _mdlm_loss(model, ids_BL, attention_BL, *, mask_id: int, generator: torch.Ge
 
 
 @torch.no_grad()
-def heldout_nll(model, split, *, mask_id: int, batch_size: int, seed: int, max_samples: int = 64,
-                forward=_bidirectional_hidden) -> float:
+def heldout_nll(model: torch.nn.Module, split: Any, *, mask_id: int, batch_size: int, seed: int,
+                max_samples: int = 64, forward: HiddenForward = _bidirectional_hidden) -> float:
     """ELBO per maskable teacher token on a held-out split, with a fixed noise seed."""
     model.eval()
     total, count = 0.0, 0.0
@@ -122,8 +129,8 @@ def pretrain_llada2_teacher(
     )
 
 
-def _train(model, train, heldout, *, mask_id: int, steps: int, batch_size: int, lr: float, seed: int,
-           forward=_bidirectional_hidden) -> tuple[float, float]:
+def _train(model: torch.nn.Module, train: Any, heldout: Any, *, mask_id: int, steps: int, batch_size: int, lr: float,
+           seed: int, forward: HiddenForward = _bidirectional_hidden) -> tuple[float, float]:
     """AdamW with warmup and cosine decay on the teacher columns; (held-out NLL before, after)."""
     mask_token_id = mask_id
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -151,7 +158,7 @@ def _train(model, train, heldout, *, mask_id: int, steps: int, batch_size: int, 
     return before, after
 
 
-def _publish(staging: Path, out: Path, *, tokenizer_dir, record: dict) -> None:
+def _publish(staging: Path, out: Path, *, tokenizer_dir: str | Path | None, record: dict[str, Any]) -> None:
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file():
@@ -187,11 +194,11 @@ def pretrain_wedlm_teacher(
         bos_token_id=pad_token_id, **(config or {}),
     )
 
-    def forward(m, x_t, x_0, att):
+    def forward(m: torch.nn.Module, x_t: torch.Tensor, x_0: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         return wedlm.teacher_forward_hidden(m, x_t, x_0_BL=x_0, block_size=block_size, attention_mask_BL=att,
                                             concat_order="x0_xt")
 
-    def save(model, staging: Path) -> None:
+    def save(model: torch.nn.Module, staging: Path) -> None:
         state = {k: v.detach() for k, v in model.state_dict().items()}
         if cfg_json.get("tie_word_embeddings"):
             state.pop("lm_head.weight", None)
@@ -205,8 +212,10 @@ def pretrain_wedlm_teacher(
     )
 
 
-def _pretrain(dataset_dir, out_dir, *, cfg_json: dict[str, Any], build, save, forward, steps: int, batch_size: int,
-              lr: float, seed: int, tokenizer_dir, record: dict[str, Any]) -> dict[str, float]:
+def _pretrain(dataset_dir: str | Path, out_dir: str | Path, *, cfg_json: dict[str, Any],
+              build: Callable[[Path, dict[str, Any]], torch.nn.Module], save: Callable[[torch.nn.Module, Path], None],
+              forward: HiddenForward, steps: int, batch_size: int, lr: float, seed: int,
+              tokenizer_dir: str | Path | None, record: dict[str, Any]) -> dict[str, float]:
     """The teachers' shared pretraining: refuse an existing ``out_dir``, build the initial model from
     ``cfg_json`` (``build(path, fields)``), train it (:func:`_train`), ``save`` it to a staging directory
     and move that into place with the tokenizer and a record of the run."""
