@@ -49,3 +49,15 @@ def test_a_named_dataset_builds_no_world(calls, tmp_path):
     cfg = build_config(overrides=[f"--data.dataset={tmp_path}", f"--teacher.path={tmp_path}"])
     assert prepare_world(cfg) == (cfg, None)
     assert calls == []
+
+
+def test_a_run_config_written_before_the_worlds_still_loads(tmp_path):
+    from tide_ds.sampling.load import run_config_of
+
+    (tmp_path / "config.yaml").write_text(
+        "data:\n  dataset: demo\n  max_files: 40\n  demo_seed: 3\n  seq_len: 64\ndiffusion:\n  block_size: 16\n"
+    )
+    with pytest.warns(FutureWarning, match="deprecated"):
+        cfg = run_config_of(tmp_path)
+    assert cfg.data.dataset == "" and cfg.data.seq_len == 64
+    assert (cfg.world.name, cfg.world.max_files, cfg.world.seed) == ("instruct", 40, 3)

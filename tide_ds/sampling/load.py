@@ -113,7 +113,7 @@ def run_config_of(ckpt_dir: Path) -> RunConfig:
     """
     import yaml
 
-    from tide_ds.config import _field_types, _sections
+    from tide_ds.config import _field_types, _sections, _with_current_names
 
     for name in ("config.yaml", EXPORT_RUN_CONFIG):
         path = ckpt_dir / name
@@ -121,7 +121,7 @@ def run_config_of(ckpt_dir: Path) -> RunConfig:
             break
     else:
         raise FileNotFoundError(f"{ckpt_dir} holds no run config (config.yaml)")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _with_current_names(yaml.safe_load(path.read_text()) or {}, str(path))  # options renamed since
     sections = _sections()
     kept: dict[str, dict] = {"distill": {"preset": "none"}}
     for section in ("model", "data", "world", "diffusion", "train"):
