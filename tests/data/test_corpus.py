@@ -73,7 +73,7 @@ def test_split_is_by_file_and_deterministic(fraction: float) -> None:
 
 def test_split_rejects_bad_fraction() -> None:
     for bad in (0.0, 1.5):
-        with pytest.raises(ValueError, match=f"data.heldout_fraction={bad}"):
+        with pytest.raises(ValueError, match=f"world.heldout_fraction={bad}"):
             split_of("os.py", heldout_fraction=bad)
 
 

@@ -88,7 +88,7 @@ def _unit_hash(salt: str, relpath: str) -> float:
 
 def _check_fraction(heldout_fraction: float) -> None:
     if not 0.0 < heldout_fraction < 1.0:
-        raise ValueError(f"data.heldout_fraction={heldout_fraction!r} must lie in (0, 1); e.g. 0.02")
+        raise ValueError(f"world.heldout_fraction={heldout_fraction!r} must lie in (0, 1); e.g. 0.02")
 
 
 def split_of(relpath: str, *, heldout_fraction: float) -> str:
@@ -120,7 +120,7 @@ def _check_args(seq_len: int, block_size: int, heldout_fraction: float, max_file
     check_block_multiple(seq_len, block_size, option="data.seq_len")
     _check_fraction(heldout_fraction)
     if max_files is not None and max_files < 1:
-        raise ValueError(f"data.max_files={max_files} must be positive (or None/0 in the config for all files)")
+        raise ValueError(f"world.max_files={max_files} must be positive (or None/0 in the config for all files)")
 
 
 def _layout(piece: list[int], *, special: SpecialIds, seq_len: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +226,7 @@ def build_code_corpus(
         if not rows[split]:  # datasets cannot load an empty split back from disk
             raise ValueError(
                 f"the {split} split of the stdlib corpus would be empty (heldout_fraction={heldout_fraction}, "
-                f"max_files={max_files}, {option}={limits[split]}); raise data.max_files, data.heldout_fraction "
+                f"max_files={max_files}, {option}={limits[split]}); raise world.max_files, world.heldout_fraction "
                 f"or {option}"
             )
 
