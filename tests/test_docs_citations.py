@@ -134,7 +134,7 @@ def _rewriter():
         ("spec Appendix B", "docs/method.md Appendix B"),
         ("MODELS.md §3 (routing), later (§3.3)", "docs/models.md §3 (routing), later (docs/models.md §3.3)"),
         ("a bare one (§8) and § 9.3", "a bare one (docs/method.md §8) and docs/method.md § 9.3"),
-        ("MODELS of many kinds, the spec's formula", "MODELS of many kinds, the spec's formula"),
+        ("MODELS of many kinds, the spec's formula, a DESIGN choice", "MODELS of many kinds, the spec's formula, a DESIGN choice"),
     ],
 )
 def test_rewrite_citations_maps_old_forms_and_is_idempotent(old, new):

@@ -99,8 +99,11 @@ def repo_files(root: Path) -> list[str]:
 
 
 def _old_name_ok(m: re.Match) -> bool:
-    """``MODELS`` without ``.md`` is a word, not a document; ``DESIGN``/``INFRA_FEASIBILITY`` were cited bare."""
-    return bool(m.group("md")) or m.group("name") in ("DESIGN", "INFRA_FEASIBILITY")
+    """Whether a match of ``OLD_DOC`` is a document: ``X.md`` always; ``INFRA_FEASIBILITY`` bare too; ``DESIGN``
+    bare only before a decision number or a quoted title (``DESIGN decision 7``); ``MODELS`` alone is a word."""
+    if m.group("md") or m.group("name") == "INFRA_FEASIBILITY":
+        return True
+    return m.group("name") == "DESIGN" and re.match(r'[,\s]+(?:decision \d|")', m.string[m.end():]) is not None
 
 
 def context_doc(text: str) -> str:
