@@ -27,7 +27,7 @@ setup(
         "ninja>=1.11",  # DeepSpeed JIT-builds its CPU comm op
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100"],
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.5"],  # ruff: tests/test_lint.py
         "evidence": ["matplotlib>=3.7"],  # the plot of python -m tide_ds.experiments.evidence
     },
 )

@@ -5,8 +5,11 @@ import os
 import socket
 import time
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.slow  # two processes, one of which waits 6 s on purpose
 
 
 def _free_port() -> int:

@@ -85,6 +85,7 @@ def test_forward_matches_hf_4d_mask_route(generator: torch.Generator) -> None:
     assert student.lm_head_weight is student.hf.model.embed_tokens.weight
 
 
+@pytest.mark.slow  # ~30 s on 2 CPU cores: FlexAttention compiles its CPU kernel
 def test_backends_agree(generator: torch.Generator) -> None:
     x_t, x_0 = _ids(generator)
     out = {}
