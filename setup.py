@@ -26,6 +26,7 @@ setup(
         "numpy>=1.26",
         "ninja>=1.11",  # DeepSpeed JIT-builds its CPU comm op
     ],
+    entry_points={"console_scripts": ["tide-ds=tide_ds.cli:main"]},
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100"],
         # lm-evaluation-harness model class tide_bd3lm (tide_ds.eval.harness); pinned: the registry API it uses
