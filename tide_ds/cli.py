@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "train":
             return train(rest)
         module_name, func, _ = COMMANDS[command]
+        if command == "eval" and any(a == "--suite" or a.startswith("--suite=") for a in rest):
+            module_name, func = "tide_ds.eval.suite", "main"  # the paper's suite (tide_ds.eval + lm-eval)
         if importlib.util.find_spec(module_name.rsplit(".__main__", 1)[0]) is None:
             print(f"tide-ds {command}: this installation has no {module_name} (not built in this version of tide-ds)",
                   file=sys.stderr)

@@ -334,8 +334,12 @@ class TrainArgs:
     overwrite: bool = False
     #: Signals that ask for a checkpoint at the next step boundary and an exit with code 75 for a requeue (comma-separated; empty disables).
     preempt_signals: str = "USR1,TERM"
-    #: Write TensorBoard scalars.
+    #: Write TensorBoard scalars (deprecated: leave tensorboard out of report_to instead; false still turns it off).
     tensorboard: bool = True
+    #: Where metrics go, comma-separated: tensorboard, jsonl, wandb (wandb needs the wandb extra); metrics.jsonl is always written.
+    report_to: str = "tensorboard,jsonl"
+    #: Weights & Biases project when report_to has wandb (empty: $WANDB_PROJECT, else tide-ds).
+    wandb_project: str = ""
     #: Show a progress bar on rank 0.
     progress_bar: bool = True
 
@@ -352,6 +356,9 @@ class TrainArgs:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1)")
         _choice("train.resume", self.resume, RESUME_MODES)
         parse_signals("train.preempt_signals", self.preempt_signals)
+        from tide_ds.trainer.reporters import parse_report_to  # train.report_to (issue 19)
+
+        parse_report_to(self.report_to)
         if self.resume == "auto" and self.overwrite:
             raise ValueError(
                 "train.resume=auto and train.overwrite=true contradict each other: "

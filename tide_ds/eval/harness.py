@@ -163,7 +163,8 @@ class TideBD3LM(LM):
     """A tide-ds BD3LM student as an lm-eval model (see the module docstring for the estimators).
 
     Model args (``--model_args key=value,...``):
-        pretrained: exported HF directory, run directory or checkpoint directory (required).
+        pretrained: exported HF directory, run directory or checkpoint directory (required; from Python also
+            an already loaded :class:`~tide_ds.sampling.load.InferenceModel`).
         device: ``cpu``, ``cuda``, ``cuda:1`` (default: cuda if available; ``cuda:LOCAL_RANK`` under several processes).
         dtype: float32 / bfloat16 / float16 (default: what the directory records).
         batch_size: prompts decoded together / pairs scored together (lm-eval's ``--batch_size``).
@@ -235,7 +236,14 @@ class TideBD3LM(LM):
         else:
             dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._device = dev
-        self.loaded = load_inference_model(pretrained, dtype=dtype, device=dev)
+        from tide_ds.sampling.load import InferenceModel
+
+        if isinstance(pretrained, InferenceModel):  # a model already in memory (tide-ds eval --suite paper)
+            self.loaded = pretrained
+            self._device = pretrained.model.device
+            pretrained = pretrained.source
+        else:
+            self.loaded = load_inference_model(pretrained, dtype=dtype, device=dev)
         self.block_size = int(block_size) if block_size not in (None, "") else (self.loaded.block_size or DEFAULT_BLOCK_SIZE)
         self.max_length = int(max_length) if max_length not in (None, "") else int(self.loaded.model.config.max_position_embeddings)
         if self.max_length < 2 * self.block_size:

@@ -28,6 +28,7 @@ from tide_ds.trainer.distill import (
 )
 from tide_ds.trainer.engine import DiffusionCEModule, initialize_engine
 from tide_ds.trainer.metrics import MetricsWriter
+from tide_ds.trainer.reporters import report_tensorboard, with_reporters
 from tide_ds.trainer.step import evaluate, train_step
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def train(cfg: RunConfig) -> dict[str, float]:
         data.train.load_state_dict(state["data"])
         logger.info("resumed from %s at step %d", decision.resume_from, step)
 
-    metrics = MetricsWriter(cfg.train.output_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard, start_step=step)
+    metrics = MetricsWriter(cfg.train.output_dir, enabled=rank == 0, tensorboard=report_tensorboard(cfg.train), start_step=step)
+    metrics = with_reporters(metrics, cfg, enabled=rank == 0, start_step=step)  # train.report_to: W&B (reporters.py)
     # Training tokens: one copy of L per sample (the model itself reads [x_t ; x_0], 2L positions).
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world * cfg.data.seq_len
     bar = None

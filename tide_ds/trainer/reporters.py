@@ -1,0 +1,137 @@
+"""Where training metrics go besides ``metrics.jsonl`` and TensorBoard: ``train.report_to``.
+
+``train.report_to`` is a comma-separated list (or a YAML list) of ``tensorboard``, ``jsonl`` and ``wandb``;
+the default ``tensorboard,jsonl`` is what the trainer always wrote. ``metrics.jsonl`` and TensorBoard stay
+in :class:`tide_ds.trainer.metrics.MetricsWriter`; this module adds the optional Weights & Biases logger
+(``pip install -e '.[wandb]'``) behind a three-call interface the training loop uses on rank 0 only:
+
+* ``open(config, run_dir, resume_step)``: start (or continue) the run;
+* ``log(record, step)``: one record as ``MetricsWriter.write`` gets it (``kind`` + values); numbers are
+  logged as ``<kind>/<name>`` at ``step``, the same keys as the TensorBoard scalars;
+* ``close()``.
+
+W&B: the run config is the resolved config (``RunConfig.to_dict()``), the project ``train.wandb_project``
+(default ``tide-ds``, or ``$WANDB_PROJECT``), the run name the run directory's name. The run id is kept in
+``<run dir>/wandb_run.json``, written before the first log: a resumed run (or a restart in the same
+directory) continues the same W&B run (``resume="allow"``); ``train.overwrite`` moves the directory aside
+and with it the id, so a fresh start gets a fresh W&B run. Offline runs (``WANDB_MODE=offline``) write
+under ``<run dir>/wandb`` and are uploaded later with ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REPORTERS", "ReportingMetrics", "WandbReporter", "build_reporters", "parse_report_to", "report_tensorboard", "with_reporters"]
+
+REPORTERS = ("tensorboard", "jsonl", "wandb")
+RUN_ID_FILE = "wandb_run.json"
+
+
+def parse_report_to(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"tensorboard,wandb"`` or ``["tensorboard", "wandb"]`` -> ``("tensorboard", "wandb")``; checked."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(dict.fromkeys(str(v).strip().lower() for v in items if str(v).strip()))
+    unknown = [n for n in names if n not in REPORTERS]
+    if unknown:
+        raise ValueError(
+            f"train.report_to={value!r}: unknown reporter(s) {unknown}; use a comma-separated list of {', '.join(REPORTERS)}"
+        )
+    return names
+
+
+class WandbReporter:
+    """Weights & Biases logging of the trainer's records (rank 0)."""
+
+    def __init__(self, *, project: str | None = None) -> None:
+        self.project = project
+        self.run = None
+        self.run_id: str | None = None
+
+    def open(self, config, run_dir: str | Path, resume_step: int) -> None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise ValueError("train.report_to includes wandb but wandb is not installed; pip install -e '.[wandb]' "
+                             "or drop wandb from train.report_to") from err
+        run_dir = Path(run_dir)
+        id_file = run_dir / RUN_ID_FILE
+        if id_file.is_file():
+            self.run_id = json.loads(id_file.read_text())["id"]
+            logger.info("wandb: continuing run %s (from %s, step %d)", self.run_id, id_file, resume_step)
+        else:
+            self.run_id = wandb.util.generate_id()
+            tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"id": self.run_id}) + "\n")
+            os.replace(tmp, id_file)
+        self.run = wandb.init(
+            project=self.project or os.environ.get("WANDB_PROJECT") or "tide-ds",
+            name=run_dir.name, id=self.run_id, resume="allow", dir=str(run_dir),
+            config=config.to_dict() if hasattr(config, "to_dict") else dict(config),
+        )
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        kind = record.get("kind", "train")
+        values = {f"{kind}/{k}": v for k, v in record.items()
+                  if k not in ("step", "kind", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def build_reporters(report_to: str | Sequence[str], *, project: str | None = None) -> list[WandbReporter]:
+    """The reporters beyond MetricsWriter's own sinks (today: W&B when asked for)."""
+    return [WandbReporter(project=project)] if "wandb" in parse_report_to(report_to) else []
+
+
+def report_tensorboard(train_cfg) -> bool:
+    """TensorBoard on: ``tensorboard`` in ``train.report_to`` and the deprecated ``train.tensorboard`` not false."""
+    wanted = "tensorboard" in parse_report_to(train_cfg.report_to)
+    if wanted and not train_cfg.tensorboard:
+        logger.warning("train.tensorboard=false is deprecated: leave tensorboard out of train.report_to instead "
+                       "(e.g. --train.report_to=jsonl); TensorBoard is off")
+    return wanted and train_cfg.tensorboard
+
+
+class ReportingMetrics:
+    """A ``MetricsWriter`` whose records also go to the reporters (same ``write`` / ``close`` calls)."""
+
+    def __init__(self, writer, reporters: list[WandbReporter]) -> None:
+        self.writer = writer
+        self.reporters = reporters
+
+    def __getattr__(self, name: str):
+        return getattr(self.writer, name)
+
+    def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        self.writer.write(step, kind, values)
+        for reporter in self.reporters:
+            reporter.log({"kind": kind, **values}, step)
+
+    def close(self) -> None:
+        self.writer.close()
+        for reporter in self.reporters:
+            reporter.close()
+
+
+def with_reporters(writer, cfg, *, enabled: bool, start_step: int):
+    """``writer`` plus the reporters of ``cfg.train.report_to``, opened now (rank 0: ``enabled``)."""
+    if not enabled:
+        return writer
+    reporters = build_reporters(cfg.train.report_to, project=cfg.train.wandb_project or None)
+    if not reporters:
+        return writer
+    for reporter in reporters:
+        reporter.open(cfg, cfg.train.output_dir, start_step)
+    return ReportingMetrics(writer, reporters)
