@@ -20,9 +20,11 @@ under ``<run dir>/wandb`` and are uploaded later with ``wandb sync``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,9 @@ def parse_report_to(value: str | Sequence[str]) -> tuple[str, ...]:
         raise ValueError(
             f"train.report_to={value!r}: unknown reporter(s) {unknown}; use a comma-separated list of {', '.join(REPORTERS)}"
         )
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:  # checked on every rank, before any work
+        raise ValueError(f"train.report_to={value!r} includes wandb but wandb is not installed; "
+                         "pip install -e '.[wandb]' or drop wandb from train.report_to")
     return names
 
 
@@ -67,7 +72,7 @@ class WandbReporter:
             self.run_id = json.loads(id_file.read_text())["id"]
             logger.info("wandb: continuing run %s (from %s, step %d)", self.run_id, id_file, resume_step)
         else:
-            self.run_id = wandb.util.generate_id()
+            self.run_id = uuid.uuid4().hex[:16]
             tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp-{os.getpid()}")
             tmp.write_text(json.dumps({"id": self.run_id}) + "\n")
             os.replace(tmp, id_file)
@@ -116,13 +121,21 @@ class ReportingMetrics:
 
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
         self.writer.write(step, kind, values)
-        for reporter in self.reporters:
-            reporter.log({"kind": kind, **values}, step)
+        for reporter in list(self.reporters):
+            try:
+                reporter.log({"kind": kind, **values}, step)
+            except Exception as err:  # noqa: BLE001 - rank 0 only: raising would hang the other ranks
+                logger.error("train.report_to: %s failed at step %d (%s: %s); dropped, metrics.jsonl keeps every "
+                             "record", type(reporter).__name__, step, type(err).__name__, err)
+                self.reporters.remove(reporter)
 
     def close(self) -> None:
         self.writer.close()
         for reporter in self.reporters:
-            reporter.close()
+            try:
+                reporter.close()
+            except Exception as err:  # noqa: BLE001
+                logger.error("train.report_to: closing %s failed (%s: %s)", type(reporter).__name__, type(err).__name__, err)
 
 
 def with_reporters(writer, cfg, *, enabled: bool, start_step: int):
@@ -132,6 +145,15 @@ def with_reporters(writer, cfg, *, enabled: bool, start_step: int):
     reporters = build_reporters(cfg.train.report_to, project=cfg.train.wandb_project or None)
     if not reporters:
         return writer
+    opened = []
     for reporter in reporters:
-        reporter.open(cfg, cfg.train.output_dir, start_step)
-    return ReportingMetrics(writer, reporters)
+        # Rank 0 alone opens reporters: an exception here would leave the other ranks waiting in the next
+        # collective, so a reporter that cannot start is reported and skipped (metrics.jsonl has every record).
+        try:
+            reporter.open(cfg, cfg.train.output_dir, start_step)
+        except Exception as err:  # noqa: BLE001 - any failure of a third-party logger
+            logger.error("train.report_to: %s could not start (%s: %s); continuing without it, every record is "
+                         "still in metrics.jsonl", type(reporter).__name__, type(err).__name__, err)
+            continue
+        opened.append(reporter)
+    return ReportingMetrics(writer, opened) if opened else writer
