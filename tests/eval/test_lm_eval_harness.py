@@ -206,3 +206,26 @@ def test_bad_model_args_fail_before_loading(exported):
         TideBD3LM(pretrained=str(exported), remasking="best")
     with pytest.raises(ValueError, match="mc_num=0"):
         TideBD3LM(pretrained=str(exported), mc_num=0)
+
+
+def test_two_processes_give_the_single_process_scores(exported, tasks, tmp_path):
+    """lm-eval's data-parallel mode: torchrun with 2 CPU processes (gloo), each scoring its share of the requests."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "tide_ds.eval.harness", "run", "--model", "tide_bd3lm", "--model_args", _model_args(exported),
+           "--tasks", "tide_tiny_gen", "tide_tiny_mc", "--include_path", str(tasks), "--batch_size", "2",
+           "--device", "cpu", "--output_path", str(tmp_path / "out"), "--log_samples"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [result_file] = list((tmp_path / "out").rglob("results*.json"))  # written by rank 0 only
+    _check_scores(json.loads(result_file.read_text())["results"])
+    assert "tide_bd3lm: data-parallel rank 1 of 2" in proc.stderr
+    # lm-eval gives rank r the documents r, r + 2, ...: rank 0 reports all three, so rank 1's answer was gathered
+    for task in ("tide_tiny_gen", "tide_tiny_mc"):
+        [samples] = list((tmp_path / "out").rglob(f"samples_{task}_*.jsonl"))
+        assert sorted(json.loads(line)["doc_id"] for line in samples.read_text().splitlines()) == [0, 1, 2]

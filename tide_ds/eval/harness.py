@@ -264,7 +264,7 @@ class TideBD3LM(LM):
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
-        logger.info("%s: rank %d of %d", MODEL_NAME, self._rank, self._world_size)
+        print(f"{MODEL_NAME}: data-parallel rank {self._rank} of {self._world_size}", file=sys.stderr, flush=True)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._world_size <= 1:
