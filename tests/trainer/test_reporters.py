@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,56 @@ def _history(run_file: Path) -> dict[int, dict]:
     return out
 
 
+def _compare(out: Path, history: dict[int, dict]) -> int:
+    checked = 0
+    for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()):
+        for key, value in r.items():
+            if key in ("step", "kind", "time") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            assert history[r["step"]][f"{r['kind']}/{key}"] == pytest.approx(value, rel=1e-12), (r["step"], key)
+            checked += 1
+    return checked
+
+
+def test_wandb_reporter_in_process_resume_and_rank_gate(tmp_path, monkeypatch):
+    """The trainer's hooks without DeepSpeed: MetricsWriter + with_reporters, a 'resume' at step 2, rank gate."""
+    pytest.importorskip("wandb", reason="needs the wandb extra: pip install -e '.[wandb]'")
+    from tide_ds.trainer.metrics import MetricsWriter
+    from tide_ds.trainer.reporters import with_reporters
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = build_config(overrides=[f"--train.output_dir={out}", "--train.report_to=jsonl,wandb"])
+    assert isinstance(with_reporters(MetricsWriter(out, enabled=False, tensorboard=False, start_step=0), cfg,
+                                     enabled=False, start_step=0), MetricsWriter)  # ranks > 0: nothing opened
+    assert not (out / "wandb").exists()
+
+    def launch(start: int, stop: int) -> None:
+        metrics = with_reporters(MetricsWriter(out, enabled=True, tensorboard=False, start_step=start), cfg,
+                                 enabled=True, start_step=start)
+        for step in range(start + 1 if start else 0, stop + 1):  # a resume continues after its checkpoint
+            if step % 2 == 0:
+                metrics.write(step, "eval", {"nll": 5.0 - step / 7, "masked_ce": 4.0 - step / 9})
+            if step:
+                metrics.write(step, "train", {"loss": 1.0 / step, "lr": 1e-3 * step, "tokens": 128 * step})
+        metrics.close()
+
+    launch(0, 3)  # a launch that logged step 3 and whose last checkpoint was step 2
+    run_id = json.loads((out / "wandb_run.json").read_text())["id"]
+    time.sleep(1.1)  # W&B names offline run directories by the second: two launches in one second share one
+    launch(2, 4)  # the resume: MetricsWriter keeps steps <= 2, W&B continues the same run
+    assert json.loads((out / "wandb_run.json").read_text())["id"] == run_id
+    run_files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [f.name for f in run_files] == [f"run-{run_id}.wandb"] * 2
+    history: dict[int, dict] = {}
+    for f in run_files:  # later launches win for a step logged twice (the resume's own record of step 3)
+        for step, row in _history(f).items():
+            history.setdefault(step, {}).update(row)
+    assert _compare(out, history) == 3 * 2 + 4 * 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -113,12 +164,5 @@ def test_wandb_offline_holds_the_metrics_and_a_resume_continues_the_run(tmp_path
             history.setdefault(step, {}).update(row)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in records} == {0, 1, 2, 3, 4}
-    checked = 0
-    for r in records:
-        for key, value in r.items():
-            if key in ("step", "kind", "time") or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            assert history[r["step"]][f"{r['kind']}/{key}"] == pytest.approx(value, rel=1e-12), (r["step"], key)
-            checked += 1
-    assert checked >= 5 * 3
+    assert _compare(out, history) >= 5 * 3
     assert any(f"eval/nll" in row for row in history.values())
