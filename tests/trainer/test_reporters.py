@@ -63,9 +63,19 @@ def read_wandb_log(path: Path) -> list:
     return records
 
 
+def _complete_log(run_file: Path, timeout: float = 30.0) -> list:
+    """The records once the file ends with its exit record (W&B's service writes after ``finish`` returns)."""
+    deadline = time.time() + timeout
+    while True:
+        records = read_wandb_log(run_file)
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.time() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def _history(run_file: Path) -> dict[int, dict]:
     out: dict[int, dict] = {}
-    for record in read_wandb_log(run_file):
+    for record in _complete_log(run_file):
         if record.WhichOneof("record_type") == "history":
             row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in record.history.item}
             out.setdefault(row["_step"], {}).update(row)

@@ -59,6 +59,8 @@ class WandbReporter:
         self.project = project
         self.run = None
         self.run_id: str | None = None
+        self._pending: dict[str, float] = {}
+        self._pending_step: int | None = None
 
     def open(self, config, run_dir: str | Path, resume_step: int) -> None:
         try:
@@ -86,11 +88,21 @@ class WandbReporter:
         kind = record.get("kind", "train")
         values = {f"{kind}/{k}": v for k, v in record.items()
                   if k not in ("step", "kind", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._pending_step is not None and step != self._pending_step:
+            self._flush()
         if values:
-            self.run.log(values, step=step)
+            # one W&B history row per step (eval and train records of a step together), committed explicitly
+            self._pending_step = step
+            self._pending.update(values)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self.run.log(self._pending, step=self._pending_step, commit=True)
+        self._pending, self._pending_step = {}, None
 
     def close(self) -> None:
         if self.run is not None:
+            self._flush()
             self.run.finish()
             self.run = None
 
