@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tide-ds {command}: {err}", file=sys.stderr)
             return 2
         sys.argv = [f"tide-ds {command}", *rest]
+        if command == "eval" and module_name != "tide_ds.eval.suite" and {"-h", "--help"} & set(rest):
+            print("(tide-ds eval --suite paper --help: the paper's eight benchmarks through tide-ds and lm-eval)\n")
         result = getattr(module, func)(rest)
     except (ValueError, FileNotFoundError) as err:
         print(f"tide-ds {command}: error: {err}", file=sys.stderr)
