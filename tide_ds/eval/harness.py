@@ -174,8 +174,9 @@ class TideBD3LM(LM):
         temperature / top_p / remasking / use_cache: the sampler's options (task generation kwargs
             ``temperature``/``top_p``/``do_sample`` override temperature and top_p).
         mc_num: Monte Carlo samples of the NELBO per loglikelihood request (default 32).
-        max_length: window of loglikelihood_rolling and the longest context kept (default: the model's
-            ``max_position_embeddings``).
+        max_length: window of loglikelihood_rolling and the longest context + continuation scored (default
+            2048, the paper's eval ``max_length``, or the model's ``max_position_embeddings`` if smaller; the
+            BD3LM forward runs 2x this many positions).
         seed: seed of the ELBO noise and of sampling.
     """
 
@@ -245,7 +246,8 @@ class TideBD3LM(LM):
         else:
             self.loaded = load_inference_model(pretrained, dtype=dtype, device=dev)
         self.block_size = int(block_size) if block_size not in (None, "") else (self.loaded.block_size or DEFAULT_BLOCK_SIZE)
-        self.max_length = int(max_length) if max_length not in (None, "") else int(self.loaded.model.config.max_position_embeddings)
+        self.max_length = (int(max_length) if max_length not in (None, "")
+                           else min(2048, int(self.loaded.model.config.max_position_embeddings)))
         if self.max_length < 2 * self.block_size:
             raise ValueError(f"{MODEL_NAME}: max_length={self.max_length} must be at least two blocks ({2 * self.block_size})")
         cfg = self.loaded.run_config
