@@ -229,3 +229,16 @@ def test_two_processes_give_the_single_process_scores(exported, tasks, tmp_path)
     for task in ("tide_tiny_gen", "tide_tiny_mc"):
         [samples] = list((tmp_path / "out").rglob(f"samples_{task}_*.jsonl"))
         assert sorted(json.loads(line)["doc_id"] for line in samples.read_text().splitlines()) == [0, 1, 2]
+
+
+def test_long_requests_keep_the_end_within_max_length(exported):
+    lm = TideBD3LM(pretrained=str(exported), device="cpu", mc_num=3, seed=0, max_length=16)
+    ctx, cont = list(range(1000, 1040)), list(range(2000, 2005))
+    assert lm._fit(ctx, cont) == (ctx[-11:], cont)
+    assert lm._fit([], list(range(30))) == ([], list(range(14, 30)))
+    [(ll, _)] = lm._score_pairs([(ctx, cont)])
+    [(nelbo, _)] = continuation_nelbo(lm.loaded.model, [(ctx[-11:], cont)], block_size=8,
+                                      mask_id=lm.loaded.special.mask_id, mc_num=3, seed=0)
+    assert ll == pytest.approx(-nelbo, rel=1e-6)
+    windows = lm.loglikelihood_rolling([_Req(" ".join(["word"] * 40))])  # 40+ tokens in windows of 16
+    assert windows[0] < 0
