@@ -171,6 +171,8 @@ def test_elbo_is_deterministic_and_independent_of_batching(exported):
     batched = list(reversed(lm.loglikelihood(list(reversed(reqs)))))
     assert [v for v, _ in batched] == pytest.approx([v for v, _ in one], rel=1e-5)  # same noise, other matmul shapes
     assert [g for _, g in batched] == [g for _, g in one]
+    lm.mc_batch_size = 3  # samples stacked in one forward: the same noise
+    assert [v for v, _ in lm.loglikelihood(reqs)] == pytest.approx([v for v, _ in one], rel=1e-5)
     lm.seed = 2
     assert [v for v, _ in lm.loglikelihood(reqs)] != [v for v, _ in one]
     assert all(v < 0 for v, _ in one)
@@ -193,7 +195,8 @@ def test_elbo_of_one_token_converges_to_its_cross_entropy(loaded):
         student = BD3LMStudent(loaded.model, block_size=8)
         logits = student.logits(student(xt, x0))[0, len(ctx)].float()
     ce = float(torch.nn.functional.cross_entropy(logits[None], torch.tensor(y)))
-    [(nelbo, greedy)] = continuation_nelbo(loaded.model, [(ctx, y)], block_size=8, mask_id=mask, mc_num=4000, seed=0)
+    [(nelbo, greedy)] = continuation_nelbo(loaded.model, [(ctx, y)], block_size=8, mask_id=mask, mc_num=4000, seed=0,
+                                           mc_batch_size=500)
     # X = CE / t with probability t: mean CE (1 - eps), variance CE^2 (ln(1/eps) - 1): 4 sigma over 4000 draws
     assert abs(nelbo - ce * (1 - 1e-3)) < 4 * ce * (6.9 / 4000) ** 0.5
     assert greedy == (int(logits.argmax()) == y[0])

@@ -92,12 +92,14 @@ def continuation_nelbo(
     seed: int,
     schedule: str = "linear",
     time_epsilon: float = 1e-3,
+    mc_batch_size: int = 1,
 ) -> list[tuple[float, bool]]:
     """``(NELBO, is_greedy)`` per ``(context ids, continuation ids)`` pair, on ``model``'s device.
 
     The pairs are run together (right-padded with mask tokens to a common multiple of ``block_size``;
     BD3LM attention never looks at later blocks, so the padding does not change any row). Each pair uses
     its own generator (``seed`` and its tokens), so a pair's value is the same in any batch.
+    ``mc_batch_size`` MC samples share one forward (the same noise, so the same value up to rounding).
     """
     from tide_ds.diffusion.schedules import get_schedule
     from tide_ds.models.qwen3 import BD3LMStudent
@@ -131,12 +133,16 @@ def continuation_nelbo(
     student = BD3LMStudent(model, block_size=k)
     x0_d, scored_d = x0.to(device), scored.to(device)
     total = torch.zeros(rows, dtype=torch.float64)
-    for s in range(mc_num):
-        masked = (us[s] < mask_p[s][:, None]).to(device) & scored_d
-        x_t = torch.where(masked, torch.full_like(x0_d, mask_id), x0_d)
-        hidden = student(x_t, x0_d)
-        nll = _token_nll(student, hidden, x0_d, masked)  # [rows, width], zero where not masked
-        total += (nll.sum(-1).double().cpu() * weight[s].double())
+    chunk = max(1, min(mc_num, mc_batch_size))
+    for s0 in range(0, mc_num, chunk):
+        s1 = min(mc_num, s0 + chunk)  # samples s0..s1-1 in one forward: [(s1 - s0) * rows, width]
+        masked = (us[s0:s1] < mask_p[s0:s1, :, None]).to(device) & scored_d
+        x0_rep = x0_d.repeat(s1 - s0, 1)
+        masked = masked.reshape(-1, width)
+        x_t = torch.where(masked, torch.full_like(x0_rep, mask_id), x0_rep)
+        nll = _token_nll(student, student(x_t, x0_rep), x0_rep, masked)  # zero where not masked
+        per_sample = nll.sum(-1).double().cpu().view(s1 - s0, rows)
+        total += (per_sample * weight[s0:s1].double()).sum(0)
     nelbo = total / mc_num
     # one-step greedy check: every continuation token masked, argmax at each position
     x_t = torch.where(scored_d, torch.full_like(x0_d, mask_id), x0_d)
@@ -174,6 +180,7 @@ class TideBD3LM(LM):
         temperature / top_p / remasking / use_cache: the sampler's options (task generation kwargs
             ``temperature``/``top_p``/``do_sample`` override temperature and top_p).
         mc_num: Monte Carlo samples of the NELBO per loglikelihood request (default 32).
+        mc_batch_size: MC samples run in one forward (default 1; more is faster and takes more memory).
         max_length: window of loglikelihood_rolling and the longest context + continuation scored (default
             2048, the paper's eval ``max_length``, or the model's ``max_position_embeddings`` if smaller; the
             BD3LM forward runs 2x this many positions).
@@ -196,6 +203,7 @@ class TideBD3LM(LM):
         remasking: str = "low_confidence",
         use_cache: bool | str = True,
         mc_num: int = 32,
+        mc_batch_size: int = 1,
         max_length: int | None = None,
         seed: int = 0,
         **unknown,
@@ -205,7 +213,7 @@ class TideBD3LM(LM):
             raise ValueError(
                 f"{MODEL_NAME}: unknown model_args {sorted(unknown)}; known: pretrained, device, dtype, batch_size, "
                 "block_size, steps, steps_per_block, max_gen_toks, temperature, top_p, remasking, use_cache, "
-                "mc_num, max_length, seed"
+                "mc_num, mc_batch_size, max_length, seed"
             )
         from tide_ds.generate import DEFAULT_BLOCK_SIZE
         from tide_ds.sampling.load import load_inference_model
@@ -215,6 +223,7 @@ class TideBD3LM(LM):
             raise ValueError(f"{MODEL_NAME}: batch_size={batch_size!r}: give a number (auto is not supported)")
         self.batch_size = int(batch_size)
         self.mc_num = int(mc_num)
+        self.mc_batch_size = int(mc_batch_size)
         self.seed = int(seed)
         self.max_gen_toks = int(max_gen_toks)
         self.steps = int(steps) if steps not in (None, "") else None
@@ -223,7 +232,8 @@ class TideBD3LM(LM):
         self.top_p = float(top_p)
         self.remasking = str(remasking)
         self.use_cache = _as_bool(use_cache)
-        for name, value in (("batch_size", self.batch_size), ("mc_num", self.mc_num), ("max_gen_toks", self.max_gen_toks)):
+        for name, value in (("batch_size", self.batch_size), ("mc_num", self.mc_num), ("mc_batch_size", self.mc_batch_size),
+                            ("max_gen_toks", self.max_gen_toks)):
             if value <= 0:
                 raise ValueError(f"{MODEL_NAME}: {name}={value} must be > 0")
         if self.remasking not in REMASKING:
@@ -347,7 +357,7 @@ class TideBD3LM(LM):
             scores = continuation_nelbo(
                 self.loaded.model, [pairs[i] for i in rows], block_size=self.block_size,
                 mask_id=self.loaded.special.mask_id, mc_num=self.mc_num, seed=self.seed,
-                schedule=self.schedule, time_epsilon=self.time_epsilon,
+                schedule=self.schedule, time_epsilon=self.time_epsilon, mc_batch_size=self.mc_batch_size,
             )
             for i, (nelbo, greedy) in zip(rows, scores):
                 results[i] = (-nelbo, greedy)
