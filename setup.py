@@ -26,8 +26,13 @@ setup(
         "numpy>=1.26",
         "ninja>=1.11",  # DeepSpeed JIT-builds its CPU comm op
     ],
+    entry_points={"console_scripts": ["tide-ds=tide_ds.cli:main"]},
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.5"],  # ruff: tests/test_lint.py
+        # lm-evaluation-harness model class tide_bd3lm (tide_ds.eval.harness); pinned: the registry API it uses
+        "eval": ["lm-eval==0.4.13"],
+        # train.report_to=wandb (tide_ds.trainer.reporters)
+        "wandb": ["wandb==0.31.0"],
         "evidence": ["matplotlib>=3.7"],  # the plot of python -m tide_ds.experiments.evidence
     },
 )

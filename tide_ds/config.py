@@ -411,7 +411,18 @@ class TrainArgs:
         "Signals that ask for a checkpoint at the next step boundary and an exit with code 75 for a requeue "
         "(comma-separated; empty disables).",
     )
-    tensorboard: bool = option(True, "Write TensorBoard scalars.")
+    tensorboard: bool = option(
+        True,
+        "Write TensorBoard scalars (deprecated: leave tensorboard out of report_to instead; false still turns it off).",
+    )
+    report_to: str = option(
+        "tensorboard,jsonl",
+        "Where metrics go, comma-separated: tensorboard, jsonl, wandb (wandb needs the wandb extra); "
+        "metrics.jsonl is always written.",
+    )
+    wandb_project: str = option(
+        "", "Weights & Biases project when report_to has wandb (empty: $WANDB_PROJECT, else tide-ds)."
+    )
     progress_bar: bool = option(True, "Show a progress bar on rank 0.")
 
     def __post_init__(self) -> None:
@@ -427,6 +438,9 @@ class TrainArgs:
                 raise ConfigError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1)")
         _check_choices(self, "train")
         parse_signals("train.preempt_signals", self.preempt_signals)
+        from tide_ds.trainer.reporters import parse_report_to  # train.report_to (issue 19)
+
+        parse_report_to(self.report_to)
         if self.resume == "auto" and self.overwrite:
             raise ConfigError(
                 "train.resume=auto and train.overwrite=true contradict each other: "

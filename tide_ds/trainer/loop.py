@@ -23,6 +23,7 @@ from tide_ds.trainer import checkpoint, preemption
 from tide_ds.trainer.engine import initialize_engine
 from tide_ds.trainer.metrics import MetricsWindow, MetricsWriter
 from tide_ds.trainer.objectives import Objective, build_objective
+from tide_ds.trainer.reporters import report_tensorboard, with_reporters
 from tide_ds.trainer.step import evaluate, train_step
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,9 @@ def run_training(run: Run) -> dict[str, float]:
     """Step, log, evaluate and checkpoint on cadence until ``train.max_steps``; return the last held-out evaluation."""
     cfg, engine, data, rank, world = run.cfg, run.engine, run.data, run.rank, run.world_size
     step = run.start_step
-    metrics = MetricsWriter(cfg.train.output_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard, start_step=step)
+    metrics = MetricsWriter(cfg.train.output_dir, enabled=rank == 0, tensorboard=report_tensorboard(cfg.train),
+                            start_step=step)
+    metrics = with_reporters(metrics, cfg, enabled=rank == 0, start_step=step)  # train.report_to: W&B (reporters.py)
     # Training tokens: one copy of L per sample (the model itself reads [x_t ; x_0], 2L positions).
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.gradient_accumulation_steps * world * cfg.data.seq_len
     window = MetricsWindow(device=run.device, world_size=world, tokens_per_step=tokens_per_step)
