@@ -30,7 +30,7 @@ setup(
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.5"],  # ruff: tests/test_lint.py
         # lm-evaluation-harness model class tide_bd3lm (tide_ds.eval.harness); pinned: the registry API it uses
-        "eval": ["lm-eval==0.4.13"],
+        "eval": ["lm-eval[math]==0.4.13"],  # [math]: MATH (minerva_math) answer checking
         # train.report_to=wandb (tide_ds.trainer.reporters)
         "wandb": ["wandb==0.31.0"],
         "evidence": ["matplotlib>=3.7"],  # the plot of python -m tide_ds.experiments.evidence

@@ -245,3 +245,30 @@ def test_long_requests_keep_the_end_within_max_length(exported):
     assert ll == pytest.approx(-nelbo, rel=1e-6)
     windows = lm.loglikelihood_rolling([_Req(" ".join(["word"] * 40))])  # 40+ tokens in windows of 16
     assert windows[0] < 0
+
+
+def test_paper_suite_runs_lm_eval_benchmarks_through_tide_bd3lm(exported, loaded, tasks, monkeypatch, tmp_path):
+    """The suite's lm-eval branch, with the MMLU column pointed at the local multiple-choice task: the value is
+    lm-eval's own for the protocol's settings (chat template), in percent."""
+    import argparse
+    import dataclasses
+
+    from tide_ds.eval import suite
+
+    benches = tuple(dataclasses.replace(b, task="tide_tiny_mc", metric="acc,none", num_fewshot=0, max_gen_toks=None)
+                    for b in suite.BENCHMARKS if b.name == "MMLU")
+    monkeypatch.setattr(suite, "BENCHMARKS", benches)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = argparse.Namespace(wheel_dir=None, batch_size=2, seed=SEED, mc_num=MC_NUM, limit=0,
+                              include_path=str(tasks), data_dir=None)
+    result = suite.run_paper_suite(loaded, args=args, block_size=8)
+    from lm_eval.tasks import TaskManager
+
+    direct = lm_eval.simple_evaluate(
+        model="tide_bd3lm", model_args=_model_args(exported), tasks=["tide_tiny_mc"], device="cpu", batch_size=2,
+        task_manager=TaskManager(include_path=str(tasks)), apply_chat_template=True,
+    )["results"]["tide_tiny_mc"]["acc,none"]
+    assert result["benchmarks"]["MMLU"]["value"] == pytest.approx(100 * direct)
+    assert result["benchmarks"]["MMLU"]["n"] == 3
+    assert result["missing"] == {}  # (missing benchmarks: test_lm_eval_agrees_with_tide_eval.py)
+    assert f"{100 * direct:.2f}" in suite.format_paper_table(result)

@@ -121,7 +121,7 @@ def run_paper_suite(loaded, *, args, block_size: int) -> dict:
             out["missing"][bench.name] = f"lm-eval is not installed ({err}); pip install -e '.[eval]'"
             continue
         if task_manager is None:
-            task_manager = TaskManager()
+            task_manager = TaskManager(include_path=getattr(args, "include_path", None) or None)
         reason = _lm_eval_probe(bench, task_manager)
         if reason is not None:
             where = f"--data-dir {args.data_dir}" if args.data_dir else "no --data-dir given"
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights dtype (default: what the run trained in, or what config.json records)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--data-dir", help="Hugging Face datasets cache (HF_HOME) holding the lm-eval tasks' data")
+    parser.add_argument("--include-path", help="extra lm-eval task YAMLs (lm-eval's --include_path), e.g. tasks over local files")
     parser.add_argument("--limit", type=int, default=0, help="first N problems per benchmark (lm-eval: per task); 0 = all")
     parser.add_argument("--out", help="results JSON (default eval_results/<run>-paper.json)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="tide tasks: override the protocol's 256")
