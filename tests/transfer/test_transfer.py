@@ -21,15 +21,28 @@ pipelines -- pipeline A's CE baseline is CALM with calm_weight=0, i.e. the same 
     B kl             2.6459 (-0.705)   3.5489 (+0.198)
     B tide_shared    3.1313 (-0.220)   3.4779 (+0.127)
 
-Asserted: each trained-teacher student ends at least ``MARGIN[preset]`` below CE and at least ``GAP`` below
+Asserted: each trained-teacher student ends at least ``MARGIN[preset]`` below CE and at least ``GAP[preset]`` below
 the same preset with the random teacher; no random-teacher student ends more than ``RANDOM_SLACK`` below
 CE; each teacher's held-out NLL is below half the CE student's (per own token; the teacher's tokens are
 shorter, so per byte its lead is larger). Runs are deterministic given the seed (perturbing CALM's
 weight to 1e-4 moves the CE result by 0.0002), so the margins are about the method, not run noise.
 
-Breaking the path makes the test fail (``TIDE_TRANSFER_BREAK=zero_teacher`` or ``shuffle_alignment``
-runs the same plan with the teacher's log-probs/logits zeroed, or with chunk ids permuted and aligned
-pairs rolled); see BREAK_RESULTS below for the numbers measured when written.
+Breaking the path on purpose (``python -m tide_ds.experiments.transfer --break ...``, same world and plan;
+``TIDE_TRANSFER_BREAK=<kind>`` runs this test that way) makes the test fail, measured when written:
+
+* ``zero_teacher`` (the teacher's target log-probs of pipeline A and row logits of pipeline B replaced by
+  zeros, for the trained and the random teacher alike): fails for all five presets. A: CALM 3.1757,
+  TIDE-Cross 3.1421, TIDE-Shared 3.2677, identical for both teachers, so every ``GAP`` check fails (and
+  ``RANDOM_SLACK``); B: KL 3.6171, TIDE-Shared 3.4879, above CE, so the margins fail too. Note the A
+  numbers: a flat teacher (every chunk probability 1) still beats CE by 0.08-0.21 nats here, because it
+  acts as extra CE weight on a student 80 steps into training; the margin against CE alone would not
+  catch this break, the comparison with the random-weight teacher does.
+* ``shuffle_alignment`` (each row's teacher chunk ids permuted among its chunks; pipeline-B aligned pairs
+  rolled by one): fails for CALM (3.3064, -0.044 against CE; random 3.4502) and TIDE-Cross (3.4998,
+  +0.149). It does not fail for A's TIDE-Shared (3.2980, -0.053; random 3.3362) nor for pipeline B
+  (KL 2.7121, TIDE-Shared 3.0568): in this world every response position has the same distribution (the
+  topic's words), so a teacher row from the neighbouring position carries the same knowledge; rolled
+  pairs remove no information here, and chunk TIDAL's weak, lambda-scaled term keeps some of its effect.
 """
 
 from __future__ import annotations
@@ -43,9 +56,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
-MARGIN = {"A/calm": 0.10, "A/tide_cross": 0.05, "A/tide_shared": 0.05, "B/kl": 0.30, "B/tide_shared": 0.10}
-GAP = 0.03
+#: About half of each measured effect (nats per token): against CE alone, and against a random-weight teacher.
+MARGIN = {"A/calm": 0.10, "A/tide_cross": 0.05, "A/tide_shared": 0.05, "B/kl": 0.35, "B/tide_shared": 0.11}
+GAP = {"A/calm": 0.15, "A/tide_cross": 0.09, "A/tide_shared": 0.02, "B/kl": 0.45, "B/tide_shared": 0.17}
 RANDOM_SLACK = 0.06
 
 
@@ -98,7 +113,7 @@ def test_trained_teacher_helps(results, variant):
     ce = runs[variant.split("/")[0] + "/ce"]["nll"]
     trained, random_teacher = runs[variant]["nll"], runs[f"{variant}_random"]["nll"]
     assert trained <= ce - MARGIN[variant], (variant, trained, ce)
-    assert trained <= random_teacher - GAP, (variant, trained, random_teacher)
+    assert trained <= random_teacher - GAP[variant], (variant, trained, random_teacher)
 
 
 @pytest.mark.parametrize("variant", sorted(MARGIN))

@@ -5,21 +5,24 @@
 The world (:func:`build_world`, built by the project's own tokenizers, preprocessing and teacher
 pretraining, cached under its key):
 
-* a synthetic language: ``n_words`` made-up words and a random successor graph (each word may be followed
-  by ``out_degree`` others); a sample is a chat whose prompt names a start word and whose response is a
-  walk through the graph from it;
-* the **student's** training text is the same language seen through a noisy channel: each response
-  word is replaced, with probability ``noise``, by one of ``n_junk`` junk words that the language never
-  uses. The student never sees a clean response; its held-out split is clean responses of new walks;
+* a synthetic language: ``n_topics`` topics of ``words_per_topic`` made-up words; a sample is a chat whose
+  prompt names a topic and whose response is ``response_words`` words drawn from that topic;
+* the **student's** training text is the same language seen through a noisy channel: each response word
+  is replaced, with probability ``noise``, by one of ``junk_per_topic`` junk words of its topic, which the
+  language never uses (with the defaults each junk word is exactly as frequent as each real word, so
+  nothing but knowledge of the language marks it). The student never sees a clean response; its
+  held-out split is clean responses;
 * the **teacher** is trained on clean text only, the held-out responses included (so it demonstrably
   knows the held-out text), as a masked diffusion LM: pipeline A a LLaDA2-layout MoE with its own
-  SentencePiece tokenizer (a different segmentation from the student's), pipeline B a WeDLM-layout
-  BD3LM with the student's tokenizer. A second teacher per pipeline keeps its random initial weights.
+  SentencePiece tokenizer (a different segmentation from the student's; its tokenizer's corpus also holds
+  the junk words as often as the real ones, so junk is not marked by how it splits, only by the
+  teacher's weights), pipeline B a WeDLM-layout BD3LM with the student's tokenizer. A second teacher
+  per pipeline keeps its random initial weights.
 
 CE alone learns the noisy channel: it gives junk words the probability mass they have in its data.
 A teacher that knows the clean language tells junk from words at every masked position (KL, TIDAL:
 its distribution; CALM and Reverse CALM: its chunk likelihood, low on junk chunks, high on the rest),
-so a student that receives that signal puts less mass on junk and more on the graph's words, and its
+so a student that receives that signal puts less mass on junk and more on the topic's words, and its
 held-out NLL on clean text ends lower than CE's. The signal only helps if it arrives at the right
 positions: misaligned chunks or flat teacher log-probs turn it into noise (:data:`BREAKS`).
 
@@ -34,7 +37,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -55,7 +57,6 @@ TEMPLATE_WORDS = "user\nassistant\nsystem\nSYSTEM\nHUMAN\nASSISTANT\ndetailed th
 
 _CONSONANTS = "bdfgklmnprstv"
 _VOWELS = "aeiou"
-_JUNK_CONSONANTS = "xzqwjhyc"
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,8 @@ HELDOUT_FRACTION = 0.5  # only used to pick source names; the split sizes are th
 
 
 def world_rows(spec: WorldSpec) -> dict[str, list[dict]]:
-    """The JSON-lines rows: ``student`` (noisy training walks + clean held-out walks) and ``teacher`` (clean:
-    the student's training walks, more walks, and the held-out walks)."""
+    """The JSON-lines rows: ``student`` (noisy training samples + clean held-out samples) and ``teacher``
+    (clean: the student's training samples, more samples, and the held-out samples)."""
     lang = make_language(spec)
     rng = random.Random(f"samples-{spec.seed}")
     noise_rng = random.Random(f"noise-{spec.seed}")
