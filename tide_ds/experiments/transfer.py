@@ -260,10 +260,11 @@ def _teacher_splits(dataset: Path, out: Path) -> Path:
 def build_world(root: str | Path, spec: WorldSpec = WorldSpec()) -> TransferWorld:
     """Build (or reuse) the world of ``spec`` under ``root/<key>``; see the module docstring."""
     from tide_ds.data.more_tokenizers import train_sentencepiece_tokenizer
-    from tide_ds.data.tokenizers import file_lock, load_tokenizer, resolve_special_ids
+    from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
+    from tide_ds.utils.files import file_lock
     from tide_ds.models import wedlm
     from tide_ds.models.llada2_moe import write_tiny_llada2_moe_checkpoint
-    from tide_ds.teacher.pretrain import pretrain_llada2_teacher, pretrain_wedlm_teacher
+    from tide_ds.worlds.pretrain import pretrain_llada2_teacher, pretrain_wedlm_teacher
 
     root = Path(root) / f"world-{spec.key()}"
     record = root / "world.json"
@@ -391,7 +392,7 @@ def run_overrides(world: TransferWorld, spec: WorldSpec, run: RunSpec, variant: 
         f"--model.num_kv_heads={run.num_kv_heads}", f"--model.head_dim={run.head_dim}",
         f"--train.seed={run.seed}", f"--train.max_steps={run.steps}", f"--train.micro_batch_size={run.micro_batch_size}",
         f"--train.lr={run.lr}", f"--train.log_every={run.steps}", "--train.eval_every=0", "--train.progress_bar=false",
-        "--train.tensorboard=false", "--train.preempt_signals=", "--train.ds_config=ds_configs/zero2.json",
+        "--train.report_to=jsonl", "--train.preempt_signals=", "--train.ds_config=ds_configs/zero2.json",
         f"--train.output_dir={out}", f"--distill.preset={variant.preset}", f"--distill.pipeline={variant.pipeline}",
     ]
     if variant.teacher != "none":
