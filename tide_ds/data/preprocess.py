@@ -38,6 +38,7 @@ import pyarrow as pa
 from pyarrow import ipc
 
 from tide_ds.data.collate import DEFAULT_TEACHER_FORMAT, PIPELINE_COLUMNS, ContractEncoder, Stats, contract_features
+from tide_ds import workers
 from tide_ds.data.corpus import split_of
 from tide_ds.data.tokenizers import file_lock, publish_dir, sha256_file, staging_dir
 
@@ -306,9 +307,15 @@ def _run_shards(cfg: PreprocessConfig, encoder: ContractEncoder, parts: list[_Pa
                 _process_shard(k)
             return
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(cfg.num_proc, len(todo)), _init_worker, (cfg, parts, work)) as pool:
+        # workers start with default signal handlers (never the trainer's), and the pool ends with a deadline
+        pool = workers.start_pool(ctx, min(cfg.num_proc, len(todo)), _init_worker, (cfg, parts, work))
+        clean = False
+        try:
             for _ in pool.imap_unordered(_process_shard, todo):
                 pass
+            clean = True
+        finally:
+            workers.stop_pool(pool, what="preprocessing", clean=clean)
     finally:
         _WORKER = None
 
