@@ -61,8 +61,11 @@ def main(argv: list[str]) -> int:
     from tide_ds.trainer.loop import shutdown, train
     from tide_ds.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
 
+    from tide_ds import failfast
+
+    failfast.install()  # a failure on any rank ends every rank within seconds (tide_ds/failfast.py)
     try:
-        train(cfg)
+        failfast.run(train, cfg, passthrough=(Preempted,))  # on error: one message, os._exit, no collective
     except Preempted:  # checkpoint written on every rank; 75 tells the sbatch script to requeue
         return PREEMPTED_EXIT_CODE
     except ValueError as err:  # user errors found while building the run: one clear line per rank 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tide_ds import dist
+from tide_ds import dist, failfast
 from tide_ds.config import RunConfig
 from tide_ds.diffusion.schedules import get_schedule
 from tide_ds.log import setup_logging
@@ -111,7 +111,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         state = checkpoint.load_checkpoint(engine, decision.resume_from)
         step = state["step"]
         data.train.load_state_dict(state["data"])
-        logger.info("resumed from %s at step %d", decision.resume_from, step)
+        logger.info("resumed from %s at step %d", state["loaded_from"], step)  # the newest that verified
 
     metrics = MetricsWriter(cfg.train.output_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard, start_step=step)
     # Training tokens: one copy of L per sample (the model itself reads [x_t ; x_0], 2L positions).
@@ -184,6 +184,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 mask_token_id=special.mask_id, tidal=tidal,
             )
         step += 1
+        failfast.fault("step", step)  # test hook (TIDE_DS_FAULT); nothing unless set
         window_steps += 1
         for key, value in stats.items():
             window[key] = window.get(key, 0) + value

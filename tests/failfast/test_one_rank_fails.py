@@ -1,0 +1,89 @@
+"""Item 1 of issue 16: a failure on one rank ends the whole job within seconds, with one message.
+
+Real ``deepspeed --num_gpus 2 launch/run.py`` runs on CPU (gloo); ``TIDE_DS_FAULT`` makes rank 1 raise
+during a step, during a resume and during a checkpoint write. Before tide_ds.failfast, rank 0 waited in a
+collective until gloo's 10-minute timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tide_ds.trainer import manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--data.dataset=stdlib", "--distill.preset=none", "--data.max_files=30", "--data.seq_len=64",
+    "--diffusion.block_size=16", "--data.eval_samples=8", "--model.hidden_size=32", "--model.intermediate_size=64",
+    "--model.head_dim=16", "--train.micro_batch_size=2", "--train.lr=1e-2", "--train.log_every=1",
+    "--train.progress_bar=false", "--train.tensorboard=false", "--train.max_steps=4", "--train.save_every=1",
+    "--train.eval_every=0",
+]
+FAULT_TIME = re.compile(r"injected fault at '([^']+)' on rank (\d) at t=([0-9.]+)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(out: Path, fault: str, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TIDE_DS_FAULT": fault,
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tide_ds" / "torch_extensions"))
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "launch" / "run.py"), f"--train.output_dir={out}", *TINY, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return proc, time.time()
+
+
+def _check_failed_fast(proc: subprocess.CompletedProcess, ended: float, where: str) -> str:
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0, text[-4000:]
+    faults = FAULT_TIME.findall(text)
+    assert faults and faults[0][:2] == (where, "1"), text[-4000:]
+    waited = ended - float(faults[0][2])
+    assert waited < 30, f"the job took {waited:.1f} s to end after the fault on rank 1"
+    # the failing rank's message once, with its rank; nothing from rank 0 but its exit
+    assert text.count("tide-ds: error") == 1, text[-4000:]
+    line = next(line for line in text.splitlines() if line.startswith("tide-ds: error"))
+    assert line.startswith("tide-ds: error on rank 1: ") and f"InjectedFault: injected fault at '{where}'" in line
+    assert "Timed out" not in text
+    return text
+
+
+def test_one_rank_failing_ends_the_job_within_seconds(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # during a step: checkpoints 1 and 2 exist, rank 1 fails after step 3
+    proc, ended = _launch(out, "step@3:1")
+    _check_failed_fast(proc, ended, "step@3")
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_00000001", "step_00000002"]
+
+    # during a resume
+    proc, ended = _launch(out, "resume:1", "--train.resume=auto")
+    _check_failed_fast(proc, ended, "resume")
+
+    # during a checkpoint write: resumed at 2, step 3 done, rank 1 fails while saving step 3
+    proc, ended = _launch(out, "save@3:1", "--train.resume=auto")
+    text = _check_failed_fast(proc, ended, "save@3")
+    assert "writing checkpoint step_00000003 on rank 1 failed" in text
+    root = out / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000002"
+    assert not (root / ".staging" / "step_00000003").exists()  # partial files removed
+    assert manifest.problems(root / "step_00000002", rank=0, world_size=2) == []
+    assert manifest.problems(root / "step_00000002", rank=1, world_size=2) == []
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 3
