@@ -40,6 +40,7 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
 
 
 def main(argv: list[str]) -> int:
+    from tide_ds import validate
     from tide_ds.config import build_config, option_table
 
     try:
@@ -51,6 +52,8 @@ def main(argv: list[str]) -> int:
             print(option_table())
             return 0
         cfg = build_config(recipe=recipe, overrides=overrides)
+        if "--print-config" not in flags:
+            validate.before_start(cfg)  # engine JSON and output directory, before DeepSpeed or any data work
     except ValueError as err:
         print(f"tide-ds: configuration error: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from tide_ds import validate
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", "tide_bd3lm")
 LOSS_IMPLEMENTATIONS = ("auto", "reference", "triton")  # tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS
 SCHEDULES = ("linear", "cosine")
@@ -334,6 +336,8 @@ class TrainArgs:
     overwrite: bool = False
     #: Signals that ask for a checkpoint at the next step boundary and an exit with code 75 for a requeue (comma-separated; empty disables).
     preempt_signals: str = "USR1,TERM"
+    #: Stop the run (exit code 65) after this many consecutive steps with a NaN/inf loss or gradient norm (0 = never).
+    max_nonfinite_steps: int = 5
     #: Write TensorBoard scalars.
     tensorboard: bool = True
     #: Show a progress bar on rank 0.
@@ -342,7 +346,7 @@ class TrainArgs:
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr", "log_every", "keep_last"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("eval_every", "save_every", "grad_clip", "weight_decay", "adam_eps"):
+        for name in ("eval_every", "save_every", "grad_clip", "weight_decay", "adam_eps", "max_nonfinite_steps"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -371,6 +375,7 @@ class RunConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
 
     def __post_init__(self) -> None:
+        validate.reject_non_finite(self)  # NaN/inf in any float option (tide_ds/validate.py)
         if self.data.seq_len % self.diffusion.block_size:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is not a multiple of diffusion.block_size="
@@ -523,6 +528,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path} is not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):  # a list or a scalar at the top
+        raise ValueError(f"recipe {path} must be a mapping of sections (model:, data:, train:, ...) at its top "
+                         f"level, got a {type(data).__name__}")
     return data or {}
 
 

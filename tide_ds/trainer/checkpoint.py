@@ -3,6 +3,7 @@
 Layout of a run directory::
 
     <output_dir>/
+      .tide_ds_run            marker: this directory is a tide-ds run (resume and overwrite need it)
       config.yaml             resolved config of the latest start
       metrics.jsonl           one record per log interval / evaluation
       tensorboard/            TensorBoard events
@@ -81,8 +82,22 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+#: Written by tide-ds into every run directory it creates: only a directory holding it (or checkpoints) is a run.
+RUN_MARKER = ".tide_ds_run"
+
+
 def _has_run_content(out: Path) -> bool:
     return out.is_dir() and any(out.iterdir())
+
+
+def _is_run(out: Path) -> bool:
+    """A tide-ds run directory: the marker, or (runs from before the marker) complete checkpoints."""
+    return (out / RUN_MARKER).is_file() or bool(complete_checkpoints(out))
+
+
+def _listing(out: Path, n: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 @dataclass(frozen=True)
@@ -94,24 +109,38 @@ class RunDirDecision:
     error: str | None = None
 
 
-def _decide(cfg: RunConfig) -> RunDirDecision:
+def run_dir_error(cfg: RunConfig) -> str | None:
+    """Why ``train.output_dir`` cannot be used as asked, or None; touches nothing (run before any work)."""
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
-        return RunDirDecision(error=f"train.output_dir={str(out)!r} exists and is not a directory; pick another path")
+        return f"train.output_dir={str(out)!r} exists and is not a directory; pick another path"
+    if not _has_run_content(out):
+        return None
+    if not _is_run(out):
+        return (
+            f"train.output_dir={str(out)!r} is not empty and is not a tide-ds run (no {RUN_MARKER}): it holds "
+            f"{_listing(out)}. tide-ds writes only into its own run directories; choose another --train.output_dir"
+        )
+    if cfg.train.resume == "auto" or cfg.train.overwrite or not complete_checkpoints(out):
+        return None  # continue it, move it aside, or (no checkpoint yet: it failed before one) start it again
+    n = len(complete_checkpoints(out))
+    return (
+        f"train.output_dir={str(out)!r} already holds a run ({n} checkpoint(s)); tide-ds never "
+        "overwrites or mixes into a run. Continue it with --train.resume=auto, move it aside with "
+        "--train.overwrite=true, or choose another --train.output_dir"
+    )
+
+
+def _decide(cfg: RunConfig) -> RunDirDecision:
+    out = Path(cfg.train.output_dir)
+    error = run_dir_error(cfg)
+    if error:
+        return RunDirDecision(error=error)
     if cfg.train.resume == "auto":
         ckpt = latest_checkpoint(out)
         return RunDirDecision(resume_from=str(ckpt) if ckpt else None)
-    if not _has_run_content(out):
-        return RunDirDecision()
-    if not cfg.train.overwrite:
-        n = len(complete_checkpoints(out))
-        return RunDirDecision(
-            error=(
-                f"train.output_dir={str(out)!r} already holds a run ({n} checkpoint(s)); tide-ds never "
-                "overwrites or mixes into a run. Continue it with --train.resume=auto, move it aside with "
-                "--train.overwrite=true, or choose another --train.output_dir"
-            )
-        )
+    if not _has_run_content(out) or not cfg.train.overwrite:
+        return RunDirDecision()  # empty, or a run that stopped before its first checkpoint: start it again
     aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     while aside.exists():
         aside = aside.with_name(aside.name + "x")
@@ -123,7 +152,7 @@ def prepare_run_dir(cfg: RunConfig) -> RunDirDecision:
     """Decide on rank 0 whether to start fresh, resume or refuse; every rank gets the same answer.
 
     Raises ``ValueError`` on every rank when the directory holds a run and neither
-    ``train.resume=auto`` nor ``train.overwrite=true`` was given.
+    ``train.resume=auto`` nor ``train.overwrite=true`` was given, or when it is not a tide-ds run.
     """
     decision = _decide(cfg) if dist.rank() == 0 else None
     decision = dist.broadcast_object(decision)
@@ -132,7 +161,10 @@ def prepare_run_dir(cfg: RunConfig) -> RunDirDecision:
         raise ValueError(decision.error)
     if dist.rank() == 0:
         out = Path(cfg.train.output_dir)
-        (out / CKPT_SUBDIR).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_MARKER).is_file():  # first, so that the directory is never a run without it
+            _atomic_write(out / RUN_MARKER, json.dumps({"tide_ds_run": 1, "created": time.time()}) + "\n")
+        (out / CKPT_SUBDIR).mkdir(exist_ok=True)
         shutil.rmtree(out / CKPT_SUBDIR / STAGING, ignore_errors=True)
         _atomic_write(out / "config.yaml", cfg.to_yaml())
         if decision.moved_aside:

@@ -18,6 +18,7 @@ from tide_ds.trainer import checkpoint, preemption
 from tide_ds.losses.fused_head import resolve_loss_implementation
 from tide_ds.losses.tidal import TidalSchedule
 from tide_ds.trainer.build import build_data, build_student, build_teacher, build_tokenizer, prepare_demo_run, report_demo
+from tide_ds.trainer.divergence import DivergenceTracker
 from tide_ds.trainer.distill import (
     ChunkDistillModule,
     TokenDistillModule,
@@ -139,6 +140,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
         last_eval = run_eval(0)
     window: dict[str, torch.Tensor] = {}
     window_steps, window_start = 0, time.perf_counter()
+    diverging = DivergenceTracker(cfg.train.max_nonfinite_steps, device)  # tide_ds/trainer/divergence.py
 
     def log_window() -> None:
         """One train record for the steps since the last one (rank-consistent: every rank calls it)."""
@@ -159,7 +161,9 @@ def train(cfg: RunConfig) -> dict[str, float]:
         })
         if tidal is not None:
             record["lambda_train"] = tidal.lambda_train(min(1.0, step / cfg.train.max_steps))
+        record.update(diverging.window_record(step, engine.skipped_steps))  # collective, as the all-reduce above
         metrics.write(step, "train", record)
+        diverging.check(step, lr=cfg.train.lr)  # raises Diverged on every rank alike, after the record is written
         terms = "".join(f" | {k} {record[k]:.4f}" for k in spec.loss_terms if k != "ce" and k in record)
         line = (
             f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f}{terms} | "
@@ -184,6 +188,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
                 mask_token_id=special.mask_id, tidal=tidal,
             )
         step += 1
+        diverging.after_step(stats["loss"], engine.get_global_grad_norm())  # on the device, no sync
         failfast.fault("step", step)  # test hook (TIDE_DS_FAULT); nothing unless set
         window_steps += 1
         for key, value in stats.items():

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tide_ds.trainer.divergence import finite_or_none
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,8 +54,8 @@ class MetricsWriter:
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
-        self._fh.write(json.dumps(record) + "\n")
+        record = finite_or_none({"step": step, "kind": kind, "time": round(time.time(), 3), **values})
+        self._fh.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: NaN/inf as null + "nonfinite"
         self._fh.flush()
         if self._tb is not None:
             for key, value in values.items():
