@@ -87,3 +87,24 @@ def test_one_rank_failing_ends_the_job_within_seconds(tmp_path: Path) -> None:
     assert manifest.problems(root / "step_00000002", rank=1, world_size=2) == []
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 3
+
+
+def test_a_diverged_run_stops_with_its_own_status(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc, _ = _launch(out, "", "--train.lr=1e30", "--train.max_steps=12", "--train.max_nonfinite_steps=3",
+                      "--train.save_every=0")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 65, text[-4000:]
+    assert text.count("tide-ds: error") == 1, text[-4000:]
+    line = next(line for line in text.splitlines() if line.startswith("tide-ds: error"))
+    assert "training diverged: the loss or gradient norm was NaN/inf for 3 consecutive steps" in line
+    assert "Lower --train.lr (now 1e+30)" in line
+
+    def reject(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    train = [r for r in map(lambda s: json.loads(s, parse_constant=reject),
+                            (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert train[-1]["nonfinite_run"] >= 3 and train[-1]["step"] < 12
+    assert sum(r["nonfinite_steps"] for r in train) == train[-1]["nonfinite_steps_total"] >= 3
+    assert not (out / "checkpoints" / "step_00000012").exists()
