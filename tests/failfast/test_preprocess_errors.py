@@ -76,3 +76,19 @@ def test_file_lock_excludes_and_leaves_no_file(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert overlaps == [] and not lock.exists()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02])  # cut inside the tensors, and inside the header
+def test_a_truncated_safetensors_file_is_named(tmp_path: Path, keep: float) -> None:
+    import torch
+
+    from tide_ds.models.hf_weights import list_checkpoint_keys, load_safetensors_checkpoint, save_safetensors_checkpoint
+
+    save_safetensors_checkpoint({"a": torch.ones(64, 64), "b": torch.zeros(8)}, tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ValueError, match=rf"{path} \(\d+ bytes\) is not a readable safetensors file: .*truncated"):
+        load_safetensors_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=rf"{path} \(\d+ bytes\) is not a readable safetensors file"):
+        list_checkpoint_keys(tmp_path)
