@@ -92,3 +92,13 @@ def test_a_truncated_safetensors_file_is_named(tmp_path: Path, keep: float) -> N
         load_safetensors_checkpoint(tmp_path)
     with pytest.raises(ValueError, match=rf"{path} \(\d+ bytes\) is not a readable safetensors file"):
         list_checkpoint_keys(tmp_path)
+
+
+def test_generate_says_why_a_completion_is_empty() -> None:
+    from tide_ds.generate import Completion, why_empty
+
+    assert why_empty(Completion(text="x = 1", token_ids=[5], finished=True), 16) is None
+    assert why_empty(Completion(text="", token_ids=[], finished=True), 16).startswith(
+        "0 tokens: the model's first token was a stop token")
+    assert why_empty(Completion(text=" ", token_ids=[7, 8], finished=False), 16) == (
+        "2 token(s), none of them text (special tokens only, and no stop within --max-new-tokens=16)")
