@@ -131,3 +131,31 @@ def test_metrics_are_strict_json(tmp_path: Path) -> None:
     assert record["loss"] is None and record["grad_norm"] is None and record["lr"] == 1e-3
     assert record["nonfinite"] == ["loss", "grad_norm"]
     assert finite_or_none({"a": 1.0}) == {"a": 1.0}
+
+
+def test_dataset_and_weights_are_checked_before_start(run_main, capsys, tmp_path: Path) -> None:
+    import datasets
+
+    from tide_ds.models.hf_weights import save_safetensors_checkpoint
+
+    data = tmp_path / "data"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[1, 2]]}),
+                          "heldout": datasets.Dataset.from_dict({"input_ids": [[1, 2]]}).select([])}).save_to_disk(str(data))
+    capsys.readouterr()
+    err = _fails(run_main, capsys, tmp_path, f"--data.dataset={data}", "--distill.preset=none")
+    assert f"split 'heldout' of data.dataset={str(data)!r} is empty (no rows)" in err
+    import shutil
+
+    shutil.rmtree(data)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"input_ids": [[1, 2]]}),
+                          "heldout": datasets.Dataset.from_dict({"input_ids": [[1, 2]]})}).save_to_disk(str(data))
+    capsys.readouterr()
+    err = _fails(run_main, capsys, tmp_path, f"--data.dataset={data}", "--distill.preset=none", "--data.eval_split=test")
+    assert "data.eval_split='test' is not a split of" in err and "splits: ['train', 'heldout']" in err
+    teacher = tmp_path / "teacher"
+    save_safetensors_checkpoint({"w": torch.ones(32, 32)}, teacher)
+    (teacher / "config.json").write_text("{}")
+    shard = teacher / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    err = _fails(run_main, capsys, tmp_path, f"--teacher.path={teacher}")
+    assert f"teacher.path={str(teacher)!r}: {shard} (" in err and "is not a readable safetensors file" in err

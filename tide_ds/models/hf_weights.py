@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
+    "check_checkpoint_files",
     "list_checkpoint_keys",
     "load_safetensors_checkpoint",
     "save_safetensors_checkpoint",
@@ -208,6 +209,18 @@ def _open(path: Path):
         raise ValueError(_unreadable(path, err)) from None
     with fh:
         yield fh
+
+
+def check_checkpoint_files(path: str | os.PathLike) -> int:
+    """Open the header of every safetensors file of the checkpoint (a truncated file fails here, named); the count."""
+    p, weight_map = _locate(path)
+    names = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
+    for name in names:
+        if not (p / name).is_file():
+            raise ValueError(f"{p / INDEX_NAME} names {name}, which does not exist in {p}")
+        with _open(p / name):
+            pass
+    return len(names)
 
 
 def _file_of(p: Path, weight_map: dict[str, str] | None) -> dict[str, list[str]]:
