@@ -55,6 +55,7 @@ def _check_failed_fast(proc: subprocess.CompletedProcess, ended: float, where: s
     faults = FAULT_TIME.findall(text)
     assert faults and faults[0][:2] == (where, "1"), text[-4000:]
     waited = ended - float(faults[0][2])
+    print(f"{where}: the job ended {waited:.1f} s after the fault on rank 1")
     assert waited < 30, f"the job took {waited:.1f} s to end after the fault on rank 1"
     # the failing rank's message once, with its rank; nothing from rank 0 but its exit
     assert text.count("tide-ds: error") == 1, text[-4000:]
