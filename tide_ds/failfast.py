@@ -135,7 +135,7 @@ def _clean_stale() -> None:
 
 
 def _flush() -> None:
-    for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers + logging.getLogger("tide_ds").handlers:
         try:
             handler.flush()
         except Exception:  # noqa: BLE001 -- leaving anyway

@@ -49,3 +49,18 @@ def test_no_signals_means_no_sigint_handler_either() -> None:
     before = signal.getsignal(signal.SIGINT)
     guard = preemption.install("")
     assert guard.signals == [] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_deprecation_warnings_only_on_rank_0() -> None:
+    script = textwrap.dedent("""
+        import warnings
+        from tide_ds.log import setup_logging
+        setup_logging(rank=RANK)
+        warnings.warn("old api", FutureWarning)
+        print("done")
+    """)
+    for rank, expected in ((0, True), (1, False)):
+        proc = subprocess.run([sys.executable, "-c", script.replace("RANK", str(rank))],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+        assert proc.stdout.strip() == "done"
+        assert ("FutureWarning: old api" in proc.stderr) == expected, (rank, proc.stderr)
