@@ -71,6 +71,10 @@ def exit_code(err: BaseException) -> int:
     code = getattr(err, "exit_code", None)
     if isinstance(code, int):
         return code
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) else 1
+    if isinstance(err, KeyboardInterrupt):
+        return 130
     return 2 if isinstance(err, ValueError) else 1
 
 
@@ -158,8 +162,10 @@ def fail(err: BaseException) -> None:
     """Report ``err`` (once per job) and end this rank at once; never returns, never calls a collective."""
     me, world = dist.rank(), dist.world_size()
     code = exit_code(err)
-    user_error = isinstance(err, ValueError) or getattr(err, "exit_code", None) is not None
+    user_error = isinstance(err, (ValueError, SystemExit)) or getattr(err, "exit_code", None) is not None
     message = str(err) if user_error else f"{type(err).__name__}: {err}"
+    if isinstance(err, KeyboardInterrupt):
+        user_error, message = True, "interrupted (Ctrl-C); no checkpoint was written"
     earlier = _claim(f"{code}\n{me}\n{message}") if world > 1 else None
     where = f" on rank {me}" if world > 1 else ""
     if earlier is None and is_peer_loss(err):
@@ -185,6 +191,10 @@ def run(fn: Callable[..., Any], *args: Any, passthrough: tuple[type[BaseExceptio
         return fn(*args, **kwargs)
     except passthrough:
         raise
+    except SystemExit as err:
+        if err.code in (0, None):
+            raise
+        fail(err)
     except BaseException as err:  # noqa: BLE001 -- every failure must end the job, not hang it
         fail(err)
 
