@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -109,3 +110,47 @@ def test_a_diverged_run_stops_with_its_own_status(tmp_path: Path) -> None:
     assert train[-1]["nonfinite_run"] >= 3 and train[-1]["step"] < 12
     assert sum(r["nonfinite_steps"] for r in train) == train[-1]["nonfinite_steps_total"] >= 3
     assert not (out / "checkpoints" / "step_00000012").exists()
+
+
+def test_ctrl_c_checkpoints_and_ends_the_job(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the launcher's process group, as a terminal sends it) with save_every=0: the ranks
+    checkpoint at the next step boundary and exit 75; nothing of the progress is lost."""
+    import psutil
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tide_ds" / "torch_extensions"))
+    args = [a for a in TINY if not a.startswith(("--train.max_steps", "--train.save_every"))]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(ROOT / "launch" / "run.py"), f"--train.output_dir={out}", *args, "--train.max_steps=200",
+           "--train.save_every=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not ((out / "metrics.jsonl").is_file() and '"step": 3, "kind": "train"' in (out / "metrics.jsonl").read_text()):
+            assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before step 3"
+            time.sleep(0.1)
+        session = [p for p in psutil.process_iter(["pid"]) if _sid(p.pid) == proc.pid]
+        os.killpg(proc.pid, signal.SIGINT)
+        sent = time.time()
+        gone, alive = psutil.wait_procs(session, timeout=60)
+        waited = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        text = proc.communicate()[0]
+    print(f"Ctrl-C: every process gone {waited:.1f} s after it")
+    assert not alive and waited < 40, text[-4000:]
+    assert "Ctrl-C: checkpoint at the next step boundary" in text
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0].removeprefix("step_")) < 200, (ckpts, text[-3000:])
+    assert manifest.problems(out / "checkpoints" / ckpts[0], rank=1, world_size=2) == []
+    assert "preemption: SIGINT -> stopping at step" in text and "exiting with code 75" in text
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
