@@ -78,6 +78,7 @@ CASES = {  # name: (how to corrupt checkpoint 2, the words rank 0's / rank 1's r
 }
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoints_are_skipped_on_every_rank(saved, tmp_path: Path, capfd) -> None:
     out, save = saved
     runs = {}
@@ -109,6 +110,7 @@ def test_corrupt_checkpoints_are_skipped_on_every_rank(saved, tmp_path: Path, ca
         assert "step_00000001: no manifest.json" in error
 
 
+@pytest.mark.slow
 def test_the_skipped_checkpoint_and_its_file_are_named(saved, tmp_path: Path) -> None:
     """Rank-local check: the reason a rank gives for skipping checkpoint 2, per corruption."""
     out, _ = saved
@@ -124,6 +126,7 @@ def test_the_skipped_checkpoint_and_its_file_are_named(saved, tmp_path: Path) ->
         assert manifest.problems(run / "checkpoints" / "step_00000001", rank=0, world_size=2) == []
 
 
+@pytest.mark.slow
 def test_full_disk_stops_before_writing_with_the_previous_checkpoint_intact(saved) -> None:
     out, save = saved
     errors = [s["space_error"] for s in save]
@@ -131,7 +134,7 @@ def test_full_disk_stops_before_writing_with_the_previous_checkpoint_intact(save
     root = out / "run" / "checkpoints"
     assert errors[0].startswith(f"[Errno {errno.ENOSPC}] not enough disk space for checkpoint step_00000003 in {root}")
     size = manifest.total_bytes(root / S2)
-    assert f"free 0.0 MiB" in errors[0] and f"the previous checkpoint {root / S2} is intact" in errors[0]
+    assert "free 0.0 MiB" in errors[0] and f"the previous checkpoint {root / S2} is intact" in errors[0]
     assert f"needed {size * 1.05 / 2**20:.1f} MiB" in errors[0]
     assert not (root / "step_00000003").exists() and not (root / ".staging" / "step_00000003").exists()
     assert (root / "latest").read_text() == S2
