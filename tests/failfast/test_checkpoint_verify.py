@@ -161,3 +161,20 @@ def test_space_estimate_before_the_first_checkpoint(tmp_path: Path) -> None:
 
     needed, basis = checkpoint.space_needed(Engine(), tmp_path)
     assert needed == 110 * checkpoint.ESTIMATE_BYTES_PER_PARAM and basis == "110 parameters x 16 bytes"
+
+
+@pytest.mark.slow
+def test_readers_of_a_run_skip_a_corrupt_checkpoint(saved, tmp_path: Path) -> None:
+    """generate / eval / export resolve a run directory to its newest checkpoint that verifies."""
+    from tide_ds.sampling.load import resolve_checkpoint
+
+    out, _ = saved
+    run = tmp_path / "run"
+    shutil.copytree(out / "run", run)
+    assert resolve_checkpoint(run) == ("deepspeed", run / "checkpoints" / S2)
+    _truncate(_files(run / "checkpoints" / S2, "*zero_pp_rank_1_*optim_states.pt")[0])  # a reader reads every file
+    assert resolve_checkpoint(run) == ("deepspeed", run / "checkpoints" / "step_00000001")
+    (run / "checkpoints" / "step_00000001" / manifest.MANIFEST).unlink()
+    with pytest.raises(ValueError, match=r"no checkpoint passes its manifest check: step_00000002: "
+                                         r"zero_pp_rank_1_mp_rank_00_optim_states.pt has .*; step_00000001: no manifest"):
+        resolve_checkpoint(run)

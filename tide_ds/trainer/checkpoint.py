@@ -82,6 +82,19 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def latest_verified_checkpoint(output_dir: str | Path) -> tuple[Path | None, dict[str, list[str]]]:
+    """For one reader (generate, eval, export): the newest checkpoint whose every file matches its manifest,
+    and what is wrong with each newer one it skipped (logged by name)."""
+    skipped: dict[str, list[str]] = {}
+    for _, ckpt in reversed(complete_checkpoints(output_dir)):
+        issues = manifest.problems(ckpt)
+        if not issues:
+            return ckpt, skipped
+        skipped[ckpt.name] = issues
+        logger.warning("skipping checkpoint %s: %s", ckpt, "; ".join(issues))
+    return None, skipped
+
+
 #: Written by tide-ds into every run directory it creates: only a directory holding it (or checkpoints) is a run.
 RUN_MARKER = ".tide_ds_run"
 

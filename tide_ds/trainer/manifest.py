@@ -82,14 +82,16 @@ def files_for_rank(names: list[str], rank: int, world_size: int) -> list[str]:
     return [n for n in names if not (m := _RANK_FILE.search(n)) or int(m.group(1)) == rank]
 
 
-def problems(ckpt_dir: Path, *, rank: int, world_size: int) -> list[str]:
-    """What is wrong with the files this rank would read from ``ckpt_dir`` (empty when it verifies)."""
+def problems(ckpt_dir: Path, *, rank: int = 0, world_size: int | None = None) -> list[str]:
+    """What is wrong with the files this rank would read from ``ckpt_dir`` (empty when it verifies);
+    ``world_size=None``: every file (a single-process reader such as generate or export)."""
     try:
         files = read(ckpt_dir)["files"]
     except ValueError as err:
         return [str(err)]
     found = []
-    for name in files_for_rank(sorted(files), rank, world_size):
+    names = sorted(files) if world_size is None else files_for_rank(sorted(files), rank, world_size)
+    for name in names:
         entry, path = files[name], ckpt_dir / name
         if not path.is_file():
             found.append(f"{name} is missing")
