@@ -178,3 +178,18 @@ def test_readers_of_a_run_skip_a_corrupt_checkpoint(saved, tmp_path: Path) -> No
     with pytest.raises(ValueError, match=r"no checkpoint passes its manifest check: step_00000002: "
                                          r"zero_pp_rank_1_mp_rank_00_optim_states.pt has .*; step_00000001: no manifest"):
         resolve_checkpoint(run)
+
+
+def test_manifest_cli(tmp_path: Path, capsys) -> None:
+    ckpt = tmp_path / "step_00000001"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text('{"step": 1}')
+    (ckpt / "model.pt").write_bytes(b"x" * 100)
+    assert manifest._main(["check", str(ckpt)]) == 1
+    assert "no manifest.json" in capsys.readouterr().out
+    assert manifest._main(["write", str(ckpt)]) == 0
+    assert f"{ckpt}: manifest of 2 files, 111 bytes" in capsys.readouterr().out
+    assert manifest._main(["check", str(ckpt)]) == 0
+    (ckpt / "model.pt").write_bytes(b"x" * 99)
+    assert manifest._main(["check", str(ckpt)]) == 1
+    assert "model.pt has 99 bytes, the manifest says 100" in capsys.readouterr().out

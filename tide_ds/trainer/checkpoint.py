@@ -327,7 +327,8 @@ def agree_on_checkpoint(ckpt_dir: str | Path) -> Path:
     detail = "; ".join(f"{n}: {'; '.join(found[n])}" for n in names if n in found) or "see the other ranks' messages"
     raise ValueError(
         f"no checkpoint in {ckpt_dir.parent} passed verification on every rank ({detail}). Move the run "
-        "directory aside to start afresh, or restore the files"
+        "directory aside to start afresh, or restore the files (a checkpoint of an older tide-ds that you trust: "
+        "python -m tide_ds.trainer.manifest write <checkpoint dir>)"
     )
 
 

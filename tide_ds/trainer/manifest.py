@@ -5,6 +5,9 @@ checkpoint is then published by one rename (:mod:`tide_ds.trainer.checkpoint`). 
 rank checks the files it will read (the shared ones and its own ZeRO partition; all of them when the
 number of ranks changed); a checkpoint that fails anywhere is skipped on every rank for the newest one
 that passed everywhere (:func:`tide_ds.trainer.checkpoint.agree_on_checkpoint`).
+
+    python -m tide_ds.trainer.manifest check CKPT_DIR...   # what is wrong, per checkpoint (exit 1 if anything)
+    python -m tide_ds.trainer.manifest write CKPT_DIR...   # a manifest for a checkpoint you trust (older tide-ds)
 """
 
 from __future__ import annotations
@@ -102,3 +105,30 @@ def problems(ckpt_dir: Path, *, rank: int = 0, world_size: int | None = None) ->
         elif "sha256" in entry and _sha256(path) != entry["sha256"]:
             found.append(f"{name} does not match its SHA-256 in the manifest (corrupted)")
     return found
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m tide_ds.trainer.manifest", description="check or write manifests")
+    parser.add_argument("command", choices=["check", "write"])
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    bad = 0
+    for ckpt in args.checkpoints:
+        if not ckpt.is_dir():
+            print(f"{ckpt}: not a directory", file=sys.stderr)
+            bad += 1
+        elif args.command == "write":
+            m = write(ckpt)
+            print(f"{ckpt}: manifest of {len(m['files'])} files, {m['total_bytes']} bytes")
+        else:
+            issues = problems(ckpt)
+            bad += bool(issues)
+            print(f"{ckpt}: " + ("; ".join(issues) if issues else "ok"))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
