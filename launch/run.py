@@ -16,7 +16,6 @@ optimizer step: the objective's targets, the student's losses, backward, step).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from tide_ds.errors import ConfigError
@@ -46,12 +45,24 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
     return recipe, overrides, flags
 
 
-def _rank() -> str:
-    """This process's rank as the launcher set it (before any process group exists)."""
-    return os.environ.get("RANK", "0")
+def _job(cfg):
+    """Everything after the configuration checks, on this rank: start, build (or reuse) the world, train, report."""
+    from pathlib import Path
+
+    from tide_ds.log import setup_logging
+    from tide_ds.trainer.loop import init_distributed, train
+    from tide_ds.worlds import prepare_world, report_world
+
+    setup_logging()
+    init_distributed()
+    cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
+    result = train(cfg)
+    if world is not None:
+        report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve())
 
 
 def main(argv: list[str]) -> int:
+    from tide_ds import failfast, validate
     from tide_ds.config import build_config, option_table
 
     try:
@@ -63,33 +74,25 @@ def main(argv: list[str]) -> int:
             print(option_table())
             return 0
         cfg = build_config(recipe=recipe, overrides=overrides)
-    except ConfigError as err:  # every rank parses the same argv: each says it, in one line
-        print(f"tide-ds: configuration error (rank {_rank()}): {err}", file=sys.stderr)
-        return 2
+        if "--print-config" not in flags:
+            validate.before_start(cfg)  # engine JSON, output directory, dataset, weights: before any work
+    except ConfigError as err:  # every rank parses the same argv: one line naming the rank, once per job
+        return failfast.report(err, label="configuration error")
     if "--print-config" in flags:
         print(cfg.to_yaml(), end="")
         return 0
 
-    from pathlib import Path
-
-    from tide_ds.log import setup_logging
-    from tide_ds.trainer.loop import init_distributed, shutdown, train
+    from tide_ds.trainer.loop import shutdown
     from tide_ds.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
-    from tide_ds.worlds import prepare_world, report_world
 
+    failfast.install()  # a failure on any rank ends every rank within seconds (tide_ds/failfast.py)
     try:
-        setup_logging()
-        init_distributed()
-        cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
-        result = train(cfg)
-        if world is not None:
-            report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve())
+        # On any error but a preemption: one message per job (a ConfigError as one line naming the rank, exit 2;
+        # a bug with its traceback, exit 1), then os._exit on this rank without a collective; the watchdog of
+        # every other rank follows within a second. The world's preparation runs under it too.
+        failfast.run(_job, cfg, passthrough=(Preempted,))
     except Preempted:  # checkpoint written on every rank; 75 tells the sbatch script to requeue
         return PREEMPTED_EXIT_CODE
-    except ConfigError as err:  # a user error found while building the run: one clear line on every rank
-        print(f"tide-ds: error (rank {_rank()}): {err}", file=sys.stderr)
-        return 2
-    # Any other exception is a bug: it propagates with its traceback (and a non-zero exit) on its rank.
     finally:
         shutdown()
     return 0

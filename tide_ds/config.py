@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from tide_ds import validate
 from tide_ds.errors import ConfigError
 
 from tide_ds.choices import (
@@ -411,13 +412,18 @@ class TrainArgs:
         "Signals that ask for a checkpoint at the next step boundary and an exit with code 75 for a requeue "
         "(comma-separated; empty disables).",
     )
+    max_nonfinite_steps: int = option(
+        5,
+        "Stop the run (exit code 65) after this many consecutive steps with a NaN/inf loss or gradient norm "
+        "(0 = never).",
+    )
     tensorboard: bool = option(True, "Write TensorBoard scalars.")
     progress_bar: bool = option(True, "Show a progress bar on rank 0.")
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr", "log_every", "keep_last"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("eval_every", "save_every", "grad_clip", "weight_decay", "adam_eps"):
+        for name in ("eval_every", "save_every", "grad_clip", "weight_decay", "adam_eps", "max_nonfinite_steps"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -447,6 +453,7 @@ class RunConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
 
     def __post_init__(self) -> None:
+        validate.reject_non_finite(self)  # NaN/inf in any float option (tide_ds/validate.py)
         if self.data.seq_len % self.diffusion.block_size:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is not a multiple of diffusion.block_size="
@@ -651,6 +658,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):  # a list or a scalar at the top
+        raise ConfigError(f"recipe {path} must be a mapping of sections (model:, data:, train:, ...) at its top "
+                          f"level, got a {type(data).__name__}")
     return data or {}
 
 
