@@ -31,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(*args: str) -> None:
+def _two_ranks(*args: str) -> list[str]:
     port = _free_port()
     procs = []
     for rank in range(2):
@@ -44,6 +44,7 @@ def _two_ranks(*args: str) -> None:
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
         path.unlink()
+    return outputs
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ CASES = {  # name: (how to corrupt checkpoint 2, the words rank 0's / rank 1's r
                                       "zero_pp_rank_1_mp_rank_00_optim_states.pt has"),
     "optimizer_truncated_on_all": (lambda c: [_truncate(p) for p in _files(c, "*zero_pp_rank_*optim_states.pt")],
                                    "optim_states.pt has"),
-    "manifest_missing": (lambda c: (c / manifest.MANIFEST).unlink(), "no manifest.json"),
+    "manifest_unreadable": (lambda c: (c / manifest.MANIFEST).write_text("{"), "manifest.json is unreadable"),
     "config_flipped_byte": (lambda c: (c / "config.yaml").write_text((c / "config.yaml").read_text().replace("2", "3")),
                             "config.yaml does not match its SHA-256"),
 }
@@ -90,16 +91,25 @@ def test_corrupt_checkpoints_are_skipped_on_every_rank(saved, tmp_path: Path, ca
     none_left = tmp_path / "none_left"
     shutil.copytree(out / "run", none_left)
     for c in ("step_00000001", S2):
-        (none_left / "checkpoints" / c / manifest.MANIFEST).unlink()
+        (none_left / "checkpoints" / c / "trainer_state.json").write_text("")
+    legacy = tmp_path / "legacy"  # both written before manifests: the newest is loaded, unchecked, with a warning
+    shutil.copytree(out / "run", legacy)
+    for c in ("step_00000001", S2):
+        (legacy / "checkpoints" / c / manifest.MANIFEST).unlink()
     healthy = tmp_path / "healthy"
     shutil.copytree(out / "run", healthy)
     load_out = tmp_path / "load"
     load_out.mkdir()
-    _two_ranks("load", str(load_out), str(healthy), *map(str, runs.values()), str(none_left))
+    outputs = _two_ranks("load", str(load_out), str(healthy), *map(str, runs.values()), str(none_left), str(legacy))
     loads = [json.loads((load_out / f"load.{r}.json").read_text()) for r in range(2)]
+    warning = f"resuming from {legacy / 'checkpoints' / S2}: written before manifests; not verified"
+    assert sum(o.count(warning) for o in outputs) == 1, [o[-2000:] for o in outputs]  # once, by rank 0
+    assert not any("written before manifests" in o.replace(warning, "") for o in outputs)
     for rank in range(2):
         assert loads[rank][str(healthy)]["step"] == 2
         assert loads[rank][str(healthy)]["weights"] == save[rank]["weights_2"]
+        assert loads[rank][str(legacy)]["step"] == 2 and loads[rank][str(legacy)]["loaded_from"].endswith(S2)
+        assert loads[rank][str(legacy)]["weights"] == save[rank]["weights_2"]
         for name, run in runs.items():
             got = loads[rank][str(run)]
             assert got["step"] == 1, (name, rank, got)  # the previous complete checkpoint, on both ranks
@@ -107,7 +117,7 @@ def test_corrupt_checkpoints_are_skipped_on_every_rank(saved, tmp_path: Path, ca
             assert got["weights"] == save[rank]["weights_1"], (name, rank)
         error = loads[rank][str(none_left)]["error"]
         assert "no checkpoint in" in error and "passed verification on every rank" in error
-        assert "step_00000001: no manifest.json" in error
+        assert "step_00000001: trainer_state.json has 0 bytes" in error
 
 
 @pytest.mark.slow
@@ -174,7 +184,9 @@ def test_readers_of_a_run_skip_a_corrupt_checkpoint(saved, tmp_path: Path) -> No
     assert resolve_checkpoint(run) == ("deepspeed", run / "checkpoints" / S2)
     _truncate(_files(run / "checkpoints" / S2, "*zero_pp_rank_1_*optim_states.pt")[0])  # a reader reads every file
     assert resolve_checkpoint(run) == ("deepspeed", run / "checkpoints" / "step_00000001")
-    (run / "checkpoints" / "step_00000001" / manifest.MANIFEST).unlink()
+    (run / "checkpoints" / "step_00000001" / manifest.MANIFEST).unlink()  # a legacy checkpoint: read, unchecked
+    assert resolve_checkpoint(run) == ("deepspeed", run / "checkpoints" / "step_00000001")
+    (run / "checkpoints" / "step_00000001" / "trainer_state.json").write_text("")  # no manifest and damaged: skipped
     with pytest.raises(ValueError, match=r"no checkpoint passes its manifest check: step_00000002: "
                                          r"zero_pp_rank_1_mp_rank_00_optim_states.pt has .*; step_00000001: no manifest"):
         resolve_checkpoint(run)
@@ -193,3 +205,60 @@ def test_manifest_cli(tmp_path: Path, capsys) -> None:
     (ckpt / "model.pt").write_bytes(b"x" * 99)
     assert manifest._main(["check", str(ckpt)]) == 1
     assert "model.pt has 99 bytes, the manifest says 100" in capsys.readouterr().out
+
+
+def _fake_checkpoint(root: Path, step: int, *, with_manifest: bool) -> Path:
+    ckpt = root / "checkpoints" / checkpoint.tag_for(step)
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": step, "data": {}}))
+    (ckpt / "config.yaml").write_text("train:\n  max_steps: 2\n")
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(bytes(range(200)))
+    if with_manifest:
+        manifest.write(ckpt)
+    return ckpt
+
+
+def test_a_checkpoint_from_before_manifests_is_read_with_one_warning(tmp_path: Path, caplog) -> None:
+    """Item (a) of the merge: a complete legacy checkpoint (no manifest.json) is not lost; one that has a
+    manifest and fails it is skipped for the previous one, legacy or not."""
+    legacy = _fake_checkpoint(tmp_path, 1, with_manifest=False)
+    assert manifest.is_legacy(legacy) and manifest.problems(legacy) == []
+    with caplog.at_level("WARNING", logger="tide_ds.trainer.checkpoint"):
+        assert checkpoint.latest_verified_checkpoint(tmp_path) == (legacy, {})
+    assert [r.getMessage() for r in caplog.records] == [
+        f"loading checkpoint {legacy}: written before manifests; not verified"]
+    caplog.clear()
+
+    newer = _fake_checkpoint(tmp_path, 2, with_manifest=True)
+    with caplog.at_level("WARNING", logger="tide_ds.trainer.checkpoint"):
+        assert checkpoint.latest_verified_checkpoint(tmp_path) == (newer, {})
+    assert caplog.records == []  # a verified checkpoint: no word
+    _truncate(newer / "mp_rank_00_model_states.pt")
+    with caplog.at_level("WARNING", logger="tide_ds.trainer.checkpoint"):
+        found, skipped = checkpoint.latest_verified_checkpoint(tmp_path)
+    assert found == legacy and list(skipped) == [newer.name]
+    assert skipped[newer.name] == ["mp_rank_00_model_states.pt has 100 bytes, the manifest says 200 (truncated or rewritten)"]
+    assert [r.getMessage() for r in caplog.records][-1] == (
+        f"loading checkpoint {legacy}: written before manifests; not verified")
+    assert manifest._main(["check", str(legacy)]) == 0
+
+    (legacy / "trainer_state.json").write_text("")  # no manifest and a damaged state: not complete, skipped
+    assert not manifest.is_legacy(legacy)
+    assert manifest.problems(legacy) == ["no manifest.json, and its trainer_state.json or config.yaml is missing or "
+                                         "unreadable (an incomplete or damaged checkpoint)"]
+    assert checkpoint.latest_verified_checkpoint(tmp_path)[0] is None
+
+
+def test_a_legacy_checkpoint_is_agreed_on_in_one_process(tmp_path: Path, caplog) -> None:
+    """agree_on_checkpoint (the resume path) without a process group: a failing newest checkpoint is skipped
+    for a legacy one, which is named once as unverified."""
+    legacy = _fake_checkpoint(tmp_path, 1, with_manifest=False)
+    newer = _fake_checkpoint(tmp_path, 2, with_manifest=True)
+    (newer / "config.yaml").write_text("train:\n  max_steps: 3\n")
+    with caplog.at_level("WARNING", logger="tide_ds.trainer.checkpoint"):
+        assert checkpoint.agree_on_checkpoint(newer) == legacy
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[-1] == f"resuming from {legacy}: written before manifests; not verified"
+    assert sum("written before manifests" in m for m in messages) == 1
+    assert any(f"checkpoint {newer} fails its check on rank 0: config.yaml does not match its SHA-256" in m
+               for m in messages)

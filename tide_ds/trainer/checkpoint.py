@@ -80,12 +80,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def latest_verified_checkpoint(output_dir: str | Path) -> tuple[Path | None, dict[str, list[str]]]:
-    """For one reader (generate, eval, export): the newest checkpoint whose every file matches its manifest,
-    and what is wrong with each newer one it skipped (logged by name)."""
+    """For one reader (generate, eval, export): the newest checkpoint whose every file matches its manifest
+    (or a legacy one without a manifest, loaded with a warning), and what is wrong with each newer one it
+    skipped (logged by name)."""
     skipped: dict[str, list[str]] = {}
     for _, ckpt in reversed(complete_checkpoints(output_dir)):
         issues = manifest.problems(ckpt)
         if not issues:
+            if manifest.is_legacy(ckpt):
+                logger.warning("loading checkpoint %s: %s", ckpt, manifest.LEGACY_NOTE)
             return ckpt, skipped
         skipped[ckpt.name] = issues
         logger.warning("skipping checkpoint %s: %s", ckpt, "; ".join(issues))
@@ -299,7 +302,9 @@ def agree_on_checkpoint(ckpt_dir: str | Path) -> Path:
     """The checkpoint to load: ``ckpt_dir`` if its files verify on every rank, else the newest older one that does.
 
     Every rank checks the files it will read against the manifest; one all-reduce of the failures per
-    candidate makes the choice identical everywhere. A skipped checkpoint is named with what failed.
+    candidate makes the choice identical everywhere. A skipped checkpoint is named with what failed. A
+    legacy checkpoint (no manifest: written before manifests, :func:`manifest.is_legacy`) passes unchecked,
+    with one warning naming it.
     Raises ``ConfigError`` (on every rank) when none verifies.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -320,12 +325,13 @@ def agree_on_checkpoint(ckpt_dir: str | Path) -> Path:
             if i and me == 0:
                 logger.warning("resuming from %s: %s failed verification on %s rank(s) (reasons above)",
                                name, ", ".join(names[:i]), "/".join(str(int(c)) for c in failed_ranks[:i]))
+            if me == 0 and manifest.is_legacy(ckpt_dir.parent / name):
+                logger.warning("resuming from %s: %s", ckpt_dir.parent / name, manifest.LEGACY_NOTE)
             return ckpt_dir.parent / name
     detail = "; ".join(f"{n}: {'; '.join(found[n])}" for n in names if n in found) or "see the other ranks' messages"
     raise ConfigError(
         f"no checkpoint in {ckpt_dir.parent} passed verification on every rank ({detail}). Move the run "
-        "directory aside to start afresh, or restore the files (a checkpoint of an older tide-ds that you trust: "
-        "python -m tide_ds.trainer.manifest write <checkpoint dir>)"
+        "directory aside to start afresh, or restore the named files"
     )
 
 

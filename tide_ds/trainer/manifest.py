@@ -6,8 +6,13 @@ rank checks the files it will read (the shared ones and its own ZeRO partition; 
 number of ranks changed); a checkpoint that fails anywhere is skipped on every rank for the newest one
 that passed everywhere (:func:`tide_ds.trainer.checkpoint.agree_on_checkpoint`).
 
+A checkpoint written before manifests existed (:func:`is_legacy`: published, so complete, by the same
+one rename, but with no ``manifest.json``) is not lost: it is loaded with one warning naming it
+(:data:`LEGACY_NOTE`); only a checkpoint whose manifest exists and fails (or is unreadable) is skipped.
+
     python -m tide_ds.trainer.manifest check CKPT_DIR...   # what is wrong, per checkpoint (exit 1 if anything)
-    python -m tide_ds.trainer.manifest write CKPT_DIR...   # a manifest for a checkpoint you trust (older tide-ds)
+    python -m tide_ds.trainer.manifest write CKPT_DIR...   # a manifest for a checkpoint you trust (older tide-ds:
+                                                           # verified from then on instead of loaded unchecked)
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 MANIFEST = "manifest.json"
 #: Files up to this size also get a SHA-256 (small files: a truncation may keep a size; big ones are checked by size).
 CHECKSUM_MAX_BYTES = 64 << 20
+#: What readers say of a checkpoint from a tide-ds without manifests, which they load unchecked.
+LEGACY_NOTE = "written before manifests; not verified"
 _RANK_FILE = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_")
 
 
@@ -60,7 +67,8 @@ def read(ckpt_dir: Path) -> dict:
     """The manifest, or ``ValueError`` saying why it cannot be used."""
     path = ckpt_dir / MANIFEST
     if not path.is_file():
-        raise ValueError(f"no {MANIFEST} (written by a tide-ds without manifests, or the checkpoint is incomplete)")
+        raise ValueError(f"no {MANIFEST}, and its trainer_state.json or config.yaml is missing or unreadable "
+                         "(an incomplete or damaged checkpoint)")
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
@@ -68,6 +76,22 @@ def read(ckpt_dir: Path) -> dict:
     except (ValueError, KeyError, TypeError, AssertionError) as err:
         raise ValueError(f"{MANIFEST} is unreadable ({type(err).__name__}: {err})") from None
     return manifest
+
+
+def is_legacy(ckpt_dir: Path) -> bool:
+    """A complete checkpoint of a tide-ds from before manifests: no ``manifest.json``, a readable trainer state.
+
+    Such a checkpoint was published by the same atomic rename from its staging directory (a published one
+    is complete); this tide-ds writes the manifest before that rename, so a published checkpoint of its own
+    always has one. A damaged ``trainer_state.json`` is not taken for a legacy checkpoint (:func:`problems`
+    names it).
+    """
+    if (ckpt_dir / MANIFEST).exists() or not (ckpt_dir / "config.yaml").is_file():
+        return False
+    try:
+        return isinstance(json.loads((ckpt_dir / "trainer_state.json").read_text()).get("step"), int)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def total_bytes(ckpt_dir: Path) -> int | None:
@@ -86,8 +110,11 @@ def files_for_rank(names: list[str], rank: int, world_size: int) -> list[str]:
 
 
 def problems(ckpt_dir: Path, *, rank: int = 0, world_size: int | None = None) -> list[str]:
-    """What is wrong with the files this rank would read from ``ckpt_dir`` (empty when it verifies);
+    """What is wrong with the files this rank would read from ``ckpt_dir`` (empty when it verifies, or when
+    it is a legacy checkpoint, :func:`is_legacy`, which the caller names with :data:`LEGACY_NOTE`);
     ``world_size=None``: every file (a single-process reader such as generate or export)."""
+    if is_legacy(ckpt_dir):
+        return []
     try:
         files = read(ckpt_dir)["files"]
     except ValueError as err:
@@ -126,7 +153,7 @@ def _main(argv: list[str] | None = None) -> int:
         else:
             issues = problems(ckpt)
             bad += bool(issues)
-            print(f"{ckpt}: " + ("; ".join(issues) if issues else "ok"))
+            print(f"{ckpt}: " + ("; ".join(issues) if issues else f"ok ({LEGACY_NOTE})" if is_legacy(ckpt) else "ok"))
     return 1 if bad else 0
 
 
