@@ -45,7 +45,7 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
     return recipe, overrides, flags
 
 
-def _job(cfg):
+def _job(cfg, argv: list[str]):
     """Everything after the configuration checks, on this rank: start, build (or reuse) the world, train, report."""
     from pathlib import Path
 
@@ -58,7 +58,7 @@ def _job(cfg):
     cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
     result = train(cfg)
     if world is not None:
-        report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve())
+        report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve(), argv=argv)
 
 
 def main(argv: list[str]) -> int:
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
         # On any error but a preemption: one message per job (a ConfigError as one line naming the rank, exit 2;
         # a bug with its traceback, exit 1), then os._exit on this rank without a collective; the watchdog of
         # every other rank follows within a second. The world's preparation runs under it too.
-        failfast.run(_job, cfg, passthrough=(Preempted,))
+        failfast.run(_job, cfg, argv, passthrough=(Preempted,))
     except Preempted:  # checkpoint written on every rank; 75 tells the sbatch script to requeue
         return PREEMPTED_EXIT_CODE
     finally:
