@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import tide_ds.trainer.loop as loop
-from tide_ds import failfast
 import tide_ds.worlds as worlds
+from tide_ds import failfast
 from tide_ds.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,8 +31,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 
 from tide_ds import validate
-from tide_ds.errors import ConfigError
-
 from tide_ds.choices import (
     AttnImplementation,
     ConcatOrder,
@@ -52,6 +50,7 @@ from tide_ds.choices import (
     World,
     choices,
 )
+from tide_ds.errors import ConfigError
 from tide_ds.losses.objective import Preset
 
 if TYPE_CHECKING:

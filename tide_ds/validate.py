@@ -90,8 +90,9 @@ def check_dataset(cfg: Any) -> None:
             f"data.dataset={cfg.data.dataset!r} is not an existing dataset directory; give one saved with datasets' "
             "save_to_disk, or leave it empty and launch through launch/run.py, which builds the world of world.name"
         )
-    import datasets
     import json
+
+    import datasets
 
     if (path / "dataset_dict.json").is_file():  # an empty split has no data file; datasets fails on it obscurely
         for name in json.loads((path / "dataset_dict.json").read_text()).get("splits", []):

@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
-from tide_ds.data.collate import DEFAULT_TEACHER_FORMAT, PIPELINE_COLUMNS, ContractEncoder, Stats, contract_features
 from tide_ds import workers
+from tide_ds.data.collate import DEFAULT_TEACHER_FORMAT, PIPELINE_COLUMNS, ContractEncoder, Stats, contract_features
 from tide_ds.data.corpus import split_of
 from tide_ds.data.tokenizers import file_lock, publish_dir, sha256_file, staging_dir
 

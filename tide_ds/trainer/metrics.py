@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from tide_ds import dist
-from tide_ds.utils.files import atomic_write_text
 from tide_ds.trainer.divergence import finite_or_none
+from tide_ds.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
