@@ -67,7 +67,7 @@ def test_default_run_is_the_tide_demo_with_baseline_report(tmp_path):
     assert "teacher" not in verdict
     # the baseline's own report named the command of the TIDE run to compare with: rank count, a fresh directory
     base_log = base.stdout + base.stderr
-    assert (f"no TIDE run with this world and 2 ranks to compare yet: deepspeed --num_gpus 2 launch/run.py "
+    assert ("no TIDE run with this world and 2 ranks to compare yet: deepspeed --num_gpus 2 launch/run.py "
             in base_log and f"--distill.preset=tide_cross --train.output_dir={tmp_path / 'none'}-tide" in base_log)
     world = json.loads(next((cache / "demo").glob("teacher-*/tide_ds_pretrain.json")).read_text())
     assert world["steps"] == 20 and world["heldout_nll"] < world["heldout_nll_before"]
