@@ -20,7 +20,7 @@ def world(tmp_path: Path, monkeypatch) -> InstructWorld:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_SIZE", "2")  # as the DeepSpeed launcher sets it
     return InstructWorld(dataset=tmp_path / "data", teacher=tmp_path / "teacher-abc", teacher_tokenizer=tmp_path / "tok",
                          teacher_heldout_nll=2.9871, key="w1", pipeline="A")
 
@@ -58,7 +58,7 @@ def test_with_a_baseline_the_last_line_says_by_how_much(world, monkeypatch) -> N
     assert sum("beat" in line for line in lines) == 1  # one verdict, at the end
     # a run of another rank count is not compared with the 2-rank baseline
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_SIZE", "1")
     lines = _report(world, "tide_cross", 3.2345)
     assert lines[-1].startswith("Did TIDE beat the no-distillation baseline? Not known: no baseline with this world "
                                 "and 1 rank yet; run it with: deepspeed --num_gpus 1 launch/run.py")

@@ -106,6 +106,13 @@ def comparison_command(argv: list[str] | tuple[str, ...], *, world_size: int, lo
     return " ".join([launch, *kept, *extra, f"--train.output_dir={output_dir}"])
 
 
+def _local_world_size(world_size: int) -> int:
+    """Ranks on this node: ``LOCAL_SIZE`` (the DeepSpeed launcher) or ``LOCAL_WORLD_SIZE`` (torchrun), else all."""
+    import os
+
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+
+
 def baseline_verdict(preset: str, nll: float, known: dict[str, float], *, world_size: int, command: str) -> str:
     """The report's last line: did TIDE beat the no-distillation baseline of the same world and rank count, by how much.
 
@@ -145,8 +152,6 @@ def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path, *,
     line saying whether TIDE beat the baseline and by how much (:func:`baseline_verdict`). Rank 0 only; returns
     the report (None on other ranks). ``argv``: this run's options, for the command of a missing comparison run.
     """
-    import os
-
     from tide_ds.worlds.instruct import record_result
 
     if dist.rank() != 0:
@@ -167,7 +172,7 @@ def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path, *,
     else:
         extra, suffix = ["--distill.preset=none", *pipe], "none"
     command = comparison_command(
-        argv, world_size=world_size, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
+        argv, world_size=world_size, local_world_size=_local_world_size(world_size),
         extra=extra, output_dir=fresh_output_dir(cfg.train.output_dir, suffix),
     )
     lines = [
