@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import tide_ds.log as tide_log
 import tide_ds.trainer.loop as loop
 import tide_ds.worlds as worlds
 from tide_ds import failfast
@@ -27,6 +28,7 @@ def run_py(monkeypatch, tmp_path):
     spec.loader.exec_module(module)
     monkeypatch.setattr(loop, "init_distributed", lambda: None)
     monkeypatch.setattr(loop, "shutdown", lambda: None)
+    monkeypatch.setattr(tide_log, "setup_logging", lambda: None)  # no handler on this test's captured stderr
     monkeypatch.setattr(worlds, "prepare_world", lambda cfg: (cfg, None))
     monkeypatch.setattr(failfast, "_leave", _raise_exit)
     return module
