@@ -101,3 +101,25 @@ def test_the_same_error_on_two_ranks_is_printed_once(run_py, monkeypatch, capsys
     err = capsys.readouterr().err
     assert err.count("tide-ds: configuration error") == 1
     assert err.startswith("tide-ds: configuration error (rank 0): unknown option 'train.max_stpes'")
+
+
+def test_a_real_two_rank_launch_prints_a_configuration_error_once(tmp_path):
+    """``deepspeed --num_gpus 2 launch/run.py`` with a typo: both ranks fail alike, the job says it once, exit 2."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+           str(ROOT / "launch" / "run.py"), "--train.max_stpes=3", f"--train.output_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2, text[-3000:]
+    lines = [line for line in text.splitlines() if "unknown option 'train.max_stpes'" in line]
+    assert len(lines) == 1, text[-3000:]
+    assert lines[0].startswith("tide-ds: configuration error (rank ") and "did you mean 'train.max_steps'?" in lines[0]
+    assert "Traceback" not in text and not (tmp_path / "run").exists()
