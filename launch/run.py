@@ -5,9 +5,11 @@ With no arguments it runs the embedded demo recipe (the defaults of ``tide_ds.co
 (``tide_ds.worlds``: an instruction corpus of the Python standard library and a small pretrained teacher,
 built once and cached), then TIDE-Cross into a tiny BD3LM student with the real Qwen3 tokenizer.
 
-The path of one run: ``main`` -> ``tide_ds.worlds.prepare_world`` (paths for an empty ``data.dataset``) ->
+The path of one run: ``main`` (options, then ``tide_ds.validate.before_start``: every check that needs no
+process group) -> ``tide_ds.worlds.prepare_world`` (paths for an empty ``data.dataset``) ->
 ``tide_ds.trainer.loop.train`` (build the run, then step) -> ``tide_ds.trainer.step.train_step`` (one
-optimizer step: the objective's targets, the student's losses, backward, step).
+optimizer step: the objective's targets, the student's losses, backward, step) -> ``report_world``; all
+after the checks under ``tide_ds.failfast.run``, so a failure on one rank ends the job within seconds.
 
   --recipe FILE        YAML recipe (launch/recipes/*.yaml); overrides are applied on top of it
   --print-config       print the resolved config and exit
