@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tide_ds.errors import ConfigError
 from tide_ds.utils.files import atomic_path
 
 __all__ = [
@@ -200,11 +201,11 @@ def _unreadable(path: Path, err: BaseException) -> str:
 
 @contextlib.contextmanager
 def _open(path: Path):
-    """``safe_open(path)``; a damaged file gives a ``ValueError`` naming it instead of safetensors' own error."""
+    """``safe_open(path)``; a damaged file gives a ``ConfigError`` naming it instead of safetensors' own error."""
     try:
         fh = safe_open(str(path), framework="pt")
     except Exception as err:  # noqa: BLE001 -- SafetensorError, OSError: the message must name the file
-        raise ValueError(_unreadable(path, err)) from None
+        raise ConfigError(_unreadable(path, err)) from None
     with fh:
         yield fh
 
@@ -215,7 +216,7 @@ def check_checkpoint_files(path: str | os.PathLike) -> int:
     names = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
     for name in names:
         if not (p / name).is_file():
-            raise ValueError(f"{p / INDEX_NAME} names {name}, which does not exist in {p}")
+            raise ConfigError(f"{p / INDEX_NAME} names {name}, which does not exist in {p}")
         with _open(p / name):
             pass
     return len(names)
@@ -256,7 +257,7 @@ def load_safetensors_checkpoint(path: str | os.PathLike, *, keys: list[str] | No
                 try:
                     out[key] = fh.get_tensor(key)
                 except Exception as err:  # noqa: BLE001 -- a short or damaged file: name it
-                    raise ValueError(_unreadable(p / name, err)) from None
+                    raise ConfigError(_unreadable(p / name, err)) from None
     if wanted is not None and len(out) != len(wanted):
         raise KeyError(f"{p}: no tensor(s) {sorted(wanted - set(out))[:3]} in the checkpoint")
     return dict(sorted(out.items()))
