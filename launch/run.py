@@ -53,13 +53,16 @@ def _job(cfg, argv: list[str]):
 
     from tide_ds.log import setup_logging
     from tide_ds.trainer.loop import init_distributed, train
-    from tide_ds.worlds import prepare_world, report_world
+    from tide_ds.worlds import baseline_config, prepare_world, record_baseline, report_world
 
     setup_logging()
     init_distributed()
     cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
     result = train(cfg)
     if world is not None:
+        base_cfg = baseline_config(cfg, world)  # --world.baseline=true and none recorded: train it now
+        if base_cfg is not None:
+            record_baseline(base_cfg, world, train(base_cfg)["nll"])
         report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve(), argv=argv)
 
 

@@ -208,6 +208,12 @@ class WorldArgs:
         "Seed of the instruct world (corpus split, teacher tokenizer and pretraining); independent of train.seed,"
         " so a sweep over the student's seed reuses one teacher.",
     )
+    baseline: bool = option(
+        False,
+        "After a distillation run of the instruct world, also train its no-distillation baseline (preset none, "
+        "the same options, into <output_dir>-none) when none is recorded for the same world and rank count, so "
+        "the report can say whether TIDE beat it. Off by default: it doubles the run time.",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self, "world")

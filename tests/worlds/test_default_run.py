@@ -71,3 +71,21 @@ def test_default_run_is_the_tide_demo_with_baseline_report(tmp_path):
             in base_log and f"--distill.preset=tide_cross --train.output_dir={tmp_path / 'none'}-tide" in base_log)
     world = json.loads(next((cache / "demo").glob("teacher-*/tide_ds_pretrain.json")).read_text())
     assert world["steps"] == 20 and world["heldout_nll"] < world["heldout_nll_before"]
+
+
+def test_world_baseline_true_trains_the_missing_baseline_and_reports_against_it(tmp_path):
+    """--world.baseline=true on a world without a comparable baseline: the job trains it after the TIDE run,
+    into <output_dir>-none, and the report's last line compares the two."""
+    cache = tmp_path / "cache"
+    proc = _launch(tmp_path / "tide", cache, "--world.baseline=true", "--train.max_steps=3")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+    base_records = [json.loads(x) for x in (tmp_path / "tide-none" / "metrics.jsonl").read_text().splitlines()]
+    base_nll = [r for r in base_records if r["kind"] == "eval"][-1]["nll"]
+    assert all("calm_rev" not in r for r in base_records if r["kind"] == "train")  # CE only
+    baseline = re.search(r"student, no distillation \(preset none, same world and 2 rank\(s\)\): ([0-9.]+)", log)
+    assert baseline and float(baseline.group(1)) == pytest.approx(base_nll, abs=1e-4), log[-3000:]
+    lines = log.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"  logs, metrics and checkpoints: {tmp_path / 'tide'}"))
+    assert re.match(r"TIDE \(tide_cross\) (beat|did not beat|tied) the no-distillation baseline", lines[at + 1]), lines[at + 1]
+    assert "Not known" not in log

@@ -88,3 +88,23 @@ def test_the_comparison_command(tmp_path: Path) -> None:
     (tmp_path / "run-none").mkdir()
     (tmp_path / "run-none-2").mkdir()
     assert fresh_output_dir(tmp_path / "run", "none") == str(tmp_path / "run-none-3")
+
+
+def test_world_baseline_asks_for_the_baseline_only_when_none_is_recorded(world) -> None:
+    from tide_ds.worlds import baseline_config, comparison_key
+    from tide_ds.worlds.instruct import record_result
+
+    cfg = build_config(overrides=["--train.max_steps=150", "--distill.preset=tide_cross", "--distill.comp_demo=true"])
+    assert baseline_config(cfg, world) is None  # off by default
+    cfg = build_config(overrides=["--train.max_steps=150", "--distill.preset=tide_cross", "--distill.comp_demo=true",
+                                  "--world.baseline=true", "--train.resume=auto"])
+    Path("runs/demo-none").mkdir(parents=True)
+    base = baseline_config(cfg, world)
+    assert base.distill.preset == "none" and base.distill.mode == "" and base.distill.comp_demo is None
+    assert base.train.output_dir == "runs/demo-none-2" and base.train.resume == "never"
+    assert base.train.max_steps == 150 and base.world == cfg.world and base.model == cfg.model
+    assert comparison_key(base, world) == comparison_key(cfg, world)  # the report compares the two
+    record_result(comparison_key(cfg, world), "none", 3.5)
+    assert baseline_config(cfg, world) is None  # recorded: reused, not trained again
+    none = build_config(overrides=["--distill.preset=none", "--world.baseline=true"])
+    assert baseline_config(none, world) is None

@@ -145,6 +145,45 @@ def _compare(preset: str, nll: float, base: float) -> str:
     return f"TIDE ({preset}) tied the no-distillation baseline ({nll:.4f} held-out NLL per student token)"
 
 
+def comparison_key(cfg: RunConfig, world: InstructWorld) -> str:
+    """Runs with this key compare: same world, student, schedule, seed and number of ranks (the preset varies)."""
+    run = {"world": world.key, "model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion),
+           "train": {k: getattr(cfg.train, k) for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps",
+                                                          "lr", "seed")},
+           "world_size": dist.world_size()}
+    return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def baseline_config(cfg: RunConfig, world: InstructWorld) -> RunConfig | None:
+    """The config of the no-distillation baseline ``world.baseline`` asks for, or None when it is not wanted or
+    one is recorded already (the same on every rank: rank 0 decides and names a fresh output directory)."""
+    from tide_ds.worlds.instruct import results_file
+
+    if not cfg.world.baseline or cfg.distill.preset == "none":
+        return None
+    out = None
+    if dist.rank() == 0:
+        path = results_file()
+        known = json.loads(path.read_text()).get(comparison_key(cfg, world), {}) if path.is_file() else {}
+        out = None if "none" in known else fresh_output_dir(cfg.train.output_dir, "none")
+    out = dist.broadcast_object(out)
+    if out is None:
+        return None
+    distill = dataclasses.replace(cfg.distill, preset="none", mode="", comp_demo=None)
+    train = dataclasses.replace(cfg.train, output_dir=out, resume="never", overwrite=False)
+    return dataclasses.replace(cfg, distill=distill, train=train)
+
+
+def record_baseline(cfg: RunConfig, world: InstructWorld, nll: float) -> None:
+    """Remember the baseline's held-out NLL (rank 0) for the report of the run it was trained for."""
+    from tide_ds.worlds.instruct import record_result
+
+    if dist.rank() == 0:
+        record_result(comparison_key(cfg, world), "none", nll)
+        logger.info("no-distillation baseline: held-out NLL %.4f per student token; logs in %s", nll,
+                    Path(cfg.train.output_dir).resolve())
+
+
 def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path, *,
                  argv: list[str] | tuple[str, ...] = ()) -> str | None:
     """Log the student's held-out NLL, the no-distillation baseline's (the last preset-none run with the same
@@ -157,13 +196,7 @@ def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path, *,
     if dist.rank() != 0:
         return None
     world_size = dist.world_size()
-    # Comparable runs only: same world, student, schedule, seed and world size (the preset varies).
-    run = {"world": world.key, "model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion),
-           "train": {k: getattr(cfg.train, k) for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps",
-                                                          "lr", "seed")},
-           "world_size": world_size}
-    run_key = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    known = record_result(run_key, cfg.distill.preset, nll)
+    known = record_result(comparison_key(cfg, world), cfg.distill.preset, nll)
     cross = world.pipeline == "A"
     pipe = [] if cross else ["--distill.pipeline=B"]
     preset = cfg.distill.preset
