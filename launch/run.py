@@ -5,9 +5,11 @@ With no arguments it runs the embedded demo recipe (the defaults of ``tide_ds.co
 (``tide_ds.worlds``: an instruction corpus of the Python standard library and a small pretrained teacher,
 built once and cached), then TIDE-Cross into a tiny BD3LM student with the real Qwen3 tokenizer.
 
-The path of one run: ``main`` -> ``tide_ds.worlds.prepare_world`` (paths for an empty ``data.dataset``) ->
+The path of one run: ``main`` (options, then ``tide_ds.validate.before_start``: every check that needs no
+process group) -> ``tide_ds.worlds.prepare_world`` (paths for an empty ``data.dataset``) ->
 ``tide_ds.trainer.loop.train`` (build the run, then step) -> ``tide_ds.trainer.step.train_step`` (one
-optimizer step: the objective's targets, the student's losses, backward, step).
+optimizer step: the objective's targets, the student's losses, backward, step) -> ``report_world``; all
+after the checks under ``tide_ds.failfast.run``, so a failure on one rank ends the job within seconds.
 
   --recipe FILE        YAML recipe (launch/recipes/*.yaml); overrides are applied on top of it
   --print-config       print the resolved config and exit
@@ -16,7 +18,6 @@ optimizer step: the objective's targets, the student's losses, backward, step).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from tide_ds.errors import ConfigError
@@ -46,12 +47,27 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
     return recipe, overrides, flags
 
 
-def _rank() -> str:
-    """This process's rank as the launcher set it (before any process group exists)."""
-    return os.environ.get("RANK", "0")
+def _job(cfg, argv: list[str]):
+    """Everything after the configuration checks, on this rank: start, build (or reuse) the world, train, report."""
+    from pathlib import Path
+
+    from tide_ds.log import setup_logging
+    from tide_ds.trainer.loop import init_distributed, train
+    from tide_ds.worlds import baseline_config, prepare_world, record_baseline, report_world
+
+    setup_logging()
+    init_distributed()
+    cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
+    result = train(cfg)
+    if world is not None:
+        base_cfg = baseline_config(cfg, world)  # --world.baseline=true and none recorded: train it now
+        if base_cfg is not None:
+            record_baseline(base_cfg, world, train(base_cfg)["nll"])
+        report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve(), argv=argv)
 
 
 def main(argv: list[str]) -> int:
+    from tide_ds import failfast, validate
     from tide_ds.config import build_config, option_table
 
     try:
@@ -63,33 +79,25 @@ def main(argv: list[str]) -> int:
             print(option_table())
             return 0
         cfg = build_config(recipe=recipe, overrides=overrides)
-    except ConfigError as err:  # every rank parses the same argv: each says it, in one line
-        print(f"tide-ds: configuration error (rank {_rank()}): {err}", file=sys.stderr)
-        return 2
+        if "--print-config" not in flags:
+            validate.before_start(cfg)  # engine JSON, output directory, dataset, weights: before any work
+    except ConfigError as err:  # every rank parses the same argv: one line naming the rank, once per job
+        return failfast.report(err, label="configuration error")
     if "--print-config" in flags:
         print(cfg.to_yaml(), end="")
         return 0
 
-    from pathlib import Path
-
-    from tide_ds.log import setup_logging
-    from tide_ds.trainer.loop import init_distributed, shutdown, train
+    from tide_ds.trainer.loop import shutdown
     from tide_ds.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
-    from tide_ds.worlds import prepare_world, report_world
 
+    failfast.install()  # a failure on any rank ends every rank within seconds (tide_ds/failfast.py)
     try:
-        setup_logging()
-        init_distributed()
-        cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
-        result = train(cfg)
-        if world is not None:
-            report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve())
+        # On any error but a preemption: one message per job (a ConfigError as one line naming the rank, exit 2;
+        # a bug with its traceback, exit 1), then os._exit on this rank without a collective; the watchdog of
+        # every other rank follows within a second. The world's preparation runs under it too.
+        failfast.run(_job, cfg, argv, passthrough=(Preempted,))
     except Preempted:  # checkpoint written on every rank; 75 tells the sbatch script to requeue
         return PREEMPTED_EXIT_CODE
-    except ConfigError as err:  # a user error found while building the run: one clear line on every rank
-        print(f"tide-ds: error (rank {_rank()}): {err}", file=sys.stderr)
-        return 2
-    # Any other exception is a bug: it propagates with its traceback (and a non-zero exit) on its rank.
     finally:
         shutdown()
     return 0

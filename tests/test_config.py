@@ -190,8 +190,8 @@ def test_relative_recipe_and_ds_config_work_from_any_directory(tmp_path, monkeyp
     assert load_recipe("launch/recipes/demo.yaml") == load_recipe(REPO_ROOT / "launch/recipes/demo.yaml")
     assert "zero_optimization" in load_ds_json("ds_configs/zero2.json")
     (tmp_path / "ds_configs").mkdir()
-    (tmp_path / "ds_configs" / "zero2.json").write_text('{"mine": true}')
-    assert load_ds_json("ds_configs/zero2.json") == {"mine": True}  # the working directory's file wins
+    (tmp_path / "ds_configs" / "zero2.json").write_text('{"steps_per_print": 7}')
+    assert load_ds_json("ds_configs/zero2.json") == {"steps_per_print": 7}  # the working directory's file wins
     with pytest.raises(ValueError, match=r"train.ds_config='nope.json' does not exist \(looked in .* and "):
         load_ds_json("nope.json")
     with pytest.raises(ValueError, match=r"--recipe='nope.yaml' does not exist \(looked in"):

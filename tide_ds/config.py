@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from tide_ds.errors import ConfigError
-
+from tide_ds import validate
 from tide_ds.choices import (
     AttnImplementation,
     ConcatOrder,
@@ -51,6 +50,7 @@ from tide_ds.choices import (
     World,
     choices,
 )
+from tide_ds.errors import ConfigError
 from tide_ds.losses.objective import Preset
 
 if TYPE_CHECKING:
@@ -207,6 +207,12 @@ class WorldArgs:
         42,
         "Seed of the instruct world (corpus split, teacher tokenizer and pretraining); independent of train.seed,"
         " so a sweep over the student's seed reuses one teacher.",
+    )
+    baseline: bool = option(
+        False,
+        "After a distillation run of the instruct world, also train its no-distillation baseline (preset none, "
+        "the same options, into <output_dir>-none) when none is recorded for the same world and rank count, so "
+        "the report can say whether TIDE beat it. Off by default: it doubles the run time.",
     )
 
     def __post_init__(self) -> None:
@@ -411,6 +417,11 @@ class TrainArgs:
         "Signals that ask for a checkpoint at the next step boundary and an exit with code 75 for a requeue "
         "(comma-separated; empty disables).",
     )
+    max_nonfinite_steps: int = option(
+        5,
+        "Stop the run (exit code 65) after this many consecutive steps with a NaN/inf loss or gradient norm "
+        "(0 = never).",
+    )
     tensorboard: bool = option(
         True,
         "Write TensorBoard scalars (deprecated: leave tensorboard out of report_to instead; false still turns it off).",
@@ -428,7 +439,7 @@ class TrainArgs:
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr", "log_every", "keep_last"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("eval_every", "save_every", "grad_clip", "weight_decay", "adam_eps"):
+        for name in ("eval_every", "save_every", "grad_clip", "weight_decay", "adam_eps", "max_nonfinite_steps"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         for name in ("warmup_ratio", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -461,6 +472,7 @@ class RunConfig:
     train: TrainArgs = field(default_factory=TrainArgs)
 
     def __post_init__(self) -> None:
+        validate.reject_non_finite(self)  # NaN/inf in any float option (tide_ds/validate.py)
         if self.data.seq_len % self.diffusion.block_size:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} is not a multiple of diffusion.block_size="
@@ -665,6 +677,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {path} is not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):  # a list or a scalar at the top
+        raise ConfigError(f"recipe {path} must be a mapping of sections (model:, data:, train:, ...) at its top "
+                          f"level, got a {type(data).__name__}")
     return data or {}
 
 

@@ -70,17 +70,36 @@ def shm_buffer_path() -> str:
             f"{os.environ.get('MASTER_PORT', '')}_{rank()}")
 
 
-def destroy() -> None:
-    """Barrier, unlink this rank's shm all-reduce buffer, destroy the process group (no-op if not initialised).
+_FAILED = False
 
-    After the barrier no rank opens a peer's buffer any more (they do so only while initialising), and the
-    mappings stay valid until each process exits, so unlinking the name is safe.
-    """
-    if not dist.is_initialized():
-        return
-    dist.barrier()
+
+def mark_failed() -> None:
+    """This rank is leaving after an error: :func:`destroy` must not wait in a barrier for the others."""
+    global _FAILED
+    _FAILED = True
+
+
+def unlink_shm_buffer() -> None:
     try:
         os.unlink(shm_buffer_path())
     except FileNotFoundError:
         pass  # GPU runs, or a backend without the shm op
-    dist.destroy_process_group()
+
+
+def destroy() -> None:
+    """Barrier, unlink this rank's shm all-reduce buffer, destroy the process group (no-op if not initialised).
+
+    After the barrier no rank opens a peer's buffer any more (they do so only while initialising), and the
+    mappings stay valid until each process exits, so unlinking the name is safe. After an error (an
+    exception in flight, or :func:`mark_failed`) there is no barrier: the other ranks may never reach it.
+    """
+    if not dist.is_initialized():
+        return
+    import sys
+
+    failed = _FAILED or sys.exc_info()[0] is not None
+    if not failed:
+        dist.barrier()
+    unlink_shm_buffer()
+    if not failed:
+        dist.destroy_process_group()

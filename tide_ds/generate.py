@@ -91,6 +91,17 @@ def complete(
     return [results[i] for i in range(len(prompts))]
 
 
+def why_empty(c: Completion, max_new_tokens: int) -> str | None:
+    """Why a completion's text is empty (None when it is not): the model stopped at once, or said only specials."""
+    if c.text.strip():
+        return None
+    if not c.token_ids:
+        return ("0 tokens: the model's first token was a stop token (end of turn or of document); an undertrained "
+                "student often does this: train longer, or check --template (chat vs raw) for this model")
+    return (f"{len(c.token_ids)} token(s), none of them text (special tokens only"
+            f"{'' if c.finished else f', and no stop within --max-new-tokens={max_new_tokens}'})")
+
+
 def uses_chat_template(loaded: InferenceModel, template: str) -> bool:
     """``auto``: chat for instruction-trained students and exported directories, raw for the stdlib text demo."""
     if template != "auto":
@@ -164,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     completions = complete(loaded, texts, config=config, batch_size=args.batch_size, seed=args.seed)
     elapsed = time.perf_counter() - start
-    for prompt, c in zip(prompts, completions):
+    for i, (prompt, c) in enumerate(zip(prompts, completions)):
+        if (reason := why_empty(c, config.max_new_tokens)) is not None:
+            logger.warning("prompt %d: empty completion: %s", i + 1, reason)
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": c.text, "tokens": len(c.token_ids), "finished": c.finished}))
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _configured = False
 _warned: set[str] = set()
@@ -22,6 +23,9 @@ def setup_logging(rank: int | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     root.propagate = False
+    if rank:  # library deprecation notices are the same on every rank: rank 0 shows them once
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     _configured = True
 
 

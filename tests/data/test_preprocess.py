@@ -294,8 +294,8 @@ def test_cli(instruct_jsonl: Path, qwen3_dir: Path, tmp_path: Path, capsys: pyte
     assert "rows: read 30" in printed and "3 shards (1 reused)" in printed
     assert pp._main(args + ["--overwrite", "--limit", "20"]) == 0
     assert json.loads((tmp_path / "cli" / "summary.json").read_text())["rows"]["read"] == 20
-    with pytest.raises(ValueError, match="--seq-len=100 is not a multiple"):
-        pp._main(args[:-4] + ["--seq-len", "100", "--out", str(tmp_path / "other")])
+    assert pp._main(args[:-4] + ["--seq-len", "100", "--out", str(tmp_path / "other")]) == 2  # a message, no traceback
+    assert "error: --seq-len=100 is not a multiple" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("data", [b"", b"\n", b"a\nbb\n\nccc", b"a\nbb\n\nccc\n", b"{}"], ids=repr)

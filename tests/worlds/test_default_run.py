@@ -49,12 +49,43 @@ def test_default_run_is_the_tide_demo_with_baseline_report(tmp_path):
     base_final = [json.loads(x) for x in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()]
     base_nll = [r for r in base_final if r["kind"] == "eval"][-1]["nll"]
     # The report: teacher, student, baseline (the earlier comparable run) and where the run lives.
-    teacher = re.search(r"teacher \(.*own SentencePiece tokenizer\): ([0-9.]+)", log)
+    teacher = re.search(r"teacher \(.*own SentencePiece tokenizer\): ([0-9.]+) per teacher token \(other units", log)
     student = re.search(r"student, preset tide_cross \(mode reverse_alm\): ([0-9.]+)", log)
-    baseline = re.search(r"student, no distillation \(preset none\): ([0-9.]+)", log)
+    baseline = re.search(r"student, no distillation \(preset none, same world and 2 rank\(s\)\): ([0-9.]+)", log)
     assert teacher and student and baseline, log[-3000:]
     assert float(student.group(1)) == pytest.approx(final, abs=1e-4)
     assert float(baseline.group(1)) == pytest.approx(base_nll, abs=1e-4)
     assert f"logs, metrics and checkpoints: {tmp_path / 'tide'}" in log
+    # ... ending with one line: did TIDE beat the baseline, by how much, in the student's units only
+    lines = log.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"  logs, metrics and checkpoints: {tmp_path / 'tide'}"))
+    verdict, gap = lines[at + 1], float(baseline.group(1)) - float(student.group(1))
+    word = "beat the no-distillation baseline by" if gap > 0 else "did not beat the no-distillation baseline"
+    assert verdict.startswith(f"TIDE (tide_cross) {word}"), verdict
+    by = float(re.search(r"([0-9.]+) held-out NLL per student token", verdict).group(1))
+    assert by == pytest.approx(abs(gap), abs=2e-4)  # the report's numbers are rounded to 4 places
+    assert "teacher" not in verdict
+    # the baseline's own report named the command of the TIDE run to compare with: rank count, a fresh directory
+    base_log = base.stdout + base.stderr
+    assert ("no TIDE run with this world and 2 ranks to compare yet: deepspeed --num_gpus 2 launch/run.py "
+            in base_log and f"--distill.preset=tide_cross --train.output_dir={tmp_path / 'none'}-tide" in base_log)
     world = json.loads(next((cache / "demo").glob("teacher-*/tide_ds_pretrain.json")).read_text())
     assert world["steps"] == 20 and world["heldout_nll"] < world["heldout_nll_before"]
+
+
+def test_world_baseline_true_trains_the_missing_baseline_and_reports_against_it(tmp_path):
+    """--world.baseline=true on a world without a comparable baseline: the job trains it after the TIDE run,
+    into <output_dir>-none, and the report's last line compares the two."""
+    cache = tmp_path / "cache"
+    proc = _launch(tmp_path / "tide", cache, "--world.baseline=true", "--train.max_steps=3")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-8000:]
+    base_records = [json.loads(x) for x in (tmp_path / "tide-none" / "metrics.jsonl").read_text().splitlines()]
+    base_nll = [r for r in base_records if r["kind"] == "eval"][-1]["nll"]
+    assert all("calm_rev" not in r for r in base_records if r["kind"] == "train")  # CE only
+    baseline = re.search(r"student, no distillation \(preset none, same world and 2 rank\(s\)\): ([0-9.]+)", log)
+    assert baseline and float(baseline.group(1)) == pytest.approx(base_nll, abs=1e-4), log[-3000:]
+    lines = log.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"  logs, metrics and checkpoints: {tmp_path / 'tide'}"))
+    assert re.match(r"TIDE \(tide_cross\) (beat|did not beat|tied) the no-distillation baseline", lines[at + 1]), lines[at + 1]
+    assert "Not known" not in log

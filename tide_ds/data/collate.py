@@ -195,7 +195,8 @@ class ContractEncoder:
                   teacher_truncated=int(teacher.length < teacher.untruncated_length),
                   student_tokens=student.length, student_tokens_untruncated=student.untruncated_length,
                   student_labelled=int((columns["labels"] != IGNORE_INDEX).sum()),
-                  teacher_tokens=int(columns["teacher_attention_mask"].sum()),
+                  # the teacher's text tokens, without pipeline B's EOS block padding (<= the untruncated count)
+                  teacher_tokens=int(columns["teacher_attention_mask"].sum()) - int(columns.pop("teacher_padding", 0)),
                   teacher_tokens_untruncated=teacher.untruncated_length)
         stats.add(**{f"event/{k}": v for k, v in stats.events.dropped.items()})
         stats.events.dropped.clear()
@@ -233,8 +234,10 @@ class ContractEncoder:
         if mismatched:  # never seen (the pairs come from a diff of ids); the sample then trains with CE only
             stats.events.drop("pair_id_mismatch", mismatched)
             s_pos, t_pos = s_pos[:0], t_pos[:0]
+        unpadded = len(t_ids)
         t_ids, _ = eos_block_pad(t_ids, t_ids, block_size=self.block_size, eos_id=self.teacher_eos)
         columns = self._teacher_columns(t_ids)
+        columns["teacher_padding"] = len(t_ids) - unpadded  # not a column: read (and removed) by encode()
         columns["align_student"] = _padded(s_pos, self.seq_len, -1)
         columns["align_teacher"] = _padded(t_pos, self.seq_len, -1)
         columns["n_aligned"] = np.int32(len(s_pos))

@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
+from tide_ds import workers
 from tide_ds.data.collate import DEFAULT_TEACHER_FORMAT, PIPELINE_COLUMNS, ContractEncoder, Stats, contract_features
 from tide_ds.data.corpus import split_of
 from tide_ds.data.tokenizers import file_lock, publish_dir, sha256_file, staging_dir
@@ -44,7 +46,8 @@ from tide_ds.data.tokenizers import file_lock, publish_dir, sha256_file, staging
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the output changes, so work directories of an older version are not reused.
-PREPROCESS_FORMAT = 1
+#: 2: pipeline B's teacher_tokens no longer count the EOS block padding.
+PREPROCESS_FORMAT = 2
 SPLITS = ("train", "heldout")
 SUMMARY_FILE = "summary.json"
 _DATASETS_METADATA = frozenset({"dataset_dict.json", "dataset_info.json", "state.json", SUMMARY_FILE})
@@ -306,9 +309,15 @@ def _run_shards(cfg: PreprocessConfig, encoder: ContractEncoder, parts: list[_Pa
                 _process_shard(k)
             return
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-        with ctx.Pool(min(cfg.num_proc, len(todo)), _init_worker, (cfg, parts, work)) as pool:
+        # workers start with default signal handlers (never the trainer's), and the pool ends with a deadline
+        pool = workers.start_pool(ctx, min(cfg.num_proc, len(todo)), _init_worker, (cfg, parts, work))
+        clean = False
+        try:
             for _ in pool.imap_unordered(_process_shard, todo):
                 pass
+            clean = True
+        finally:
+            workers.stop_pool(pool, what="preprocessing", clean=clean)
     finally:
         _WORKER = None
 
@@ -408,8 +417,7 @@ def _publish(cfg: PreprocessConfig, out: Path, work: Path, num_shards: int, summ
         tables = [MemoryMappedTable.from_file(str(_shard_file(work, k, f"{split}.arrow"))) for k in range(num_shards)]
         tables = [t for t in tables if t.num_rows]
         if not tables:  # datasets cannot load an empty split back from disk
-            raise ValueError(f"the {split} split would be empty ({summary['rows']['kept']} rows kept); change "
-                             "--heldout-fraction or give more input")
+            raise ValueError(_empty_split_message(cfg, split, summary))
         # A fixed fingerprint keeps state.json identical across identical runs.
         splits[split] = datasets.Dataset(concat_tables(tables), info=datasets.DatasetInfo(features=features),
                                          fingerprint=f"{fingerprint}-{split}")
@@ -422,6 +430,24 @@ def _publish(cfg: PreprocessConfig, out: Path, work: Path, num_shards: int, summ
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+
+
+def _empty_split_message(cfg: PreprocessConfig, split: str, summary: dict) -> str:
+    """Why ``split`` is empty and which number to change."""
+    rows = summary["rows"]
+    kept, read = rows["kept"], rows["read"]
+    drops = ", ".join(f"{k}={v}" for k, v in sorted(rows["dropped_by_reason"].items(), key=lambda kv: -kv[1]))
+    counts = f"{read} rows read, {kept} kept" + (f", {rows['dropped']} dropped ({drops})" if rows["dropped"] else "")
+    if kept == 0:
+        return (f"no row was kept ({counts}), so the {split} split would be empty; fix the input rows (the drop "
+                "reasons say what is wrong with them) or the length options (--seq-len, --teacher-seq-len)")
+    f = cfg.heldout_fraction
+    if split == "heldout":
+        need = min(0.5, 2.0 / kept)
+        return (f"the heldout split would be empty ({counts}): --heldout-fraction={f} of {kept} rows is "
+                f"{f * kept:.2f} expected rows; raise --heldout-fraction to about {need:.2g} or give more input rows")
+    return (f"the train split would be empty ({counts}, all of them held out): --heldout-fraction={f} is too large "
+            f"for {kept} rows; lower it (e.g. {min(f, 0.5) / 2:.2g}) or give more input rows")
 
 
 def _summary(cfg: PreprocessConfig, key: dict, stats: Stats) -> dict:
@@ -500,7 +526,11 @@ def _main(argv: list[str] | None = None) -> int:
     add("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = preprocess(PreprocessConfig(**vars(args)))
+    try:
+        result = preprocess(PreprocessConfig(**vars(args)))
+    except (ValueError, workers.PoolStuck) as err:  # what is wrong and what to change: no traceback
+        print(f"python -m tide_ds.data.preprocess: error: {err}", file=sys.stderr)
+        return 2
     print(format_summary(result.summary))
     done = result.shards_reused + result.shards_processed
     if result.out is None:

@@ -125,10 +125,11 @@ def collect_run(run_dir: str | Path, *, variant: str, seed: int, max_steps: int)
     result.wall_s = exit_info.get("wall_s")
     result.cpu_s = exit_info.get("cpu_s")
     train, evals = read_metrics(run_dir / "metrics.jsonl")
-    result.train_ce = [(s, float(r["ce"])) for s, r in sorted(train.items()) if "ce" in r and s <= max_steps]
-    result.eval_nll = [(s, float(r["nll"])) for s, r in sorted(evals.items()) if "nll" in r and s <= max_steps]
+    # a non-finite value is recorded as null (strict JSON, tide_ds.trainer.metrics): no point on the curve
+    result.train_ce = [(s, float(r["ce"])) for s, r in sorted(train.items()) if r.get("ce") is not None and s <= max_steps]
+    result.eval_nll = [(s, float(r["nll"])) for s, r in sorted(evals.items()) if r.get("nll") is not None and s <= max_steps]
     result.step = max([s for s in train if s <= max_steps], default=0)
-    if max_steps in evals and "nll" in evals[max_steps] and final_checkpoint_done(run_dir, max_steps):
+    if max_steps in evals and evals[max_steps].get("nll") is not None and final_checkpoint_done(run_dir, max_steps):
         result.status = "finished"
         result.final_nll = float(evals[max_steps]["nll"])
     elif result.exit_code not in (None, 0):

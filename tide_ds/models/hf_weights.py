@@ -12,6 +12,7 @@ passes; architecture-specific renaming lives with each model file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,11 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tide_ds.errors import ConfigError
 from tide_ds.utils.files import atomic_path
 
 __all__ = [
     "INDEX_NAME",
     "SINGLE_NAME",
+    "check_checkpoint_files",
     "list_checkpoint_keys",
     "load_safetensors_checkpoint",
     "save_safetensors_checkpoint",
@@ -186,14 +189,43 @@ def list_checkpoint_keys(path: str | os.PathLike) -> list[str]:
     p, weight_map = _locate(path)
     if weight_map is not None:
         return sorted(weight_map)
-    with safe_open(str(p / SINGLE_NAME), framework="pt") as fh:
+    with _open(p / SINGLE_NAME) as fh:
         return sorted(fh.keys())
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    size = path.stat().st_size if path.exists() else 0
+    return (f"{path} ({size} bytes) is not a readable safetensors file: {type(err).__name__}: {err}; it is probably "
+            "truncated or damaged (an interrupted download or copy): fetch or save it again")
+
+
+@contextlib.contextmanager
+def _open(path: Path):
+    """``safe_open(path)``; a damaged file gives a ``ConfigError`` naming it instead of safetensors' own error."""
+    try:
+        fh = safe_open(str(path), framework="pt")
+    except Exception as err:  # noqa: BLE001 -- SafetensorError, OSError: the message must name the file
+        raise ConfigError(_unreadable(path, err)) from None
+    with fh:
+        yield fh
+
+
+def check_checkpoint_files(path: str | os.PathLike) -> int:
+    """Open the header of every safetensors file of the checkpoint (a truncated file fails here, named); the count."""
+    p, weight_map = _locate(path)
+    names = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_NAME]
+    for name in names:
+        if not (p / name).is_file():
+            raise ConfigError(f"{p / INDEX_NAME} names {name}, which does not exist in {p}")
+        with _open(p / name):
+            pass
+    return len(names)
 
 
 def _file_of(p: Path, weight_map: dict[str, str] | None) -> dict[str, list[str]]:
     """file name -> keys, for every tensor of the checkpoint."""
     if weight_map is None:
-        with safe_open(str(p / SINGLE_NAME), framework="pt") as fh:
+        with _open(p / SINGLE_NAME) as fh:
             return {SINGLE_NAME: sorted(fh.keys())}
     by_file: dict[str, list[str]] = {}
     for key, name in weight_map.items():
@@ -213,7 +245,7 @@ def load_safetensors_checkpoint(path: str | os.PathLike, *, keys: list[str] | No
         names = [k for k in names if wanted is None or k in wanted]
         if not names:
             continue
-        with safe_open(str(p / name), framework="pt") as fh:
+        with _open(p / name) as fh:
             present = set(fh.keys())
             absent = [k for k in names if k not in present]
             if absent:
@@ -222,7 +254,10 @@ def load_safetensors_checkpoint(path: str | os.PathLike, *, keys: list[str] | No
                     "the index and shards are from different saves: re-save the checkpoint"
                 )
             for key in names:
-                out[key] = fh.get_tensor(key)
+                try:
+                    out[key] = fh.get_tensor(key)
+                except Exception as err:  # noqa: BLE001 -- a short or damaged file: name it
+                    raise ConfigError(_unreadable(p / name, err)) from None
     if wanted is not None and len(out) != len(wanted):
         raise KeyError(f"{p}: no tensor(s) {sorted(wanted - set(out))[:3]} in the checkpoint")
     return dict(sorted(out.items()))

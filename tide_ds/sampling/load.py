@@ -84,7 +84,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
     """``("hf", dir)`` or ``("deepspeed", checkpoint dir)`` for any of the three accepted forms."""
-    from tide_ds.trainer.checkpoint import CKPT_SUBDIR, latest_checkpoint
+    from tide_ds.trainer.checkpoint import CKPT_SUBDIR, latest_verified_checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -94,7 +94,10 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path]:
     if (p / "trainer_state.json").is_file() and (p / "config.yaml").is_file():
         return "deepspeed", p
     if (p / CKPT_SUBDIR).is_dir():
-        ckpt = latest_checkpoint(p)
+        ckpt, skipped = latest_verified_checkpoint(p)  # the newest whose files match its manifest
+        if ckpt is None and skipped:
+            raise ValueError(f"run directory {p}: no checkpoint passes its manifest check: " + "; ".join(
+                f"{name}: {', '.join(issues)}" for name, issues in skipped.items()))
         if ckpt is None:
             raise ValueError(f"run directory {p} has no complete checkpoint yet (nothing in {p / CKPT_SUBDIR})")
         return "deepspeed", ckpt

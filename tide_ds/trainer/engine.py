@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from tide_ds import validate
 from tide_ds.config import REPO_ROOT, RunConfig, resolve_repo_path
 from tide_ds.errors import ConfigError
 from tide_ds.trainer.student import DiffusionCEModule
@@ -49,6 +50,7 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"train.ds_config={str(path)!r} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"train.ds_config={str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    validate.check_ds_config(data, str(path))  # unknown keys (a typo DeepSpeed would silently ignore)
     return data
 
 

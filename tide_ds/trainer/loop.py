@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tide_ds import dist
+from tide_ds import dist, failfast
 from tide_ds.builders import RunData, build_data, build_student, build_teacher, build_tokenizer
 from tide_ds.config import RunConfig
 from tide_ds.diffusion.schedules import NoiseSchedule, get_schedule
@@ -20,6 +20,7 @@ from tide_ds.errors import ConfigError
 from tide_ds.log import setup_logging
 from tide_ds.losses.fused_head import resolve_loss_implementation
 from tide_ds.trainer import checkpoint, preemption
+from tide_ds.trainer.divergence import DivergenceTracker
 from tide_ds.trainer.engine import initialize_engine
 from tide_ds.trainer.metrics import MetricsWindow, MetricsWriter
 from tide_ds.trainer.objectives import Objective, build_objective
@@ -115,7 +116,7 @@ def build_run(cfg: RunConfig) -> Run:
         state = checkpoint.load_checkpoint(engine, decision.resume_from)
         step = state["step"]
         data.train.load_state_dict(state["data"])
-        logger.info("resumed from %s at step %d", decision.resume_from, step)
+        logger.info("resumed from %s at step %d", state["loaded_from"], step)  # the newest that verified
     return Run(cfg=cfg, engine=engine, objective=objective, data=data, schedule=schedule, mask_token_id=special.mask_id,
                device=device, rank=rank, world_size=world, guard=guard, start_step=step)
 
@@ -146,6 +147,8 @@ def run_training(run: Run) -> dict[str, float]:
         state = {"step": at_step, "data": data.train.state_dict(), "world_size": world}
         checkpoint.save_checkpoint(engine, cfg, step=at_step, trainer_state=state)
 
+    diverging = DivergenceTracker(cfg.train.max_nonfinite_steps, run.device)  # tide_ds/trainer/divergence.py
+
     def log_window() -> None:
         """One train record for the steps since the last one (rank-consistent: every rank calls it)."""
         stats = window.record()
@@ -160,7 +163,9 @@ def run_training(run: Run) -> dict[str, float]:
         })
         if run.objective.tidal is not None:
             record["lambda_train"] = run.objective.tidal.lambda_train(min(1.0, step / cfg.train.max_steps))
+        record.update(diverging.window_record(step, engine.skipped_steps))  # collective, as the all-reduce above
         metrics.write(step, "train", record)
+        diverging.check(step, lr=cfg.train.lr)  # raises Diverged on every rank alike, after the record is written
         terms = "".join(f" | {k} {record[k]:.4f}" for k in cfg.distill.objective.loss_terms if k != "ce" and k in record)
         line = (
             f"step {step}/{cfg.train.max_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f}{terms} | "
@@ -176,9 +181,12 @@ def run_training(run: Run) -> dict[str, float]:
     if step == 0:
         last_eval = run_eval(0)
     while step < cfg.train.max_steps:
-        window.add(train_step(engine, data.train, run.objective, cfg=cfg, step=step, rank=rank, schedule=run.schedule,
-                              mask_token_id=run.mask_token_id))
+        stats = train_step(engine, data.train, run.objective, cfg=cfg, step=step, rank=rank, schedule=run.schedule,
+                           mask_token_id=run.mask_token_id)
+        window.add(stats)
         step += 1
+        diverging.after_step(stats["loss"], engine.get_global_grad_norm())  # on the device, no sync
+        failfast.fault("step", step)  # test hook (TIDE_DS_FAULT); nothing unless set
         if bar is not None:
             bar.update(1)
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tide_ds import dist
+from tide_ds.trainer.divergence import finite_or_none
 from tide_ds.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ class MetricsWriter:
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
-        self._fh.write(json.dumps(record) + "\n")
+        record = finite_or_none({"step": step, "kind": kind, "time": round(time.time(), 3), **values})
+        self._fh.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: NaN/inf as null + "nonfinite"
         self._fh.flush()
         if self._tb is not None:
             for key, value in values.items():

@@ -73,6 +73,7 @@ class PreemptionGuard:
         self._group = None
         self._group_ready = False
         self._flag = torch.zeros(1, dtype=torch.int32)
+        self._interrupted = False
 
     def install(self) -> PreemptionGuard:
         for sig in self.signals:
@@ -90,7 +91,16 @@ class PreemptionGuard:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
-        # Only record: no I/O, no collectives, no locks inside a signal handler.
+        # Only record: no collectives, no locks inside a signal handler (os.write is safe).
+        if signum == signal.SIGINT:
+            if self._interrupted:  # a second Ctrl-C: leave now, without a checkpoint
+                os.write(2, b"tide-ds: second Ctrl-C: exiting now, without a checkpoint\n")
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            self._interrupted = True
+            os.write(2, b"tide-ds: Ctrl-C: checkpoint at the next step boundary, then exit "
+                        b"(Ctrl-C again to exit at once, without one)\n")
         if self.received is None:
             self.received = signal.Signals(signum)
             self.received_at = time.monotonic()
@@ -158,12 +168,17 @@ def write_marker(step: int, signal_name: str) -> None:
 
 
 def install(spec: str) -> PreemptionGuard:
-    """Build and install the guard for ``train.preempt_signals`` (all ranks call this).
+    """Build and install the guard for ``train.preempt_signals`` plus SIGINT (all ranks call this).
+
+    Ctrl-C (SIGINT) is handled as SIGTERM: a checkpoint at the next step boundary, then exit code 75; a
+    second Ctrl-C exits at once. With ``train.preempt_signals=""`` no handler is installed at all.
 
     Python delivers signals to the main thread only; called from another thread (a library user's
     worker), the guard watches nothing and says so, on every rank alike.
     """
     signals = parse_signals("train.preempt_signals", spec)
+    if signals and signal.SIGINT not in signals:
+        signals.append(signal.SIGINT)  # Ctrl-C: as SIGTERM (a second one exits at once)
     if signals and threading.current_thread() is not threading.main_thread():
         logger.warning("preemption: train() runs outside the main thread; %s will not be handled", spec)
         signals = []

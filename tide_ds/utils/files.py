@@ -93,19 +93,37 @@ def publish_dir(staged: Path, out_dir: Path, *, replace: bool) -> bool:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (``fcntl.flock``) on ``path``, created if needed.
+    """Exclusive advisory lock (``fcntl.flock``) on ``path``, created if needed and removed on release.
 
-    Where the file system has no locks the builders still stay correct (they publish by rename);
-    the lock only saves duplicate work.
+    The holder unlinks the file before unlocking; a waiter that then gets the lock on the unlinked file
+    notices (the path names another file, or none) and locks afresh, so two holders never coexist and no
+    lock file stays behind. Where the file system has no locks the builders still stay correct (they
+    publish by rename); the lock only saves duplicate work.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    while True:
+        fh = open(path, "a")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX)
         except OSError as err:
             logger.warning("cannot lock %s (%s); continuing without the lock", path, err)
+            try:
+                yield
+            finally:
+                fh.close()
+            return
         try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(fh, fcntl.LOCK_UN)
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fh.fileno()).st_ino:
+            break
+        fh.close()  # the previous holder removed this file meanwhile: lock the one now at ``path``
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()

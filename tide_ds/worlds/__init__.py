@@ -71,35 +71,161 @@ def prepare_world(cfg: RunConfig) -> tuple[RunConfig, InstructWorld | None]:
     return dataclasses.replace(cfg, data=data, teacher=teacher), world
 
 
-def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path) -> None:
-    """Log the student's held-out NLL beside the teacher's and the no-distillation baseline's (the last
-    preset-none run with the same world, student, schedule, seed and world size, if any). Rank 0 only."""
-    from tide_ds.worlds.instruct import record_result
+#: Options of this run that a comparison run must not repeat: it sets its own objective and output directory.
+_NOT_REPEATED = ("--local_rank", "--distill.preset", "--distill.mode", "--train.output_dir", "--train.resume",
+                 "--train.overwrite")
 
-    if dist.rank() != 0:
-        return
-    # Comparable runs only: same world, student, schedule, seed and world size (the preset varies).
+
+def fresh_output_dir(out: str | Path, suffix: str) -> str:
+    """``<out>-<suffix>``, or ``-<suffix>-2``, ``-3``, ... : the first that does not exist yet."""
+    out = Path(out)
+    candidate = out.with_name(f"{out.name}-{suffix}")
+    n = 2
+    while candidate.exists():
+        candidate, n = out.with_name(f"{out.name}-{suffix}-{n}"), n + 1
+    return str(candidate)
+
+
+def comparison_command(argv: list[str] | tuple[str, ...], *, world_size: int, local_world_size: int, extra: list[str],
+                       output_dir: str) -> str:
+    """The launch command of a run like this one (same options, world and rank count) with ``extra`` options."""
+    kept, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in _NOT_REPEATED:
+            skip_next = "=" not in arg and name != "--train.overwrite"  # "--option value" form
+            continue
+        kept.append(arg)
+    if world_size == local_world_size:
+        launch = f"deepspeed --num_gpus {world_size} launch/run.py"
+    else:  # several nodes: the launch of this run, which the command cannot know
+        launch = f"<this run's launcher, {world_size} ranks> launch/run.py"
+    return " ".join([launch, *kept, *extra, f"--train.output_dir={output_dir}"])
+
+
+def _local_world_size(world_size: int) -> int:
+    """Ranks on this node: ``LOCAL_SIZE`` (the DeepSpeed launcher) or ``LOCAL_WORLD_SIZE`` (torchrun), else all."""
+    import os
+
+    return int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+
+
+def baseline_verdict(preset: str, nll: float, known: dict[str, float], *, world_size: int, command: str) -> str:
+    """The report's last line: did TIDE beat the no-distillation baseline of the same world and rank count, by how much.
+
+    ``known``: the held-out NLL per preset of the comparable runs (this one included). Numbers are the
+    student's held-out NLL per student token, the only units the runs share.
+    """
+    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    if preset == "none":
+        others = {p: v for p, v in sorted(known.items()) if p != "none"}
+        if not others:
+            return (f"No-distillation baseline: held-out NLL {nll:.4f} per student token; no TIDE run with this world "
+                    f"and {ranks} to compare yet: {command}")
+        return "No-distillation baseline: held-out NLL {:.4f} per student token; {}.".format(
+            nll, "; ".join(_compare(p, v, nll) for p, v in others.items()))
+    base = known.get("none")
+    if base is None:
+        return (f"Did TIDE beat the no-distillation baseline? Not known: no baseline with this world and {ranks} yet; "
+                f"run it with: {command}")
+    return _compare(preset, nll, base) + "."
+
+
+def _compare(preset: str, nll: float, base: float) -> str:
+    gap = base - nll
+    if gap > 0:
+        return (f"TIDE ({preset}) beat the no-distillation baseline by {gap:.4f} held-out NLL per student token "
+                f"({nll:.4f} vs {base:.4f}, {gap / base:.1%} lower)")
+    if gap < 0:
+        return (f"TIDE ({preset}) did not beat the no-distillation baseline: {-gap:.4f} held-out NLL per student "
+                f"token worse ({nll:.4f} vs {base:.4f})")
+    return f"TIDE ({preset}) tied the no-distillation baseline ({nll:.4f} held-out NLL per student token)"
+
+
+def comparison_key(cfg: RunConfig, world: InstructWorld) -> str:
+    """Runs with this key compare: same world, student, schedule, seed and number of ranks (the preset varies)."""
     run = {"world": world.key, "model": dataclasses.asdict(cfg.model), "diffusion": dataclasses.asdict(cfg.diffusion),
            "train": {k: getattr(cfg.train, k) for k in ("micro_batch_size", "gradient_accumulation_steps", "max_steps",
                                                           "lr", "seed")},
            "world_size": dist.world_size()}
-    run_key = hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    known = record_result(run_key, cfg.distill.preset, nll)
+    return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def baseline_config(cfg: RunConfig, world: InstructWorld) -> RunConfig | None:
+    """The config of the no-distillation baseline ``world.baseline`` asks for, or None when it is not wanted or
+    one is recorded already (the same on every rank: rank 0 decides and names a fresh output directory)."""
+    from tide_ds.worlds.instruct import results_file
+
+    if not cfg.world.baseline or cfg.distill.preset == "none":
+        return None
+    out = None
+    if dist.rank() == 0:
+        path = results_file()
+        known = json.loads(path.read_text()).get(comparison_key(cfg, world), {}) if path.is_file() else {}
+        out = None if "none" in known else fresh_output_dir(cfg.train.output_dir, "none")
+    out = dist.broadcast_object(out)
+    if out is None:
+        return None
+    distill = dataclasses.replace(cfg.distill, preset="none", mode="", comp_demo=None)
+    train = dataclasses.replace(cfg.train, output_dir=out, resume="never", overwrite=False)
+    return dataclasses.replace(cfg, distill=distill, train=train)
+
+
+def record_baseline(cfg: RunConfig, world: InstructWorld, nll: float) -> None:
+    """Remember the baseline's held-out NLL (rank 0) for the report of the run it was trained for."""
+    from tide_ds.worlds.instruct import record_result
+
+    if dist.rank() == 0:
+        record_result(comparison_key(cfg, world), "none", nll)
+        logger.info("no-distillation baseline: held-out NLL %.4f per student token; logs in %s", nll,
+                    Path(cfg.train.output_dir).resolve())
+
+
+def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path, *,
+                 argv: list[str] | tuple[str, ...] = ()) -> str | None:
+    """Log the student's held-out NLL, the no-distillation baseline's (the last preset-none run with the same
+    world, student, schedule, seed and rank count, if any) and the teacher's (in its own units), ending with one
+    line saying whether TIDE beat the baseline and by how much (:func:`baseline_verdict`). Rank 0 only; returns
+    the report (None on other ranks). ``argv``: this run's options, for the command of a missing comparison run.
+    """
+    from tide_ds.worlds.instruct import record_result
+
+    if dist.rank() != 0:
+        return None
+    world_size = dist.world_size()
+    known = record_result(comparison_key(cfg, world), cfg.distill.preset, nll)
     cross = world.pipeline == "A"
+    pipe = [] if cross else ["--distill.pipeline=B"]
+    preset = cfg.distill.preset
+    if preset == "none":
+        extra, suffix = [f"--distill.preset={'tide_cross' if cross else 'tide_shared'}", *pipe], "tide"
+    else:
+        extra, suffix = ["--distill.preset=none", *pipe], "none"
+    command = comparison_command(
+        argv, world_size=world_size, local_world_size=_local_world_size(world_size),
+        extra=extra, output_dir=fresh_output_dir(cfg.train.output_dir, suffix),
+    )
     lines = [
         "",
-        f"TIDE demo, pipeline {world.pipeline} (held-out masked-diffusion NLL per token"
-        + ("; teacher and student tokenize differently, so their numbers are per their own tokens):" if cross else "):"),
-        f"  teacher ({world.teacher.name}, "
-        + ("own SentencePiece tokenizer" if cross else "WeDLM layout, the student's Qwen3 tokenizer") + "):"
-        f" {world.teacher_heldout_nll:.4f}",
-        f"  student, preset {cfg.distill.preset} (mode {cfg.distill.objective.mode}): {nll:.4f}",
+        f"TIDE demo, pipeline {world.pipeline}: held-out masked-diffusion NLL per student token (the student's "
+        "Qwen3 tokenizer; lower is better)",
+        f"  student, preset {preset} (mode {cfg.distill.objective.mode}): {nll:.4f}",
     ]
-    if cfg.distill.preset != "none":
+    if preset != "none":
         base = known.get("none")
-        pipe = "" if cross else " --distill.pipeline=B"
-        lines.append(f"  student, no distillation (preset none): {base:.4f}" if base is not None else
-                     "  student, no distillation: not run yet; run the same command with --distill.preset=none"
-                     f"{pipe} --train.output_dir=runs/demo-none")
+        lines.append(f"  student, no distillation (preset none, same world and {world_size} rank(s)): "
+                     + (f"{base:.4f}" if base is not None else "not run yet"))
+    if cross:  # its own tokenizer: per teacher token, not comparable with the numbers above
+        lines.append(f"  teacher ({world.teacher.name}, own SentencePiece tokenizer): {world.teacher_heldout_nll:.4f} "
+                     "per teacher token (other units: not comparable with the student's)")
+    else:
+        lines.append(f"  teacher ({world.teacher.name}, WeDLM layout, the student's Qwen3 tokenizer): "
+                     f"{world.teacher_heldout_nll:.4f} per token of its own held-out evaluation (for reference)")
     lines.append(f"  logs, metrics and checkpoints: {out}")
-    logger.info("\n".join(lines))
+    lines.append(baseline_verdict(preset, nll, known, world_size=world_size, command=command))
+    text = "\n".join(lines)
+    logger.info(text)
+    return text

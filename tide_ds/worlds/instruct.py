@@ -170,6 +170,7 @@ def results_file() -> Path:
 def record_result(data_key: str, preset: str, nll: float) -> dict:
     """Remember the held-out NLL of a run in this world per (run key, preset), so later runs can compare."""
     path = results_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(path.read_text()) if path.is_file() else {}
     results.setdefault(data_key, {})[preset] = nll
     atomic_write_text(path, json.dumps(results, indent=1, sort_keys=True))
