@@ -9,8 +9,10 @@ forward on every rank, whatever the rank's data: callers never skip a pass for a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +37,9 @@ class TeacherModule(torch.nn.Module):
     """What the teacher engine runs: the family's forward, then the LM head on the needed rows only.
 
     ``forward(input_ids [B, L_t], attention_mask [B, L_t] | None, target_ids [B, L_t], target_rows [B, L_t],
-    x_0 [B, L_t] | None, logit_rows [B, N] | None) -> (target log-probs [B, L_t] fp32, logits [B, N, V'] | None)``.
-    ``x_0`` is the clean copy for BD3LM teachers (WeDLM); bidirectional teachers ignore it.
+    x_0 [B, L_t] | None, logit_rows [B, N] | None, rows_as_hidden=False) -> (target log-probs [B, L_t] fp32,
+    logits [B, N, V'] | None)``; with ``rows_as_hidden`` the second item is the hidden rows ``[B, N, D_t]`` (teacher
+    dtype) instead of logits. ``x_0`` is the clean copy for BD3LM teachers (WeDLM); bidirectional teachers ignore it.
     """
 
     def __init__(
@@ -64,7 +67,7 @@ class TeacherModule(torch.nn.Module):
         )
 
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask, target_ids, target_rows, x_0=None, logit_rows=None):
+    def forward(self, input_ids, attention_mask, target_ids, target_rows, x_0=None, logit_rows=None, rows_as_hidden=False):
         hidden_BLD = self.hidden(input_ids, attention_mask, x_0)
         weight = self.family.lm_head_weight(self.model)
         lp = None
@@ -72,8 +75,11 @@ class TeacherModule(torch.nn.Module):
             lp = tf.target_logprobs(hidden_BLD.flatten(0, 1), weight, target_ids.flatten(), target_rows.flatten(),
                                     implementation=self.loss_implementation)
             lp = lp.view_as(target_ids.float())
-        logits = None if logit_rows is None else tf.row_logits(hidden_BLD, weight, logit_rows, vocab_limit=self.vocab_limit)
-        return lp, logits
+        if logit_rows is None:
+            return lp, None
+        if rows_as_hidden:
+            return lp, tf.row_hidden(hidden_BLD, logit_rows)
+        return lp, tf.row_logits(hidden_BLD, weight, logit_rows, vocab_limit=self.vocab_limit)
 
 
 @dataclass
@@ -192,9 +198,10 @@ class TeacherEngine:
             )
         return cls(engine, family=fam, mask_token_id=int(mask_id), report=report)
 
-    def __call__(self, input_ids, *, attention_mask=None, target_rows, x_0=None, logit_rows=None, target_ids=None):
+    def __call__(self, input_ids, *, attention_mask=None, target_rows, x_0=None, logit_rows=None, target_ids=None,
+                 rows_as_hidden=False):
         target_ids = x_0 if target_ids is None else target_ids
-        return self.engine(input_ids, attention_mask, target_ids, target_rows, x_0, logit_rows)
+        return self.engine(input_ids, attention_mask, target_ids, target_rows, x_0, logit_rows, rows_as_hidden)
 
     def noised(self, clean_BL: torch.Tensor, masked_BL: torch.Tensor) -> torch.Tensor:
         return torch.where(masked_BL, torch.full_like(clean_BL, self.mask_token_id), clean_BL)
@@ -240,6 +247,47 @@ class TeacherEngine:
         first = self.row_logits(clean_BL, mask_b_BL, rows_BN, attention_mask=attention_mask)
         second = self.row_logits(clean_BL, mask_a_BL, rows_BN, attention_mask=attention_mask)
         return torch.where(rows_in_a_BN.unsqueeze(-1), second, first)
+
+    # --- Pipeline B without logits (issue 17): hidden rows + the head, for tide_ds.losses.token_divergence ---
+
+    def row_hidden(
+        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, rows_BN: torch.Tensor, *, attention_mask=None
+    ) -> torch.Tensor:
+        """One pass with ``masked`` positions hidden: the final hidden states ``[B, N, D_t]`` (teacher dtype) at
+        teacher positions ``rows_BN``; the head runs later, fused with the divergences (:meth:`head_weight`)."""
+        _, hidden = self(self.noised(clean_BL, masked_BL), attention_mask=attention_mask, target_rows=None,
+                         x_0=clean_BL, logit_rows=rows_BN, rows_as_hidden=True)
+        return hidden
+
+    def comp_demo_row_hidden(
+        self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, rows_BN: torch.Tensor,
+        rows_in_a_BN: torch.Tensor, *, attention_mask=None,
+    ) -> torch.Tensor:
+        """Token-level CompDemo (§8.1) on hidden rows: pass 1 masks B, pass 2 masks A; rows in A take pass 2's
+        hidden states. The head is linear in the row, so merging rows before it equals merging logits after
+        it, and one head sweep serves both passes. Always two passes, on every rank."""
+        first = self.row_hidden(clean_BL, mask_b_BL, rows_BN, attention_mask=attention_mask)
+        second = self.row_hidden(clean_BL, mask_a_BL, rows_BN, attention_mask=attention_mask)
+        return torch.where(rows_in_a_BN.unsqueeze(-1), second, first)
+
+    @contextlib.contextmanager
+    def head_weight(self) -> Iterator[torch.Tensor]:
+        """The teacher's LM head cut to the shared prefix V' (a detached view ``[V', D_t]``, no copy), for the
+        duration of the ``with`` block.
+
+        Under ZeRO-3 the head is partitioned: it is gathered on entry and released on exit (a collective:
+        every rank enters this block once per call site, whatever its data).
+        """
+        module = getattr(self.engine, "module", self.engine)  # a DeepSpeed engine, or the bare module (tests)
+        weight = self.family.lm_head_weight(module.model)
+        gather = contextlib.nullcontext()
+        if hasattr(weight, "ds_id"):
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+        with gather:
+            full = weight.detach()
+            yield full if module.vocab_limit is None else full[: module.vocab_limit]
 
 
 def _local_world() -> int:

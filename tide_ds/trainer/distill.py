@@ -25,6 +25,7 @@ from tide_ds.losses.fused_divergence import DivergenceTerm, fused_head_divergenc
 from tide_ds.losses.fused_head import fused_head_loss, fused_masked_ce
 from tide_ds.losses.objective import LossTerm, ObjectiveSpec, TermKind
 from tide_ds.losses.tidal import TidalSchedule
+from tide_ds.losses.token_divergence import token_divergences
 from tide_ds.teacher.forward import complementary_split
 from tide_ds.trainer.engine import DiffusionCEModule
 from tide_ds.trainer.step import add_noise, noise_generator
@@ -188,7 +189,8 @@ class TokenDistillModule(DiffusionCEModule):
         self.terms = terms
         self.temperature = temperature
 
-    def forward(self, x_t, x_0, coeff, rows=None, selected=None, teacher_logits=None, lam=None, omega=None):
+    def forward(self, x_t, x_0, coeff, rows=None, selected=None, teacher_logits=None, lam=None, omega=None, *,
+                teacher_hidden=None, teacher_weight=None):
         if rows is None:
             return super().forward(x_t, x_0, coeff)
         hidden_BLD = self.student(x_t, x_0)
@@ -198,6 +200,9 @@ class TokenDistillModule(DiffusionCEModule):
         b, n = rows.shape
         d = hidden_BLD.shape[-1]
         picked = hidden_BLD.gather(1, rows.long().clamp(0, hidden_BLD.shape[1] - 1).unsqueeze(-1).expand(b, n, d))
+        if teacher_hidden is not None:  # the default: teacher rows + head, no [N, V'] logits (issue 17)
+            total, values = self._token_divergences(picked, weight, teacher_hidden, teacher_weight, selected, lam, omega)
+            return ce + total, {"ce": ce.detach(), **values}
         total, values = fused_head_divergence(
             picked.flatten(0, 1), weight, teacher_logits.flatten(0, 1), selected.flatten(), self.terms,
             temperature=self.temperature,
@@ -206,6 +211,18 @@ class TokenDistillModule(DiffusionCEModule):
             chunk_rows=self.chunk_rows,
         )
         return ce + total, {"ce": ce.detach(), **values}
+
+    def _token_divergences(self, picked_BND, weight_VD, teacher_hidden_BNE, teacher_weight_WE, selected_BN, lam_B, omega_B):
+        """The token terms through both heads (:func:`tide_ds.losses.token_divergence.token_divergences`); the
+        teacher head arrives cut to the shared prefix, so V' is its row count."""
+        b, n = selected_BN.shape
+        return token_divergences(
+            picked_BND.flatten(0, 1), weight_VD, teacher_hidden_BNE.flatten(0, 1), teacher_weight_WE, selected_BN.flatten(),
+            self.terms, temperature=self.temperature, shared_vocab_size=teacher_weight_WE.shape[0],
+            lam_N=None if lam_B is None else lam_B[:, None].expand(b, n).flatten(),
+            omega_N=None if omega_B is None else omega_B[:, None].expand(b, n).flatten(),
+            implementation=self.loss_implementation, chunk_rows=self.chunk_rows,
+        )
 
 
 def compact_rows(*rows_BN: torch.Tensor, selected_BN: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -285,11 +302,11 @@ def distill_step_b(
             l_t = t_ids.shape[1]
             if split is None:
                 t_masked = _scatter_pairs(through_pairs(nb.masked), t_pos, valid, l_t)
-                logits = teacher.row_logits(t_ids, t_masked, t_rows, attention_mask=t_att)
+                t_hidden = teacher.row_hidden(t_ids, t_masked, t_rows, attention_mask=t_att)
             else:
                 t_a = _scatter_pairs(through_pairs(split[0]), t_pos, valid, l_t)
                 t_b = _scatter_pairs(through_pairs(split[1]), t_pos, valid, l_t)
-                logits = teacher.comp_demo_row_logits(t_ids, t_a, t_b, t_rows, in_a, attention_mask=t_att)
+                t_hidden = teacher.comp_demo_row_hidden(t_ids, t_a, t_b, t_rows, in_a, attention_mask=t_att)
             counts = {"aligned_pairs": valid.sum().float()}
         else:
             positions = torch.arange(length, device=device).expand(b, length)
@@ -299,12 +316,14 @@ def distill_step_b(
             )
             in_a = extra[0] if extra else None
             if split is None:
-                logits = teacher.row_logits(nb.x_0, nb.masked, s_rows)
+                t_hidden = teacher.row_hidden(nb.x_0, nb.masked, s_rows)
             else:
-                logits = teacher.comp_demo_row_logits(nb.x_0, split[0], split[1], s_rows, in_a)
+                t_hidden = teacher.comp_demo_row_hidden(nb.x_0, split[0], split[1], s_rows, in_a)
             counts = {}
         coeff, lam, omega = _loss_weights(nb, nb.masked, cfg=cfg, schedule=schedule, tidal=tidal, step=step)
-        loss, terms = engine(nb.x_t, nb.x_0, coeff, s_rows, selected, logits, lam, omega)
+        with teacher.head_weight() as t_weight:  # gathered under ZeRO-3 for the student's forward only
+            loss, terms = engine(nb.x_t, nb.x_0, coeff, s_rows, selected, None, lam, omega,
+                                 teacher_hidden=t_hidden, teacher_weight=t_weight)
         counts["distill_rows"] = selected.sum().float()
         _step_and_accumulate(engine, loss, terms, sums, cfg=cfg, totals=counts)
     return sums
