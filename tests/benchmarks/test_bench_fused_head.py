@@ -15,6 +15,12 @@ TFLOP/s counts the useful work of the x_t half only, the same for every provider
 call above what was allocated before it (inputs excluded, gradients included). Each benchmark first checks
 Triton against the authors' path run in float32 on the same inputs.
 
+The CE part alone (``student_ce``: mean CE over the masked x_t rows, fwd+bwd) is also measured against the
+libraries users would pick instead (``peers.py``): Liger-Kernel's fused linear cross-entropy (``liger_flce``)
+and Apple's Cut Cross-Entropy (``cce``), with the same inputs; speed-ups and memory ratios are reported
+against both, and the best peer is the target. Peers are GPU-only and skipped (with the reason) when their
+package is missing.
+
 Run: ``python -m pytest -m bench -s tests/benchmarks/test_bench_fused_head.py``.
 """
 
@@ -40,6 +46,7 @@ from tests.benchmarks.loss_paths import (
     student_problem,
     teacher_problem,
 )
+from tests.benchmarks.peers import cce_available, cce_ce, liger_available, liger_flce
 from tests.benchmarks.shapes import (
     STUDENT_LOSS_SHAPES,
     TEACHER_LOGPROB_SHAPES,
@@ -99,6 +106,53 @@ def test_bench_student_loss(shape: HeadShape, bench_recorder) -> None:
         ms = time_ms(fn, grad_to_none=list(problem.leaves))
         bench_recorder.add(op=op, mode="fwd+bwd", shape=shape.id, provider=provider, ms=ms,
                            peak_mib=peak_mib(fn, problem.leaves), tflops=flops / (ms[0] * 1e-3) / 1e12)
+
+
+def _ours_ce(implementation: str):
+    from tide_ds.losses.fused_head import fused_masked_ce
+
+    def ce(h, w, y, rows):
+        coeff = rows.float() / rows.sum().clamp_min(1)
+        return fused_masked_ce(h, w, y, coeff, implementation=implementation)[0]
+
+    return ce
+
+
+def _ce_providers() -> dict:
+    providers = {"triton": _ours_ce("triton"), "chunked": _ours_ce("reference")}
+    for name, available, fn in (("liger_flce", liger_available, liger_flce), ("cce", cce_available, cce_ce)):
+        reason = available()
+        if reason is None:
+            providers[name] = fn
+        else:
+            print(f"student_ce: provider {name} skipped: {reason}")
+    return providers
+
+
+@pytest.mark.parametrize("shape", STUDENT_LOSS_SHAPES, ids=lambda s: s.id)
+def test_bench_student_ce_vs_peers(shape: HeadShape, bench_recorder) -> None:
+    """Mean CE over the masked x_t rows, fwd+bwd: ours against Liger's FLCE and Cut Cross-Entropy."""
+    op = "student_ce"
+    providers = _ce_providers()
+    peers = tuple(name for name in ("liger_flce", "cce") if name in providers)
+    bench_recorder.set_baselines(op, peers)
+    size = {"batch": shape.batch, "seq_len": shape.seq_len, "hidden": shape.hidden, "vocab": shape.vocab}
+    p = student_problem(**size, dtype=DTYPE, device=bench_device())
+    h = p.hidden_B2LD[:, : shape.seq_len].flatten(0, 1).detach().requires_grad_()
+    w, y, rows = p.weight_VD, p.x0_BL.flatten(), p.masked_BL.flatten()
+    values = {}
+    for name, fn in providers.items():  # the same loss from every provider, on the same inputs
+        values[name] = fn(h, w, y, rows).item()
+    ref = values["triton"]
+    for name, value in values.items():
+        assert abs(value - ref) <= 1e-2 * abs(ref), f"{name} gives {value}, ours {ref}"
+    flops = 6 * shape.rows * shape.vocab * shape.hidden
+    for provider, fn in providers.items():
+        call = lambda fn=fn: fn(h, w, y, rows).backward()
+        call()
+        ms = time_ms(call, grad_to_none=[h, w])
+        bench_recorder.add(op=op, mode="fwd+bwd", shape=shape.id, provider=provider, ms=ms,
+                           peak_mib=peak_mib(call, (h, w)), tflops=flops / (ms[0] * 1e-3) / 1e12)
 
 
 TEACHER_PROVIDERS = {
