@@ -45,12 +45,14 @@ def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
-# (BLOCK_M, BLOCK_N, warps, stages). Checked by compiling for sm_90 (bf16, Dh=128) with ptxas -v: the
-# forward and dQ choices spill nothing or a few bytes; every dK/dV tile shape spills some (two fp32
-# [BLOCK_N, Dh] accumulators plus K, V), these the least. The autotuner picks on the device.
+# (BLOCK_M, BLOCK_N, warps, stages). Checked by compiling for sm_90 (bf16, Dh=128, contiguous last dimension
+# as launched) with ptxas -v: no config spills (tests/kernels/compile_report.py, bench_results/
+# triton_compile_report.md). dK/dV holds two fp32 [BLOCK_N, Dh] accumulators plus K and V: with 8 warps and
+# BLOCK_M = 16 (or 32 x 32) it fits in 255 registers; 32 x 64, 64 x 64 and 32 x 128 spilled. The autotuner
+# picks on the device.
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)])
-_DKDV_CONFIGS = _configs([(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (16, 64, 4, 3)])
+_DKDV_CONFIGS = _configs([(16, 64, 8, 3), (32, 32, 8, 3), (16, 128, 8, 2), (16, 32, 4, 3)])
 
 
 @triton.jit

@@ -99,7 +99,9 @@ def _compile(fn, config, consts: dict, types: dict[str, str], ints: dict[str, in
 
 
 def kernel_specs():
-    """(name, variant, autotuned kernel, constexprs, pointer types other than bf16, integer values) of every kernel."""
+    """(name, variant, autotuned kernel, its GPU autotune configs, constexprs, pointer types other than bf16, integer
+    values) of every kernel. The configs come from the kernel modules' lists (under the interpreter the autotuner
+    holds one interpreter config instead)."""
     import triton.language as tl
     from tide_kernels.bd3lm_attention import kernel as attn
     from tide_kernels.fused_divergence import kernel as div
@@ -118,20 +120,28 @@ def kernel_specs():
     attn_ints = {"num_heads": 16, "num_kv_heads": 8, "num_tokens": 1024, "seq_len": 512, "block_size": 32}
     div_ints = {"N": 5120, "V": 151_646, "DS": 1024, "DT": 4096}
     return [
-        ("fused_head.lse_fwd", "bf16", head._lse_fwd_kernel, acc, head_types, head_ints),
-        ("fused_head.grad", "bf16, dh+dW", head._grad_kernel, {**acc, "NEED_DH": True, "NEED_DW": True}, head_types,
-         head_ints),
-        ("bd3lm_attention.fwd", "bf16, Dh=128", attn._bd3lm_attention_fwd_kernel, attn_consts, attn_types, attn_ints),
+        ("fused_head.lse_fwd", "bf16", head._lse_fwd_kernel, head._FWD_CONFIGS, acc, head_types, head_ints),
+        ("fused_head.grad", "bf16, dh+dW", head._grad_kernel, head._GRAD_CONFIGS,
+         {**acc, "NEED_DH": True, "NEED_DW": True}, head_types, head_ints),
+        ("bd3lm_attention.fwd", "bf16, Dh=128", attn._bd3lm_attention_fwd_kernel, attn._FWD_CONFIGS, attn_consts,
+         attn_types, attn_ints),
         ("bd3lm_attention.fwd", "bf16, Dh=128, key lengths (teachers)", attn._bd3lm_attention_fwd_kernel,
-         {**attn_consts, "HAS_KEY_LENS": True}, attn_types, attn_ints),
-        ("bd3lm_attention.bwd_dq", "bf16, Dh=128", attn._bd3lm_attention_bwd_dq_kernel, attn_consts, attn_types,
-         attn_ints),
-        ("bd3lm_attention.bwd_dkdv", "bf16, Dh=128", attn._bd3lm_attention_bwd_dkdv_kernel, attn_consts, attn_types,
-         attn_ints),
-        ("fused_divergence.stats", "bf16, all terms", div._stats_kernel, div_consts, div_types, div_ints),
-        ("fused_divergence.grad", "bf16, all terms, dh+dW", div._grad_kernel,
+         attn._FWD_CONFIGS, {**attn_consts, "HAS_KEY_LENS": True}, attn_types, attn_ints),
+        ("bd3lm_attention.bwd_dq", "bf16, Dh=128", attn._bd3lm_attention_bwd_dq_kernel, attn._DQ_CONFIGS, attn_consts,
+         attn_types, attn_ints),
+        ("bd3lm_attention.bwd_dkdv", "bf16, Dh=128", attn._bd3lm_attention_bwd_dkdv_kernel, attn._DKDV_CONFIGS,
+         attn_consts, attn_types, attn_ints),
+        ("fused_divergence.stats", "bf16, all terms", div._stats_kernel, div.STATS_CONFIGS, div_consts, div_types,
+         div_ints),
+        ("fused_divergence.grad", "bf16, all terms, dh+dW", div._grad_kernel, div.GRAD_CONFIGS,
          {**div_consts, "NEED_DH": True, "NEED_DW": True}, div_types, div_ints),
     ]
+
+
+def config_label(config) -> str:
+    """How a config is named in the report: its tile sizes, warps and stages."""
+    tiles = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{tiles} w{config.num_warps} s{config.num_stages}"
 
 
 def compile_all() -> list[ConfigReport]:
@@ -146,13 +156,13 @@ def compile_all() -> list[ConfigReport]:
     triton.knobs.cache.dir = os.environ["TRITON_CACHE_DIR"]
     triton.knobs.nvidia.dump_ptxas_log = True
     reports = []
-    for name, variant, kernel, consts, types, ints in kernel_specs():
-        for config in kernel.configs:
+    for name, variant, kernel, configs, consts, types, ints in kernel_specs():
+        for config in configs:
             compiled, log = _compile(kernel.fn, config, consts, types, ints)
             regs, stores, loads = _parse_ptxas(log)
             threads = 32 * config.num_warps
             reports.append(ConfigReport(
-                kernel=name, variant=variant, config=" ".join(f"{k}={v}" for k, v in config.kwargs.items()),
+                kernel=name, variant=variant, config=config_label(config),
                 num_warps=config.num_warps, num_stages=config.num_stages, registers=regs, spill_stores=stores,
                 spill_loads=loads, shared_bytes=int(compiled.metadata.shared),
                 max_blocks_by_registers=REGS_PER_SM // max(1, regs * threads),
