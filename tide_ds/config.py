@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager", "tide_bd3lm")
-LOSS_IMPLEMENTATIONS = ("auto", "reference", "triton")  # tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS
+# tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS; "reference" is the deprecated name of "pytorch" (still accepted).
+LOSS_IMPLEMENTATIONS = ("auto", "pytorch", "triton", "reference")
 SCHEDULES = ("linear", "cosine")
 LOSS_WEIGHT_TYPES = ("scheduler", "uniform")
 LOSS_NORM_TYPES = ("token", "sequence", "batch")
@@ -91,7 +92,7 @@ class ModelArgs:
     head_dim: int = 32
     #: Rows of the LM head per chunk in the plain-PyTorch fused CE (bounds the [rows, V] logits tile); 0 = automatic.
     ce_chunk_rows: int = 0
-    #: Fused LM-head losses (student CE and CALM family, teacher target log-probs): auto (Triton kernels on GPUs, the row-tiled PyTorch reference elsewhere), reference, or triton (on a CPU only under TRITON_INTERPRET=1).
+    #: Fused LM-head losses (student CE and CALM family, teacher target log-probs, pipeline B's token divergences): auto (Triton kernels on GPUs, the tiled PyTorch path elsewhere), pytorch, or triton (on a CPU only under TRITON_INTERPRET=1); reference is the deprecated name of pytorch.
     loss_implementation: str = "auto"
 
     def __post_init__(self) -> None:

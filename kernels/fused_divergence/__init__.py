@@ -2,12 +2,12 @@
 
 from tide_kernels.fused_divergence.naive import dense_token_divergences
 from tide_kernels.fused_divergence.op import IMPLEMENTATIONS, FusedTokenDivergenceFunction, fused_token_divergence
-from tide_kernels.fused_divergence.reference import divergence_sweeps_reference
+from tide_kernels.fused_divergence.pytorch import divergence_sweeps_pytorch
 
 __all__ = [
     "IMPLEMENTATIONS",
     "FusedTokenDivergenceFunction",
     "dense_token_divergences",
-    "divergence_sweeps_reference",
+    "divergence_sweeps_pytorch",
     "fused_token_divergence",
 ]

@@ -3,7 +3,7 @@
 Legend: N rows, V' shared vocabulary prefix, D_s / D_t student / teacher hidden. Student rows ``hs [N, D_s]``
 and head ``ws [V', D_s]``; teacher rows ``ht [N, D_t]`` and head ``wt [V', D_t]`` (any strides: the heads
 are views of the first V' rows of the full heads). ``a = hs ws^T / T``, ``b = ht wt^T / T``,
-``c = (1 - lambda) a + lambda b``. The maths is the docstring of :mod:`tide_kernels.fused_divergence.reference`.
+``c = (1 - lambda) a + lambda b``. The maths is the docstring of :mod:`tide_kernels.fused_divergence.pytorch`.
 
 * :func:`_stats_kernel`, one program per row tile: for each vocabulary tile, the student and the teacher
   logits tiles (each an inner loop over its own hidden size), then the online log-sum-exp of a, b, c with

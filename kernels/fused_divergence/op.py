@@ -2,7 +2,7 @@
 
 :func:`fused_token_divergence` takes the student's rows and head and the teacher's rows and head, and
 returns ``sum_n sum_k coeff[n, k] D_k[n]`` over the three token divergences (forward KL, reverse KL,
-TIDAL; the maths in :mod:`tide_kernels.fused_divergence.reference`) with the per-row divergences, never
+TIDAL; the maths in :mod:`tide_kernels.fused_divergence.pytorch`) with the per-row divergences, never
 building ``[N, V']`` logits on either side. The heads are cut to the shared prefix V' by slicing (a view;
 nothing is copied or converted as a whole). The student's gradients (rows and head) are formed in the
 forward pass and only rescaled in backward, so both heads are read in forward only: under ZeRO-3 they
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from tide_kernels.common import FLOAT_DTYPES, check_dtype, is_interpreter, scaled_forward_grads
 from tide_kernels.fused_divergence.kernel import divergence_grad, divergence_stats
-from tide_kernels.fused_divergence.reference import VOCAB_TILE, accumulation_dtype, divergence_sweeps_reference
+from tide_kernels.fused_divergence.pytorch import VOCAB_TILE, accumulation_dtype, divergence_sweeps_pytorch
 
 __all__ = ["IMPLEMENTATIONS", "FusedTokenDivergenceFunction", "fused_token_divergence"]
 
@@ -29,7 +29,7 @@ def _run(s_hidden, s_weight, t_hidden, t_weight, coeff_N3, lam_N, temperature, i
     """``(div [N, 3], dh | None, dW [V', D_s] | None)`` from the chosen implementation (heads already cut to V')."""
     if implementation == "pytorch":
         rows = coeff_N3.ne(0).any(1) if s_hidden.device.type == "cpu" else None  # the CPU visits only rows that count
-        return divergence_sweeps_reference(
+        return divergence_sweeps_pytorch(
             s_hidden, s_weight, t_hidden, t_weight, coeff_N3, lam_N, temperature=temperature, rows_N=rows,
             need_dh=need_dh, need_dw=need_dw, dw_out=dw_out, chunk_rows=chunk_rows, vocab_tile=vocab_tile or VOCAB_TILE,
         )

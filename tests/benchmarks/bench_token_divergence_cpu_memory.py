@@ -9,7 +9,7 @@ lambda and omega per row) + forward KL (weight 0.5), T = 2 (the ``taid+kl`` mode
 
 * ``today``: the teacher's row logits ``[N, V']`` in float32 (:func:`tide_ds.teacher.forward.row_logits`),
   then the LM-head-fused student divergence (:func:`tide_ds.losses.fused_divergence.fused_head_divergence`);
-* ``fused``: :func:`tide_ds.losses.token_divergence.token_divergences` with ``implementation="reference"``
+* ``fused``: :func:`tide_ds.losses.token_divergence.token_divergences` with ``implementation="pytorch"``
   (the tiled PyTorch path that ``--model.loss_implementation=auto`` takes on a CPU): teacher rows and head
   in, no ``[N, V']`` tensor.
 
@@ -65,7 +65,7 @@ def _loss(provider: str, sh, sw, th, tw, selected, lam, omega, shared: int):
         total, _ = fused_head_divergence(sh, sw, logits, selected, terms, temperature=TEMPERATURE, lam_N=lam, omega_N=omega)
         return total
     total, _ = token_divergences(sh, sw, th, tw, selected, terms, temperature=TEMPERATURE, shared_vocab_size=shared,
-                                 lam_N=lam, omega_N=omega, implementation="reference")
+                                 lam_N=lam, omega_N=omega, implementation="pytorch")
     return total
 
 

@@ -67,7 +67,7 @@ def _compiled(fn):
 STUDENT_PROVIDERS = {
     "triton": lambda p: fused_student_loss(p, implementation="triton"),
     "authors": authors_student_loss,
-    "chunked": lambda p: fused_student_loss(p, implementation="reference"),
+    "chunked": lambda p: fused_student_loss(p, implementation="pytorch"),
     "authors_compiled": lambda p: _compiled(authors_student_loss)(p),
 }
 
@@ -119,7 +119,7 @@ def _ours_ce(implementation: str):
 
 
 def _ce_providers() -> dict:
-    providers = {"triton": _ours_ce("triton"), "chunked": _ours_ce("reference")}
+    providers = {"triton": _ours_ce("triton"), "chunked": _ours_ce("pytorch")}
     for name, available, fn in (("liger_flce", liger_available, liger_flce), ("cce", cce_available, cce_ce)):
         reason = available()
         if reason is None:
@@ -158,7 +158,7 @@ def test_bench_student_ce_vs_peers(shape: HeadShape, bench_recorder) -> None:
 TEACHER_PROVIDERS = {
     "triton": lambda h, w, y, rows: fused_teacher_logprobs(h, w, y, rows, implementation="triton"),
     "authors": lambda h, w, y, rows: authors_teacher_logprobs(h, w, y),
-    "chunked": lambda h, w, y, rows: fused_teacher_logprobs(h, w, y, rows, implementation="reference"),
+    "chunked": lambda h, w, y, rows: fused_teacher_logprobs(h, w, y, rows, implementation="pytorch"),
     "authors_compiled": lambda h, w, y, rows: _compiled(authors_teacher_logprobs)(h, w, y),
 }
 

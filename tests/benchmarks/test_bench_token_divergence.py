@@ -65,7 +65,7 @@ def _logits_path(sh, sw, th, tw, shared):
 
 
 def _providers() -> dict:
-    providers = {"triton": _ours("triton"), "chunked": _ours("reference"), "logits": _logits_path}
+    providers = {"triton": _ours("triton"), "chunked": _ours("pytorch"), "logits": _logits_path}
     reason = liger_available()
     if reason is None:
         providers[liger_jsd_name(TEMPERATURE)] = lambda sh, sw, th, tw, shared: liger_jsd(

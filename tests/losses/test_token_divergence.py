@@ -14,7 +14,7 @@ TERMS = {
     "tidal+kl": (DivergenceTerm("tidal", "tidal", 1.3), DivergenceTerm("kl", "forward", 0.4)),
     "all": (DivergenceTerm("kl", "forward", 0.5), DivergenceTerm("kl_rev", "reverse", 0.7), DivergenceTerm("tidal", "tidal", 1.1)),
 }
-IMPLS = ("reference", "triton")
+IMPLS = ("pytorch", "triton")
 
 
 def _inputs(n, ds, dt, v, vt, *, seed, scale=1.0, dtype=torch.float64):

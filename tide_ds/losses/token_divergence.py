@@ -9,7 +9,7 @@ teacher side arrives as its hidden rows and its head instead of float32 logits: 
 from online log-sum-exp over vocabulary tiles (:mod:`tide_kernels.fused_divergence`). The teacher's head
 is sliced to V' (a view), never copied or converted as a whole. Two implementations, chosen by
 ``model.loss_implementation`` as for the fused head losses (:func:`tide_ds.losses.fused_head.resolve_loss_implementation`):
-the Triton kernels (``triton``; ``auto`` on CUDA) and the tiled PyTorch path (``reference``; ``auto``
+the Triton kernels (``triton``; ``auto`` on CUDA) and the tiled PyTorch path (``pytorch``; ``auto``
 elsewhere). The count of selected rows stays a device tensor (no host synchronisation off the CPU).
 """
 
@@ -54,7 +54,7 @@ def token_divergences(
         shared_vocab_size: V'; None: the two vocabularies must have the same size.
         lam_N: TIDAL's per-row lambda; required with a TIDAL term.
         omega_N: TIDAL's per-row weight; None means 1.
-        implementation: ``model.loss_implementation`` (``auto``, ``reference`` = the PyTorch tiles, ``triton``).
+        implementation: ``model.loss_implementation`` (``auto``, ``pytorch`` = the PyTorch tiles, ``triton``).
         chunk_rows: rows per tile of the PyTorch path (0: automatic).
 
     Returns:
@@ -91,7 +91,7 @@ def token_divergences(
     resolved = resolve_loss_implementation(implementation, device)
     total, div = fused_token_divergence(
         s_hidden_ND, s_weight_VD, t_hidden_NE, t_weight_WE, coeff, lam, vocab=shared_vocab_size,
-        temperature=temperature, implementation="triton" if resolved == "triton" else "pytorch", chunk_rows=chunk_rows,
+        temperature=temperature, implementation=resolved, chunk_rows=chunk_rows,
     )
     values = {
         term.name: ((omega if term.kind == "tidal" else base) * div[:, _COLUMN[term.kind]]).sum() for term in terms

@@ -44,7 +44,7 @@ class TeacherModule(torch.nn.Module):
 
     def __init__(
         self, model: torch.nn.Module, family: TeacherFamily, *, block_size: int, concat_order: str, vocab_limit: int | None,
-        loss_implementation: str = "reference",
+        loss_implementation: str = "pytorch",
     ) -> None:
         super().__init__()
         self.model = model
@@ -52,7 +52,7 @@ class TeacherModule(torch.nn.Module):
         self.block_size = block_size
         self.concat_order = concat_order
         self.vocab_limit = vocab_limit
-        self.loss_implementation = loss_implementation  # target log-probs: "reference" (row tiles) or "triton"
+        self.loss_implementation = loss_implementation  # target log-probs: "pytorch" (row tiles) or "triton"
 
     def hidden(self, input_ids, attention_mask, x_0):
         if self.family.bidirectional:
@@ -111,7 +111,7 @@ class TeacherEngine:
         concat_order: str = "x0_xt",
         vocab_limit: int | None = None,
         mask_token_id: int | None = None,
-        loss_implementation: str = "reference",
+        loss_implementation: str = "pytorch",
         device: torch.device | None = None,
     ) -> TeacherEngine:
         """Load the teacher at ``path`` as a frozen engine; ``vocab_limit`` is pipeline B's shared prefix V'.

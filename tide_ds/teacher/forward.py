@@ -30,7 +30,7 @@ def target_logprobs(
     rows_N: torch.Tensor,
     *,
     chunk_rows: int = 0,
-    implementation: str = "reference",
+    implementation: str = "pytorch",
 ) -> torch.Tensor:
     """``log softmax(h W^T)[target]`` in float32 for rows where ``rows_N``; 0 elsewhere. ``[N]``.
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from tide_kernels.fused_divergence import dense_token_divergences, fused_token_divergence
-from tide_kernels.fused_divergence.reference import divergence_sweeps_reference
+from tide_kernels.fused_divergence.pytorch import divergence_sweeps_pytorch
 
-from tests.kernels.compile_check import assert_compiles_without_interpreter
+from tests.tolerances import TOLERANCES, assert_close
 
 F64 = torch.float64
+EXACT = {"atol": TOLERANCES[("token_divergence", F64)].atol, "rtol": TOLERANCES[("token_divergence", F64)].rtol}
 # Small tiles: several row tiles, vocabulary tiles and hidden slices on the odd test shapes.
 BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 16, "BLOCK_D": 16}
 IMPLS = ("triton", "pytorch")
@@ -56,7 +57,7 @@ def test_matches_dense_reference_float64(impl, n, ds, dt, v, vt, vocab, temperat
     ref = _grads(dense, sh, sw)
     out = _grads(lambda: _fused(impl, sh, sw, th, tw, coeff, lam, vocab=vocab, temperature=temperature), sh, sw)
     for name, r, o in zip(("total", "div", "dh", "dw"), ref, out):
-        torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-10, msg=lambda m, name=name: f"{impl} {name}: {m}")
+        torch.testing.assert_close(o, r, **EXACT, msg=lambda m, name=name: f"{impl} {name}: {m}")
     assert torch.count_nonzero(out[3][vocab:]) == 0  # no gradient beyond the shared prefix
 
 
@@ -73,10 +74,10 @@ def test_each_divergence_alone(impl, column):
 
     ref = _grads(dense, sh, sw)
     out = _grads(lambda: _fused(impl, sh, sw, th, tw, coeff, lam, vocab=33, temperature=1.5), sh, sw)
-    torch.testing.assert_close(out[0], ref[0], atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(out[1][:, column], ref[1][:, column], atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(out[2], ref[2], atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(out[3], ref[3], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(out[0], ref[0], **EXACT)
+    torch.testing.assert_close(out[1][:, column], ref[1][:, column], **EXACT)
+    torch.testing.assert_close(out[2], ref[2], **EXACT)
+    torch.testing.assert_close(out[3], ref[3], **EXACT)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -121,19 +122,17 @@ def test_float32_extreme_logits_stay_finite_and_close(impl):
     ref = _grads(dense, sh, sw)
     out = _grads(lambda: _fused(impl, sh, sw, th, tw, coeff, lam, vocab=48, temperature=2.0), sh, sw)
     for name, r, o in zip(("total", "div", "dh", "dw"), ref, out):
-        assert torch.isfinite(o).all(), name
-        rel = ((o.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
-        assert rel < 1e-4, f"{impl} {name}: relative error {rel:.2e}"
+        assert_close(f"{impl} {name}", r, o, op="token_divergence", dtype=torch.float32)
 
 
 def test_pytorch_path_visits_only_rows_with_a_coefficient_on_the_cpu():
     sh, sw, th, tw, coeff, lam = _problem(8, 5, 5, 12, 12, seed=9)
     coeff[::2] = 0
-    div, dh, dw = divergence_sweeps_reference(sh.detach(), sw.detach(), th, tw, coeff, lam, temperature=1.0,
+    div, dh, dw = divergence_sweeps_pytorch(sh.detach(), sw.detach(), th, tw, coeff, lam, temperature=1.0,
                                               rows_N=coeff.ne(0).any(1), vocab_tile=5, chunk_rows=3)
     ref = dense_token_divergences(sh, sw, th, tw, lam, temperature=1.0, vocab=12).detach()
     assert torch.count_nonzero(div[::2]) == 0 and torch.count_nonzero(dh[::2]) == 0
-    torch.testing.assert_close(div[1::2], ref[1::2], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(div[1::2], ref[1::2], **EXACT)
 
 
 def test_bad_inputs_are_rejected_before_any_work():
@@ -173,3 +172,24 @@ def test_empty_is_nan_filled_in_kernel_tests() -> None:
     """tests/kernels/conftest.py poisons torch.empty, so an unwritten kernel output cannot pass a comparison."""
     assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty_like(torch.zeros(2))).all()
     assert torch.empty(2, dtype=torch.int64).dtype == torch.int64
+
+
+@pytest.mark.any_device
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernels_cuda(dtype):
+    """The compiled kernels (autotuned GPU configs) against the float64 dense reference, on an odd shape."""
+    sh, sw, th, tw, coeff, lam = _problem(333, 96, 160, 1531, 1600, seed=12)
+    sh = sh.detach().cuda().to(dtype).requires_grad_()
+    sw = sw.detach().cuda().to(dtype).requires_grad_()
+    th, tw, coeff, lam = th.cuda().to(dtype), tw.cuda().to(dtype), coeff.cuda(), lam.cuda()
+    ref64 = [x.detach().double().requires_grad_(x.requires_grad) for x in (sh, sw)]
+    div = dense_token_divergences(*ref64, th, tw, lam, temperature=2.0, vocab=1500)
+    (coeff * div).sum().backward()
+    total, out_div = fused_token_divergence(sh, sw, th, tw, coeff, lam, vocab=1500, temperature=2.0)
+    total.backward()
+    bound = 1e-4 if dtype == torch.float32 else 3e-2
+    for name, r, o in (("div", div.detach(), out_div), ("dh", ref64[0].grad, sh.grad), ("dw", ref64[1].grad, sw.grad)):
+        assert torch.isfinite(o).all(), name
+        rel = ((o.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+        assert rel < bound, f"{dtype} {name}: relative error {rel:.2e}"

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["VOCAB_TILE", "auto_row_tile", "divergence_sweeps_reference"]
+__all__ = ["VOCAB_TILE", "auto_row_tile", "divergence_sweeps_pytorch"]
 
 #: Vocabulary columns per tile of the PyTorch path.
 VOCAB_TILE = 4096
@@ -76,7 +76,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, v0: int, v1: int, acc: torch.
     return (h @ (w if w.dtype == acc else w.to(acc)).t()) * inv_t
 
 
-def divergence_sweeps_reference(
+def divergence_sweeps_pytorch(
     s_hidden_ND: torch.Tensor,
     s_weight_VD: torch.Tensor,
     t_hidden_NE: torch.Tensor,
