@@ -49,12 +49,15 @@ class _Online:
         self.s = torch.zeros(n, dtype=dtype, device=device)
         self.u = torch.zeros(n, dtype=dtype, device=device)
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, y: torch.Tensor | None = None, *, sign: float = 1.0) -> None:
+        """One tile: ``x [n, v]`` and, when the expectation is wanted, ``y`` (times ``sign``)."""
         m_new = torch.maximum(self.m, x.amax(dim=1))
         scale = torch.exp(self.m - m_new)
         e = torch.exp(x - m_new[:, None])
         self.s = self.s * scale + e.sum(1)
-        self.u = self.u * scale + (e * y).sum(1)
+        if y is not None:  # a row-wise dot product, no [n, v] product tensor
+            dot = torch.bmm(e.unsqueeze(1), y.unsqueeze(2)).view(-1)
+            self.u = self.u * scale + (dot if sign == 1.0 else -dot)
         self.m = m_new
 
     def lse(self) -> torch.Tensor:
@@ -122,8 +125,9 @@ def divergence_sweeps_pytorch(
     dw = None
     if need_dw:
         dw = dw_out if dw_out is not None else torch.zeros(vocab, s_hidden_ND.shape[1], dtype=acc, device=device)
-    want = coeff_N3.ne(0).any(0).tolist() if device.type == "cpu" else [True, True, True]
-    need_tidal = bool(want[2])
+    # Which divergences are asked for: skip the others' work on the CPU (where reading this is free).
+    want_f, want_r, need_tidal = coeff_N3.ne(0).any(0).tolist() if device.type == "cpu" else [True, True, True]
+    need_b = want_f or want_r
     for idx in _row_tiles(n, rows_N, chunk):
         hs = s_hidden_ND[idx].to(acc)
         ht = t_hidden_NE[idx].to(acc)
@@ -135,16 +139,20 @@ def divergence_sweeps_pytorch(
             v1 = min(vocab, v0 + vocab_tile)
             a = _logits(hs, s_weight_VD, v0, v1, acc, inv_t)
             b = _logits(ht, t_weight_VE, v0, v1, acc, inv_t)
-            p_s.update(a, a - b)
-            p_t.update(b, b - a)
+            diff = a - b if need_b else None
+            p_s.update(a, diff if want_r else None)
+            if need_b:
+                p_t.update(b, diff if want_f else None, sign=-1.0)
             if need_tidal:
                 c = torch.lerp(a, b, lam)
                 p_r.update(c, c - a)
-        lse_a, lse_b = p_s.lse(), p_t.lse()
-        d_fwd = p_t.mean() - lse_b + lse_a
-        d_rev = p_s.mean() - lse_a + lse_b
-        lse_c = p_r.lse() if need_tidal else torch.zeros_like(lse_a)
-        d_tid = p_r.mean() - lse_c + lse_a if need_tidal else torch.zeros_like(lse_a)
+        zeros = torch.zeros_like(p_s.s)
+        lse_a = p_s.lse()
+        lse_b = p_t.lse() if need_b else zeros
+        d_fwd = p_t.mean() - lse_b + lse_a if want_f else zeros
+        d_rev = p_s.mean() - lse_a + lse_b if want_r else zeros
+        lse_c = p_r.lse() if need_tidal else zeros
+        d_tid = p_r.mean() - lse_c + lse_a if need_tidal else zeros
         div[idx] = torch.stack((d_fwd, d_rev, d_tid), dim=1)
         if not (need_dh or need_dw):
             continue
@@ -157,8 +165,10 @@ def divergence_sweeps_pytorch(
             a = _logits(hs, s_weight_VD, v0, v1, acc, inv_t)
             b = _logits(ht, t_weight_VE, v0, v1, acc, inv_t)
             ps = torch.exp(a - lse_a[:, None])
-            dz = (cf + ct) * ps - cf * torch.exp(b - lse_b[:, None])
-            if want[1]:
+            dz = (cf + ct) * ps
+            if want_f:
+                dz -= cf * torch.exp(b - lse_b[:, None])
+            if want_r:
                 dz += cr * ps * (a - b + shift)
             if need_tidal:
                 dz -= ct * torch.exp(torch.lerp(a, b, lam) - lse_c[:, None])
