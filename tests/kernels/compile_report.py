@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,7 +146,6 @@ def config_label(config) -> str:
 def compile_all() -> list[ConfigReport]:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run the compile report with TRITON_INTERPRET unset (the interpreter does not compile)")
-    import tempfile
 
     import triton
 
