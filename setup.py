@@ -13,7 +13,10 @@ setup(
     install_requires=[
         "torch>=2.5",
         "deepspeed>=0.16",
-        "transformers>=5.0",
+        # <5.25: 5.25 requires Hugging Face's `kernels` package, whose import name is shadowed by this repo's
+        # kernels/ folder wherever the repo root is on sys.path (`python -m pytest` from the root), so transformers
+        # fails to import (ImportError: cannot import name 'CUDAProperties' from 'kernels').
+        "transformers>=5.0,<5.25",
         "triton>=3.1; platform_system=='Linux'",
         "sentencepiece>=0.2",
         "tensorboard>=2.15",
