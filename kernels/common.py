@@ -12,7 +12,10 @@ __all__ = [
     "FLOAT_DTYPES",
     "autotune_configs",
     "check_dtype",
+    "compute_dtypes",
     "is_interpreter",
+    "logits_tile",
+    "pick_kernel",
     "scaled_forward_grads",
     "tl_dtype",
 ]
@@ -53,6 +56,39 @@ def check_dtype(name: str, tensor: torch.Tensor, allowed: tuple[torch.dtype, ...
         expected = ", ".join(str(d).removeprefix("torch.") for d in allowed)
         raise ValueError(f"{name}.dtype={tensor.dtype} is not supported; expected one of {expected}")
 
+
+def compute_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype, str]:
+    """(torch accumulator dtype, its Triton twin, ``tl.dot`` input precision) for an input dtype.
+
+    float64 accumulates in float64; everything else in float32. fp32 inputs use "ieee" dots so that fp32
+    runs are fp32 (tf32 would cost ~1e-3); 16-bit inputs ignore the precision (tensor cores).
+    """
+    if dtype == torch.float64:
+        return torch.float64, tl.float64, "ieee"
+    return torch.float32, tl.float32, "ieee" if dtype == torch.float32 else "tf32"
+
+
+def pick_kernel(kernel, block_config: dict[str, int] | None):
+    """The autotuned kernel, or its plain JIT function when a test forces one tile shape."""
+    return (kernel, {}) if block_config is None else (kernel.fn, dict(block_config))
+
+
+@triton.jit
+def logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, stride_hn, stride_hd, stride_wv, stride_wd, D,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``h[rows] @ W[cols]^T`` as a ``[BLOCK_N, BLOCK_V]`` accumulator tile (out-of-range entries are 0)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC_DTYPE)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        d_ok = d < D
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + d[None, :] * stride_wd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
 
 
 def scaled_forward_grads(ctx, grad_out: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> tuple[torch.Tensor | None, ...]:

@@ -9,9 +9,10 @@ wait at a barrier, then read by every rank (:func:`rank0_first`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -154,7 +155,8 @@ def build_student(cfg: RunConfig, *, special: SpecialIds) -> torch.nn.Module:
     """A fresh random student from the size fields, or a local checkpoint; checked against the tokenizer."""
     import transformers
 
-    from tide_ds.models.qwen3 import BD3LMStudent, build_student as build_hf, load_student
+    from tide_ds.models.qwen3 import BD3LMStudent, load_student
+    from tide_ds.models.qwen3 import build_student as build_hf
 
     m = cfg.model
     if m.attn_implementation == "flex_attention" and not torch.cuda.is_available():

@@ -16,7 +16,9 @@ __all__ = [
 ]
 
 AttnImplementation = Literal["sdpa", "flex_attention", "eager", "tide_bd3lm"]
-LossImplementation = Literal["auto", "reference", "triton"]  # tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS
+# tide_ds.losses.fused_head.LOSS_IMPLEMENTATIONS; "reference" is the deprecated name of "pytorch" (still accepted,
+# with a deprecation message: tide_ds.losses.fused_head.DEPRECATED_LOSS_IMPLEMENTATIONS).
+LossImplementation = Literal["auto", "pytorch", "triton", "reference"]
 Schedule = Literal["linear", "cosine"]
 LossWeightType = Literal["scheduler", "uniform"]
 LossNormType = Literal["token", "sequence", "batch"]

@@ -147,9 +147,9 @@ class ModelArgs:
     )
     loss_implementation: LossImplementation = option(
         "auto",
-        "Fused LM-head losses (student CE and CALM family, teacher target log-probs): auto (Triton kernels on "
-        "GPUs, the row-tiled PyTorch reference elsewhere), reference, or triton (on a CPU only under "
-        "TRITON_INTERPRET=1).",
+        "Fused LM-head losses (student CE and CALM family, teacher target log-probs, pipeline B's token "
+        "divergences): auto (Triton kernels on GPUs, the tiled PyTorch path elsewhere), pytorch, or triton (on a "
+        "CPU only under TRITON_INTERPRET=1); reference is the deprecated name of pytorch.",
     )
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from tide_kernels.common import autotune_configs, is_interpreter
+from tide_kernels.common import autotune_configs, compute_dtypes, is_interpreter, pick_kernel
 
 __all__ = ["bd3lm_attention_bwd", "bd3lm_attention_fwd"]
 
@@ -45,12 +45,14 @@ def _configs(blocks: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 
 
 _INTERPRETER_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)
-# (BLOCK_M, BLOCK_N, warps, stages). Checked by compiling for sm_90 (bf16, Dh=128) with ptxas -v: the
-# forward and dQ choices spill nothing or a few bytes; every dK/dV tile shape spills some (two fp32
-# [BLOCK_N, Dh] accumulators plus K, V), these the least. The autotuner picks on the device.
+# (BLOCK_M, BLOCK_N, warps, stages). Checked by compiling for sm_90 (bf16, Dh=128, contiguous last dimension
+# as launched) with ptxas -v: no config spills (tests/kernels/compile_report.py, bench_results/
+# triton_compile_report.md). dK/dV holds two fp32 [BLOCK_N, Dh] accumulators plus K and V: with 8 warps and
+# BLOCK_M = 16 (or 32 x 32) it fits in 255 registers; 32 x 64, 64 x 64 and 32 x 128 spilled. The autotuner
+# picks on the device.
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 4)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)])
-_DKDV_CONFIGS = _configs([(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (16, 64, 4, 3)])
+_DKDV_CONFIGS = _configs([(16, 64, 8, 3), (32, 32, 8, 3), (16, 128, 8, 2), (16, 32, 4, 3)])
 
 
 @triton.jit
@@ -478,19 +480,6 @@ def _split_scale(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
-def _compute_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype, str]:
-    """(torch accumulator dtype, its Triton twin, tl.dot input precision) for an input dtype."""
-    if dtype == torch.float64:
-        return torch.float64, tl.float64, "ieee"
-    # fp32 inputs: "ieee" so that fp32 runs are fp32 (tf32 would cost ~1e-3); 16-bit inputs ignore it.
-    return torch.float32, tl.float32, "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _pick(kernel, block_config: dict[str, int] | None):
-    """The autotuned kernel, or its plain JIT function when a test forces one tile shape."""
-    return (kernel, {}) if block_config is None else (kernel.fn, dict(block_config))
-
-
 def _mask_args(num_tokens: int, seq_len: int | None, block_size: int | None, key_lens: torch.Tensor | None):
     """The kernels' (seq_len, block_size). Key-lengths mode ignores them, so they carry T's power-of-two
     bucket, an autotuning key."""
@@ -517,12 +506,12 @@ def bd3lm_attention_fwd(
     (``BLOCK_M``, ``BLOCK_N``, optional ``num_warps``/``num_stages``) replaces autotuning.
     """
     batch, num_heads, num_tokens, head_dim = q.shape
-    acc_dtype, tl_acc, precision = _compute_dtypes(q.dtype)
+    acc_dtype, tl_acc, precision = compute_dtypes(q.dtype)
     out = torch.empty_like(q)
     lse = torch.empty((batch, num_heads, num_tokens), dtype=acc_dtype, device=q.device)
     qk_hi, qk_lo = _split_scale(scale * _LOG2E)
     mask_len, mask_block = _mask_args(num_tokens, seq_len, block_size, key_lens)
-    kernel, meta = _pick(_bd3lm_attention_fwd_kernel, block_config)
+    kernel, meta = pick_kernel(_bd3lm_attention_fwd_kernel, block_config)
     grid = lambda m: (triton.cdiv(num_tokens, m["BLOCK_M"]), batch * num_heads)
     kernel[grid](
         q, k, v, out, lse, key_lens if key_lens is not None else lse,
@@ -552,7 +541,7 @@ def bd3lm_attention_bwd(
     """Launch the backward: ``(dq, dk, dv)`` shaped and typed like ``(q, k, v)``; ``grad_out`` may have any strides."""
     batch, num_heads, num_tokens, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    _, tl_acc, precision = _compute_dtypes(q.dtype)
+    _, tl_acc, precision = compute_dtypes(q.dtype)
     delta = torch.empty_like(lse)
     pre_block = 16 if is_interpreter() else 64
     _bd3lm_attention_bwd_preprocess_kernel[(triton.cdiv(num_tokens, pre_block), batch * num_heads)](
@@ -568,14 +557,14 @@ def bd3lm_attention_bwd(
         "HEAD_DIM": head_dim, "GROUP": num_heads // num_kv_heads, "CLEAN_FIRST": bool(clean_first),
         "HAS_KEY_LENS": key_lens is not None, "ACC_DTYPE": tl_acc, "DOT_PRECISION": precision,
     }
-    kernel, meta = _pick(_bd3lm_attention_bwd_dq_kernel, block_config)
+    kernel, meta = pick_kernel(_bd3lm_attention_bwd_dq_kernel, block_config)
     grid = lambda m: (triton.cdiv(num_tokens, m["BLOCK_M"]), batch * num_heads)
     kernel[grid](
         q, k, v, grad_out, dq, lse, delta, key_lens_arg,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         num_heads, num_tokens, mask_len, mask_block, qk_hi, qk_lo, sm_hi, sm_lo, **common, **meta,
     )
-    kernel, meta = _pick(_bd3lm_attention_bwd_dkdv_kernel, block_config)
+    kernel, meta = pick_kernel(_bd3lm_attention_bwd_dkdv_kernel, block_config)
     grid = lambda m: (triton.cdiv(num_tokens, m["BLOCK_N"]), batch * num_kv_heads)
     kernel[grid](
         q, k, v, grad_out, dk, dv, lse, delta, key_lens_arg,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from tide_kernels.common import autotune_configs
+from tide_kernels.common import autotune_configs, compute_dtypes, logits_tile, pick_kernel
 
 __all__ = ["fused_head_grad", "fused_head_lse"]
 
@@ -55,24 +55,6 @@ _FWD_CONFIGS = _configs([(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64
 _GRAD_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 2), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)])
 
 
-@triton.jit
-def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, stride_hn, stride_hd, stride_wv, stride_wd, D,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                 ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """``h[rows] @ W[cols]^T`` as a ``[BLOCK_N, BLOCK_V]`` accumulator tile (out-of-range entries are 0)."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=ACC_DTYPE)
-    offs_d = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + offs_d
-        d_ok = d < D
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + d[None, :] * stride_hd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + d[None, :] * stride_wd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-    return acc
-
-
 @triton.autotune(configs=autotune_configs(_FWD_CONFIGS, _INTERPRETER_CONFIG), key=_KEY)
 @triton.jit
 def _lse_fwd_kernel(
@@ -94,7 +76,7 @@ def _lse_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + offs_v
         col_ok = cols < V
-        s = _logits_tile(h_ptr, w_ptr, rows64, cols.to(tl.int64), row_ok, col_ok, stride_hn, stride_hd,
+        s = logits_tile(h_ptr, w_ptr, rows64, cols.to(tl.int64), row_ok, col_ok, stride_hn, stride_hd,
                          stride_wv, stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, DOT_PRECISION)
         t_i += tl.sum(tl.where(cols[None, :] == tgt[:, None], s, 0.0), axis=1)
         s = tl.where(col_ok[None, :], s, float("-inf"))
@@ -125,7 +107,7 @@ def _grad_kernel(
         cols64 = cols.to(tl.int64)
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-        s = _logits_tile(h_ptr, w_ptr, rows64, cols64, row_ok, col_ok, stride_hn, stride_hd, stride_wv,
+        s = logits_tile(h_ptr, w_ptr, rows64, cols64, row_ok, col_ok, stride_hn, stride_hd, stride_wv,
                          stride_wd, D, BLOCK_N, BLOCK_V, BLOCK_D, ACC_DTYPE, DOT_PRECISION)
         p = tl.where(col_ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         onehot = tl.where(cols64[None, :] == tgt[:, None], 1.0, 0.0).to(ACC_DTYPE)
@@ -148,18 +130,6 @@ def _grad_kernel(
                               mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
-def _compute_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype, str]:
-    """(torch accumulator dtype, its Triton twin, tl.dot input precision) for an input dtype."""
-    if dtype == torch.float64:
-        return torch.float64, tl.float64, "ieee"
-    return torch.float32, tl.float32, "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _pick(kernel, block_config: dict[str, int] | None):
-    """The autotuned kernel, or its plain JIT function when a test forces one tile shape."""
-    return (kernel, {}) if block_config is None else (kernel.fn, dict(block_config))
-
-
 def fused_head_lse(
     hidden_ND: torch.Tensor,
     weight_VD: torch.Tensor,
@@ -174,12 +144,12 @@ def fused_head_lse(
     """
     num_rows, hidden = hidden_ND.shape
     vocab = weight_VD.shape[0]
-    acc_dtype, tl_acc, precision = _compute_dtypes(hidden_ND.dtype)
+    acc_dtype, tl_acc, precision = compute_dtypes(hidden_ND.dtype)
     lse = torch.empty(num_rows, dtype=acc_dtype, device=hidden_ND.device)
     lp = torch.empty_like(lse)
     if num_rows == 0:
         return lse, lp
-    kernel, meta = _pick(_lse_fwd_kernel, block_config)
+    kernel, meta = pick_kernel(_lse_fwd_kernel, block_config)
     grid = lambda m: (triton.cdiv(num_rows, m["BLOCK_N"]),)
     kernel[grid](
         hidden_ND, weight_VD, targets_N, rows_N, lse, lp,
@@ -207,7 +177,7 @@ def fused_head_grad(
     """
     num_rows, hidden = hidden_ND.shape
     vocab = weight_VD.shape[0]
-    acc_dtype, tl_acc, precision = _compute_dtypes(hidden_ND.dtype)
+    acc_dtype, tl_acc, precision = compute_dtypes(hidden_ND.dtype)
     dh = torch.zeros((num_rows, hidden), dtype=acc_dtype, device=hidden_ND.device) if need_dh else None
     dw = torch.zeros((vocab, hidden), dtype=acc_dtype, device=hidden_ND.device) if need_dw else None
     if num_rows == 0 or not (need_dh or need_dw):
@@ -217,7 +187,7 @@ def fused_head_grad(
     dummy = torch.zeros((1, 1), dtype=acc_dtype, device=hidden_ND.device)
     dh_arg = dh if dh is not None else dummy
     dw_arg = dw if dw is not None else dummy
-    kernel, meta = _pick(_grad_kernel, block_config)
+    kernel, meta = pick_kernel(_grad_kernel, block_config)
     grid = lambda m: (triton.cdiv(num_rows, m["BLOCK_N"]), triton.cdiv(vocab, m["BLOCK_V"]))
     kernel[grid](
         hidden_ND, weight_VD, targets_N, g_N, lse_N, dh_arg, dw_arg,

@@ -1,6 +1,6 @@
 """Autograd op and public entry points of the fused LM-head loss (Triton).
 
-:func:`fused_head_loss_triton` has the contract of :func:`tide_kernels.fused_head.fused_head_loss_reference`:
+:func:`fused_head_loss_triton` has the contract of :func:`tide_kernels.fused_head.fused_head_loss_pytorch`:
 any loss of the student's per-token target log-probs ``lp_n = log softmax(h_n W^T)[y_n]``, without the
 ``[N, V]`` logits. The forward pass runs kernel 1 (``lse``, ``lp``), evaluates ``loss_fn`` on the small
 ``lp`` tensor with torch autograd to get ``g = dL/dlp`` (this is how a CALM chunk coefficient reaches
@@ -19,14 +19,14 @@ import logging
 import torch
 from tide_kernels.common import check_dtype, is_interpreter, scaled_forward_grads
 from tide_kernels.fused_head.kernel import fused_head_grad, fused_head_lse
-from tide_kernels.fused_head.reference import LossFn, fused_head_loss_reference
+from tide_kernels.fused_head.pytorch import LossFn, fused_head_loss_pytorch
 
 __all__ = ["IMPLEMENTATIONS", "FusedHeadLossTritonFunction", "fused_head_loss_triton", "target_logprobs_triton"]
 
 logger = logging.getLogger(__name__)
 
-#: ``implementation=`` values: the Triton kernels, or the plain PyTorch tiled path.
-IMPLEMENTATIONS = ("triton", "reference")
+#: ``implementation=`` values: the Triton kernels, or the plain PyTorch tiled path ("reference": its old name).
+IMPLEMENTATIONS = ("triton", "pytorch", "reference")
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -103,7 +103,7 @@ def _check_inputs(
     if implementation == "triton" and hidden_ND.device.type != "cuda" and not is_interpreter():
         raise ValueError(
             f"implementation='triton' needs a CUDA device or TRITON_INTERPRET=1; hidden is on {hidden_ND.device}: "
-            "use implementation='reference' on this machine"
+            "use implementation='pytorch' on this machine"
         )
 
 
@@ -130,7 +130,8 @@ def fused_head_loss_triton(
         rows_N: bool ``[N]``, rows any term needs; other rows get ``lp = 0`` and no gradient.
         loss_fn: ``lp [N] float32 (float64) -> (scalar loss, {term name: scalar})``, differentiable in ``lp``,
             a pure function of ``lp`` (evaluated once, in the forward pass).
-        implementation: ``"triton"`` or ``"reference"`` (:func:`~tide_kernels.fused_head.reference.fused_head_loss_reference`).
+        implementation: ``"triton"`` or ``"pytorch"`` (:func:`~tide_kernels.fused_head.pytorch.fused_head_loss_pytorch`;
+            ``"reference"`` is its old name).
         block_config: tests only: ``BLOCK_N``/``BLOCK_V``/``BLOCK_D`` instead of autotuning.
 
     Returns:
@@ -138,8 +139,8 @@ def fused_head_loss_triton(
     """
     _check_inputs(hidden_ND, weight_VD, targets_N, rows_N, implementation)
     _log_choice(implementation)
-    if implementation == "reference":
-        return fused_head_loss_reference(hidden_ND, weight_VD, targets_N, rows_N.bool(), loss_fn)
+    if implementation in ("pytorch", "reference"):
+        return fused_head_loss_pytorch(hidden_ND, weight_VD, targets_N, rows_N.bool(), loss_fn)
     names: list[str] = []
     loss, lp, values = FusedHeadLossTritonFunction.apply(
         hidden_ND, weight_VD, targets_N, _rows_int8(rows_N), loss_fn, names, block_config

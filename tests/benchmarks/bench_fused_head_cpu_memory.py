@@ -9,7 +9,7 @@ from the paper's 8 x 512 to what a shared 2-core machine holds: B x L = 1 x 256 
 
 * ``authors``: full float32 logits of both halves, cross_entropy, gather - logsumexp, a dense alignment
   ``bmm``, clipped probabilities, autograd;
-* ``chunked``: :func:`tide_ds.losses.fused_head.fused_head_loss` with ``implementation="reference"``, the
+* ``chunked``: :func:`tide_ds.losses.fused_head.fused_head_loss` with ``implementation="pytorch"``, the
   path of ``--model.loss_implementation=auto`` on a CPU (on the CPU it visits only the masked rows).
 
 How memory is measured, and why: each (provider, shape) runs in a fresh subprocess. After building its
@@ -61,13 +61,13 @@ def worker(provider: str, batch: int, seq_len: int) -> dict:
 
     # Warm-up at a tiny size: allocator, BLAS and autograd initialisation stay out of the measurement.
     tiny = student_problem(batch=1, seq_len=16, hidden=HIDDEN, vocab=4096, dtype=torch.float32, device="cpu", seed=1)
-    (authors_student_loss(tiny) if provider == "authors" else fused_student_loss(tiny, implementation="reference")).backward()
+    (authors_student_loss(tiny) if provider == "authors" else fused_student_loss(tiny, implementation="pytorch")).backward()
     del tiny
     p = student_problem(batch=batch, seq_len=seq_len, hidden=HIDDEN, vocab=VOCAB, dtype=torch.float32, device="cpu")
     Path("/proc/self/clear_refs").write_text("5")
     base = _rss("VmRSS")
     start = time.perf_counter()
-    loss = authors_student_loss(p) if provider == "authors" else fused_student_loss(p, implementation="reference")
+    loss = authors_student_loss(p) if provider == "authors" else fused_student_loss(p, implementation="pytorch")
     loss.backward()
     seconds = time.perf_counter() - start
     peak = _rss("VmHWM") - base

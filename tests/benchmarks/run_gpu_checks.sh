@@ -4,11 +4,13 @@
 # Prints each phase, then one table of every benchmark with the targets. Results, ready to commit,
 # go to $TIDE_BENCH_DIR (default bench_results/): <op>.json (rows + GPU, versions, git sha, date; rewritten
 # after every measurement, so a phase cut by its timeout keeps what it measured) and commit.txt.
-# Each phase has its own timeout (75 + 55 + 75 + 25 + 50 s; 255 s on one GPU, where the 25 s phase is skipped); the phases run in order
+# Each phase has its own timeout (75 + 65 + 45 + 75 + 25 + 50 s; 310 s in all, 285 s on one GPU, where the 25 s phase is
+# skipped); the phases run in order
 # of importance, and inside a benchmark our kernel and the headline shape are measured first.
 # Works on a bare GPU image that has torch, triton and transformers but not tide-ds: the repo is put on
 # PYTHONPATH (kernels/ as tide_kernels), and wheels in .whl/ (tools/gpu/fetch_wheels.sh: DeepSpeed and its
-# pure-Python needs) are installed to a temporary site; without DeepSpeed, or with one GPU, the 2-rank
+# pure-Python needs, and the peers Liger-Kernel and Cut Cross-Entropy) are installed to a temporary site; a peer
+# that is missing is skipped by its benchmark, which says so; without DeepSpeed, or with one GPU, the 2-rank
 # teacher-memory phase is skipped and says so.
 # TIDE_BENCH_DRY_RUN=1 on a machine without a GPU checks the benchmark logic instead (tiny shapes, Triton's
 # interpreter, results in a temporary directory unless TIDE_BENCH_DIR is set).
@@ -41,7 +43,7 @@ if ! "$py" -c "import tide_kernels, tide_ds" 2>/dev/null; then
     export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
     echo "tide-ds is not installed: importing it from $PWD"
 fi
-if ! "$py" -c "import deepspeed" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+if ! "$py" -c "import deepspeed, liger_kernel, cut_cross_entropy" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
     site=$(mktemp -d)
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:$site" && echo "installed the wheels of .whl/ to $site"
@@ -52,8 +54,10 @@ if [ "$dry" = "0" ]; then
     phase "correctness on the GPU: compiled Triton kernels against float64 references, losses"
     timeout 75 "$py" -m pytest -q -x -m "not slow" -p no:cacheprovider tests/kernels tests/losses 2>&1 | tail -n 8
 fi
-phase "benchmark: LM-head losses (student CE + Reverse CALM fwd+bwd, teacher target log-probs)"
-timeout 55 "$py" -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks/test_bench_fused_head.py 2>&1 | tail -n 4
+phase "benchmark: LM-head losses (student CE + Reverse CALM fwd+bwd, CE vs Liger FLCE and CCE, teacher log-probs)"
+timeout 65 "$py" -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks/test_bench_fused_head.py 2>&1 | tail -n 6
+phase "benchmark: pipeline-B token divergences (fused op vs the logits path and Liger's fused linear JSD)"
+timeout 45 "$py" -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks/test_bench_token_divergence.py 2>&1 | tail -n 5
 phase "benchmark: BD3LM attention, L = 1024 first, then 512, 2048, 4096"
 timeout 75 "$py" -m pytest -q -m bench -s -p no:cacheprovider tests/benchmarks/test_bench_bd3lm_attention.py 2>&1 | tail -n 4
 if [ "$dry" = "0" ]; then

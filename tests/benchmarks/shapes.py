@@ -14,7 +14,8 @@ import torch
 
 from tests.benchmarks.harness import DRY_RUN
 
-__all__ = ["BD3LM_ATTENTION_SHAPES", "STUDENT_LOSS_SHAPES", "TEACHER_LOGPROB_SHAPES", "AttentionShape", "HeadShape"]
+__all__ = ["BD3LM_ATTENTION_SHAPES", "STUDENT_LOSS_SHAPES", "TEACHER_LOGPROB_SHAPES", "TOKEN_DIVERGENCE_SHAPES",
+           "AttentionShape", "DivergenceShape", "HeadShape"]
 
 _TINY = DRY_RUN and not torch.cuda.is_available()
 
@@ -54,6 +55,23 @@ class HeadShape:
         return f"B{self.batch}-L{self.seq_len}-D{self.hidden}-V{self.vocab}"
 
 
+@dataclass(frozen=True)
+class DivergenceShape:
+    """One pipeline-B token-divergence problem: student rows ``[N, D_s]`` + head ``[V, D_s]``, teacher rows
+    ``[N, D_t]`` + head ``[V_t, D_t]``, shared prefix V'."""
+
+    rows: int
+    shared: int
+    vocab: int
+    hidden: int
+    teacher_vocab: int
+    teacher_hidden: int
+
+    @property
+    def id(self) -> str:
+        return f"N{self.rows}-V'{self.shared}-Ds{self.hidden}-Dt{self.teacher_hidden}"
+
+
 # The Qwen3-0.6B student (MODELS.md §7.1: 16 query / 8 KV heads, head dim 128), TIDE's block size 32.
 # B x L stays 8 x 512 = 4096 tokens per copy, so longer sequences trade batch for length. L = 1,024 (the
 # issue's headline target) comes first, so a run cut by its time limit has measured it.
@@ -65,8 +83,14 @@ BD3LM_ATTENTION_SHAPES = [
 STUDENT_LOSS_SHAPES = [HeadShape(batch=8, seq_len=512, hidden=1024, vocab=151_936)]
 # The LLaDA2.0-mini teacher head (V = 157,184, D = 2,048), L_t = 1,024.
 TEACHER_LOGPROB_SHAPES = [HeadShape(batch=8, seq_len=1024, hidden=2048, vocab=157_184)]
+# Pipeline B at the paper's shape: micro-batch 10 x 512 rows, the Qwen3-0.6B student (D_s = 1,024) and the
+# WeDLM-8B teacher (D_t = 4,096), both with Qwen's 151,936-row head, shared prefix V' = 151,646.
+TOKEN_DIVERGENCE_SHAPES = [DivergenceShape(rows=10 * 512, shared=151_646, vocab=151_936, hidden=1024,
+                                           teacher_vocab=151_936, teacher_hidden=4096)]
 
 if _TINY:
+    TOKEN_DIVERGENCE_SHAPES = [DivergenceShape(rows=48, shared=900, vocab=1000, hidden=32, teacher_vocab=1000,
+                                               teacher_hidden=48)]
     BD3LM_ATTENTION_SHAPES = [AttentionShape(batch=1, seq_len=32, block_size=8, num_heads=4, num_kv_heads=2, head_dim=16)]
     STUDENT_LOSS_SHAPES = [HeadShape(batch=2, seq_len=32, hidden=32, vocab=1000)]
     TEACHER_LOGPROB_SHAPES = [HeadShape(batch=2, seq_len=48, hidden=64, vocab=1200)]

@@ -6,7 +6,7 @@ Providers (``loss_paths.py``):
                        cross_entropy, gather - logsumexp, dense alignment bmm, clipped probabilities, autograd
                        (teacher: full float32 logits, log_softmax, gather);
     authors_compiled:  the same under ``torch.compile``;
-    chunked:           ours in plain PyTorch (``--model.loss_implementation=reference``: row tiles, gradients
+    chunked:           ours in plain PyTorch (``--model.loss_implementation=pytorch``: row tiles, gradients
                        in the forward pass);
     triton:            ours with the Triton kernels (``--model.loss_implementation=triton``, the default on GPUs).
 
@@ -14,6 +14,12 @@ TFLOP/s counts the useful work of the x_t half only, the same for every provider
 (logits, dh, dW; N = B x L) and the teacher ``2 N V D``. Peak memory is the allocator's peak during one
 call above what was allocated before it (inputs excluded, gradients included). Each benchmark first checks
 Triton against the authors' path run in float32 on the same inputs.
+
+The CE part alone (``student_ce``: mean CE over the masked x_t rows, fwd+bwd) is also measured against the
+libraries users would pick instead (``peers.py``): Liger-Kernel's fused linear cross-entropy (``liger_flce``)
+and Apple's Cut Cross-Entropy (``cce``), with the same inputs; speed-ups and memory ratios are reported
+against both, and the best peer is the target. Peers are GPU-only and skipped (with the reason) when their
+package is missing.
 
 Run: ``python -m pytest -m bench -s tests/benchmarks/test_bench_fused_head.py``.
 """
@@ -40,6 +46,7 @@ from tests.benchmarks.loss_paths import (
     student_problem,
     teacher_problem,
 )
+from tests.benchmarks.peers import cce_available, cce_ce, liger_available, liger_flce
 from tests.benchmarks.shapes import (
     STUDENT_LOSS_SHAPES,
     TEACHER_LOGPROB_SHAPES,
@@ -60,7 +67,7 @@ def _compiled(fn):
 STUDENT_PROVIDERS = {
     "triton": lambda p: fused_student_loss(p, implementation="triton"),
     "authors": authors_student_loss,
-    "chunked": lambda p: fused_student_loss(p, implementation="reference"),
+    "chunked": lambda p: fused_student_loss(p, implementation="pytorch"),
     "authors_compiled": lambda p: _compiled(authors_student_loss)(p),
 }
 
@@ -101,10 +108,57 @@ def test_bench_student_loss(shape: HeadShape, bench_recorder) -> None:
                            peak_mib=peak_mib(fn, problem.leaves), tflops=flops / (ms[0] * 1e-3) / 1e12)
 
 
+def _ours_ce(implementation: str):
+    from tide_ds.losses.fused_head import fused_masked_ce
+
+    def ce(h, w, y, rows):
+        coeff = rows.float() / rows.sum().clamp_min(1)
+        return fused_masked_ce(h, w, y, coeff, implementation=implementation)[0]
+
+    return ce
+
+
+def _ce_providers() -> dict:
+    providers = {"triton": _ours_ce("triton"), "chunked": _ours_ce("pytorch")}
+    for name, available, fn in (("liger_flce", liger_available, liger_flce), ("cce", cce_available, cce_ce)):
+        reason = available()
+        if reason is None:
+            providers[name] = fn
+        else:
+            print(f"student_ce: provider {name} skipped: {reason}")
+    return providers
+
+
+@pytest.mark.parametrize("shape", STUDENT_LOSS_SHAPES, ids=lambda s: s.id)
+def test_bench_student_ce_vs_peers(shape: HeadShape, bench_recorder) -> None:
+    """Mean CE over the masked x_t rows, fwd+bwd: ours against Liger's FLCE and Cut Cross-Entropy."""
+    op = "student_ce"
+    providers = _ce_providers()
+    peers = tuple(name for name in ("liger_flce", "cce") if name in providers)
+    bench_recorder.set_baselines(op, peers)
+    size = {"batch": shape.batch, "seq_len": shape.seq_len, "hidden": shape.hidden, "vocab": shape.vocab}
+    p = student_problem(**size, dtype=DTYPE, device=bench_device())
+    h = p.hidden_B2LD[:, : shape.seq_len].flatten(0, 1).detach().requires_grad_()
+    w, y, rows = p.weight_VD, p.x0_BL.flatten(), p.masked_BL.flatten()
+    values = {}
+    for name, fn in providers.items():  # the same loss from every provider, on the same inputs
+        values[name] = fn(h, w, y, rows).item()
+    ref = values["triton"]
+    for name, value in values.items():
+        assert abs(value - ref) <= 1e-2 * abs(ref), f"{name} gives {value}, ours {ref}"
+    flops = 6 * shape.rows * shape.vocab * shape.hidden
+    for provider, fn in providers.items():
+        call = lambda fn=fn: fn(h, w, y, rows).backward()
+        call()
+        ms = time_ms(call, grad_to_none=[h, w])
+        bench_recorder.add(op=op, mode="fwd+bwd", shape=shape.id, provider=provider, ms=ms,
+                           peak_mib=peak_mib(call, (h, w)), tflops=flops / (ms[0] * 1e-3) / 1e12)
+
+
 TEACHER_PROVIDERS = {
     "triton": lambda h, w, y, rows: fused_teacher_logprobs(h, w, y, rows, implementation="triton"),
     "authors": lambda h, w, y, rows: authors_teacher_logprobs(h, w, y),
-    "chunked": lambda h, w, y, rows: fused_teacher_logprobs(h, w, y, rows, implementation="reference"),
+    "chunked": lambda h, w, y, rows: fused_teacher_logprobs(h, w, y, rows, implementation="pytorch"),
     "authors_compiled": lambda h, w, y, rows: _compiled(authors_teacher_logprobs)(h, w, y),
 }
 

@@ -100,7 +100,7 @@ def test_lm_eval_and_tide_eval_agree_on_the_same_problems(exported, tmp_path):
         lm_answers = {s["doc"][key]: s["resps"][0][0] for s in out["samples"][f"agree_{name}"]}
         assert lm_prompts == {p[key]: TASKS[name].prompt(p) for p in problems}, name
         assert lm_answers == {p[key]: r["answer"] for p, r in zip(problems, ours[name]["samples"])}, name
-        assert all(lm_answers.values()), name  # the tiny model writes something: the comparison is not ''=='' 
+        assert all(lm_answers.values()), name  # the tiny model writes something: the comparison is not ''==''
     gsm = out["results"]["agree_gsm8k"]
     assert gsm["exact_match,strict-match"] == ours["gsm8k"]["exact_match"]
     assert gsm["exact_match,flexible-extract"] == ours["gsm8k"]["exact_match_flexible"]

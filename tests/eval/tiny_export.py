@@ -19,11 +19,11 @@ TINY_OVERRIDES = [
 
 
 def build_tiny_export(out: Path) -> Path:
+    from tide_ds.builders import build_student, build_tokenizer
     from tide_ds.config import build_config
     from tide_ds.data.tokenizers import load_tokenizer
     from tide_ds.models.qwen3 import save_student
     from tide_ds.sampling.load import EXPORT_RECORD, EXPORT_RUN_CONFIG
-    from tide_ds.trainer.build import build_student, build_tokenizer
 
     cfg = build_config(overrides=TINY_OVERRIDES)
     tokenizer_dir, special = build_tokenizer(cfg)

@@ -15,8 +15,8 @@ from tide_ds.teacher.forward import target_logprobs as teacher_target_logprobs
 
 @pytest.mark.parametrize(
     "choice, device, expected",
-    [("auto", "cpu", "reference"), ("auto", "cuda", "triton"), ("reference", "cuda", "reference"),
-     ("triton", "cuda", "triton"), ("triton", "cpu", "triton")],  # cpu + triton: the interpreter is on here
+    [("auto", "cpu", "pytorch"), ("auto", "cuda", "triton"), ("pytorch", "cuda", "pytorch"),
+     ("reference", "cuda", "pytorch"), ("triton", "cuda", "triton"), ("triton", "cpu", "triton")],  # cpu + triton: the interpreter is on here
 )
 def test_resolve_loss_implementation(choice, device, expected):
     assert dispatch.resolve_loss_implementation(choice, torch.device(device)) == expected
@@ -27,7 +27,7 @@ def test_triton_on_cpu_without_interpreter_is_a_config_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"model.loss_implementation='triton' needs a CUDA device.*runs on cpu"):
         dispatch.resolve_loss_implementation("triton", torch.device("cpu"))
-    assert dispatch.resolve_loss_implementation("auto", torch.device("cpu")) == "reference"
+    assert dispatch.resolve_loss_implementation("auto", torch.device("cpu")) == "pytorch"
     with pytest.raises(ValueError, match=r"model.loss_implementation='cuda' is not one of"):
         dispatch.resolve_loss_implementation("cuda", torch.device("cpu"))
 
@@ -38,9 +38,18 @@ def test_choice_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger=dispatch.__name__):
         for _ in range(3):
             dispatch.resolve_loss_implementation("auto", torch.device("cpu"))
-    expected = ("LM-head losses (student loss, teacher log-probs): reference implementation "
+    expected = ("LM-head losses (student loss, teacher log-probs): pytorch implementation "
                 "(model.loss_implementation=auto, device cpu)")
     assert [r.getMessage() for r in caplog.records] == [expected]
+
+
+@pytest.mark.any_device
+def test_old_name_reference_still_works_with_a_deprecation_message(caplog):
+    """``reference`` was the tiled PyTorch path's name (it was never the naive reference): accepted, warned once."""
+    dispatch._warn_deprecated.cache_clear()
+    with pytest.warns(FutureWarning, match=r"model.loss_implementation='reference' is deprecated.*'pytorch'"):
+        assert dispatch.resolve_loss_implementation("reference", torch.device("cpu")) == "pytorch"
+    assert any("--model.loss_implementation=pytorch" in r.getMessage() for r in caplog.records)
 
 
 def _inputs(n=37, d=16, v=101, seed=0):
@@ -64,7 +73,7 @@ def test_fused_masked_ce_triton_matches_reference():
     """The CE path of the trainer (DiffusionCEModule): loss, nll_sum and both gradients."""
     h, w, y, c = _inputs()
     ref = _grads(lambda a, b: fused_linear_masked_ce(a, b, y, c), h, w)
-    for impl in ("reference", "triton"):
+    for impl in ("pytorch", "triton"):
         out = _grads(lambda a, b, impl=impl: dispatch.fused_masked_ce(a, b, y, c, implementation=impl), h, w)
         for name, r, o in zip(("loss", "nll_sum", "dh", "dw"), ref, out):
             torch.testing.assert_close(o, r, atol=1e-10, rtol=1e-10, msg=lambda m, n=f"{impl} {name}": f"{n}: {m}")
@@ -79,7 +88,7 @@ def test_fused_head_loss_dispatch():
         return ce + (lp**2).sum() * 0.1, {"ce": ce}
 
     outs = [_grads(lambda a, b, impl=impl: dispatch.fused_head_loss(a, b, y, rows, loss_fn, implementation=impl), h, w)
-            for impl in ("reference", "triton")]
+            for impl in ("pytorch", "triton")]
     for name, r, o in zip(("loss", "lp", "dh", "dw"), *outs):
         torch.testing.assert_close(o, r, atol=1e-10, rtol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -89,7 +98,7 @@ def test_teacher_target_logprobs_dispatch():
     h, w, y, c = _inputs(n=21, d=8, v=203, seed=2)
     rows = c != 0
     y[~rows] = -100  # ignore ids on rows not needed are harmless in both implementations
-    ref = teacher_target_logprobs(h, w, y, rows, implementation="reference")
+    ref = teacher_target_logprobs(h, w, y, rows, implementation="pytorch")
     tri = teacher_target_logprobs(h, w, y, rows, implementation="triton")
     assert ref.dtype == tri.dtype == torch.float32
     assert (tri[~rows] == 0).all()
@@ -99,7 +108,7 @@ def test_teacher_target_logprobs_dispatch():
 
 
 @pytest.mark.parametrize("entry", ["fused_masked_ce", "fused_head_loss"])
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["pytorch", "triton"])
 def test_repeated_backward_rescales_the_stored_gradients(entry, impl):
     """The fused losses scale their stored gradients in place (one copy of dW at the peak); a second backward
     through the same forward (retain_graph) still gets exactly its own upstream factor."""

@@ -1,4 +1,4 @@
-"""``--model.loss_implementation=triton`` against ``reference`` in the trainer: 2 CPU ranks, Triton's interpreter.
+"""``--model.loss_implementation=triton`` against ``pytorch`` in the trainer: 2 CPU ranks, Triton's interpreter.
 
 One pipeline-A run (TIDE-Cross: CE + Reverse CALM, a tiny LLaDA2 teacher) per implementation, on the same
 data and seeds. The Triton run goes through every wired kernel path: the student's fused CE + Reverse CALM
@@ -73,7 +73,7 @@ def _records(out: Path) -> tuple[dict[int, dict], dict[int, dict]]:
 def test_triton_loss_implementation_matches_reference_on_two_ranks(byte_world, tmp_path):
     tok, data, teacher = byte_world
     runs = {}
-    for implementation in ("reference", "triton"):
+    for implementation in ("pytorch", "triton"):
         out = tmp_path / implementation
         proc = _run(out, f"--model.tokenizer={tok}", f"--data.dataset={data}", f"--data.seq_len={SEQ_LEN}",
                     f"--diffusion.block_size={BLOCK}", "--data.eval_samples=8", f"--teacher.path={teacher}",
@@ -82,7 +82,7 @@ def test_triton_loss_implementation_matches_reference_on_two_ranks(byte_world, t
         assert proc.returncode == 0
         assert f"LM-head losses (student loss, teacher log-probs): {implementation} implementation" in proc.stdout + proc.stderr
         runs[implementation] = _records(out)
-    (ref_train, ref_eval), (tri_train, tri_eval) = runs["reference"], runs["triton"]
+    (ref_train, ref_eval), (tri_train, tri_eval) = runs["pytorch"], runs["triton"]
     assert sorted(ref_train) == sorted(tri_train) == [1, 2, 3]
     assert sorted(ref_eval) == sorted(tri_eval) == [0, 3]
     for step in ref_train:

@@ -282,9 +282,13 @@ def test_missing_field_and_bad_tied_head(tiny_dirs: dict[str, Path], tmp_path: P
 def test_llada2_export_round_trip(tmp_path):
     import torch
 
-    from tide_ds.models.llada2_moe import load_llada2_moe, save_llada2_moe_checkpoint, tiny_llada2_moe_config
-    from tide_ds.models.llada2_moe import write_tiny_llada2_moe_checkpoint
     from tide_ds.models.hf_weights import load_safetensors_checkpoint
+    from tide_ds.models.llada2_moe import (
+        load_llada2_moe,
+        save_llada2_moe_checkpoint,
+        tiny_llada2_moe_config,
+        write_tiny_llada2_moe_checkpoint,
+    )
 
     src = write_tiny_llada2_moe_checkpoint(tmp_path / "src", seed=3)
     model = load_llada2_moe(src)

@@ -39,8 +39,8 @@ def main() -> None:
     lp_demo = teacher.comp_demo_target_logprobs(clean, a, b, attention_mask=attention)
 
     # a ZeRO-3 student trains beside the teacher: teacher forward, student step, three times
-    from tide_ds.models.qwen3 import BD3LMStudent, build_student, tiny_student_config
     from tide_ds.config import build_config
+    from tide_ds.models.qwen3 import BD3LMStudent, build_student, tiny_student_config
     from tide_ds.trainer.engine import initialize_engine
     from tide_ds.trainer.student import CETargets, DiffusionCEModule
 

@@ -92,8 +92,8 @@ def test_pipeline_b_aligned_mode_needs_pairs(pipeline_b, tmp_path):
     """A non-aligned dataset (student columns only) for an aligned mode fails before training, naming the fix."""
     import datasets
 
-    from tide_ds.config import build_config
     from tide_ds.builders import build_data
+    from tide_ds.config import build_config
 
     data, teacher = pipeline_b
     plain = tmp_path / "plain"

@@ -175,4 +175,4 @@ def test_wandb_offline_holds_the_metrics_and_a_resume_continues_the_run(tmp_path
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {r["step"] for r in records} == {0, 1, 2, 3, 4}
     assert _compare(out, history) >= 5 * 3
-    assert any(f"eval/nll" in row for row in history.values())
+    assert any("eval/nll" in row for row in history.values())

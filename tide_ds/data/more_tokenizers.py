@@ -35,15 +35,15 @@ from transformers import PreTrainedTokenizerFast
 from tide_ds.data.tokenizers import (
     BUILD_RECORD,
     MASK_TOKEN,
-    matches_record,
     default_tokenizer_cache,
     file_lock,
     load_tokenizer,
+    matches_record,
     publish_dir,
     resolve_special_ids,
     sha256_file,
-    tiktoken_backend,
     staging_dir,
+    tiktoken_backend,
 )
 
 logger = logging.getLogger(__name__)

@@ -40,9 +40,9 @@ class _LocalEngine:
 def heldout_nll(loaded: InferenceModel, *, samples: int | None = None) -> dict[str, float]:
     """``{"nll", "masked_ce", "tokens"}`` over the run's held-out split (``samples``: first N; None = the run's
     ``data.eval_samples``; 0 = all)."""
+    from tide_ds.builders import build_data, build_tokenizer
     from tide_ds.diffusion.schedules import get_schedule
     from tide_ds.losses.fused_head import resolve_loss_implementation
-    from tide_ds.builders import build_data, build_tokenizer
     from tide_ds.models.qwen3 import BD3LMStudent
     from tide_ds.trainer.step import evaluate
     from tide_ds.trainer.student import DiffusionCEModule

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from tide_kernels.common import scaled_forward_grads
-from tide_kernels.fused_head.reference import auto_chunk_rows  # noqa: F401  (re-exported: one tile rule)
+from tide_kernels.fused_head import auto_chunk_rows
 
 
 def masked_diffusion_ce_reference(

@@ -6,7 +6,7 @@ shared-vocabulary prefix (``shared_vocab_size``).
 The pipeline-B terms need the student's whole distribution on each selected row, not only one target
 log-prob, so they cannot ride on :mod:`tide_ds.losses.fused_head`. Here the student logits of a row tile
 are computed from the hidden states (``h W[:V']^T``, float32), every requested divergence and its
-gradient with respect to the logits are taken on the tile (:func:`tide_ds.losses.kl._tile_divergence`),
+gradient with respect to the logits are taken on the tile (:func:`tide_ds.losses.kl.tile_divergence`),
 and the tile's logit gradient is pushed straight into ``dh`` and ``dW``; the tile is then dropped. So the
 student side never holds ``[N, V']`` logits; only the teacher's row logits (a constant, computed under
 ``no_grad`` on the shared prefix only) are ``[N, V']``.
@@ -20,9 +20,11 @@ computed and unselected rows get weight 0, keeping shapes static.
 Like the fused head loss, the gradients are formed in forward and only rescaled in backward, so the LM
 head weight is read in forward only (correct under ZeRO-3, where the weight is gathered for the forward).
 
-There is no Triton kernel for these terms yet: this row-tiled PyTorch path runs whatever
-``model.loss_implementation`` says (that option selects the CE / CALM-family kernels). Its cost per
-tile is two ``[n, D] x [D, V']`` matmuls, the same as the reference's, without the ``[N, V']`` residency.
+Pipeline B no longer takes this path: the trainer hands the teacher's hidden rows and head to
+:mod:`tide_ds.losses.token_divergence` (both log-softmaxes online over vocabulary tiles, Triton or PyTorch
+tiles, no ``[N, V']`` on either side). This one stays for callers that already hold teacher logits, and
+as the comparison of that op's tests and CPU memory benchmark. :func:`tile_divergence` (``kl.py``) is the
+per-tile maths both this path and the dense losses share.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tide_kernels.fused_head import auto_chunk_rows
 
 from tide_ds.losses.calm import accumulation_dtype
-from tide_ds.losses.diffusion_ce import auto_chunk_rows
-from tide_ds.losses.kl import _tile_divergence
+from tide_ds.losses.kl import tile_divergence
 
 __all__ = ["DivergenceTerm", "fused_head_divergence"]
 
@@ -76,7 +78,7 @@ class _FusedHeadDivergence(torch.autograd.Function):
             dlogits = torch.zeros_like(zs) if (need_h or need_w) else None
             for k, term in enumerate(terms):
                 lam = lam_N[idx].to(acc) if term.kind == "tidal" else None
-                div_n, ddiv = _tile_divergence(zs, zt, lam, term.kind)
+                div_n, ddiv = tile_divergence(zs, zt, lam, term.kind)
                 coeff_n = base[idx]
                 if term.kind == "tidal":
                     coeff_n = coeff_n * omega_N[idx].to(acc)

@@ -7,11 +7,12 @@ the teacher side needs ``lp`` alone, without gradient. Neither ever builds ``[N,
 (DESIGN.md decision 3). Two implementations, chosen by ``model.loss_implementation`` (DESIGN.md
 decision 6: a config choice, logged once, no silent fallback):
 
-* ``reference``: the plain-PyTorch row-tiled path, :mod:`tide_kernels.fused_head.reference` (and, for
-  the CE-only path, :func:`tide_ds.losses.diffusion_ce.fused_linear_masked_ce`);
+* ``pytorch``: the plain-PyTorch row-tiled path, :mod:`tide_kernels.fused_head.pytorch` (and, for
+  the CE-only path, :func:`tide_ds.losses.diffusion_ce.fused_linear_masked_ce`); ``reference`` is its old,
+  deprecated name (accepted with a warning: it was never the naive reference, which is ``naive.py``);
 * ``triton``: the Triton kernels of :mod:`tide_kernels.fused_head` (online log-sum-exp over vocabulary
   tiles, logits recomputed for the gradients);
-* ``auto`` resolves to ``triton`` on a CUDA device and ``reference`` elsewhere.
+* ``auto`` resolves to ``triton`` on a CUDA device and ``pytorch`` elsewhere.
 
 Both keep the gradients of the hidden states and of the weight from the forward pass and only rescale
 them in backward, so the LM head weight is read in forward only (correct under ZeRO-3, where it is
@@ -22,17 +23,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
 import torch
 from tide_kernels.common import is_interpreter
 from tide_kernels.fused_head import (
     LossFn,
-    fused_head_loss_reference,
+    fused_head_loss_pytorch,
     fused_head_loss_triton,
-    target_logprobs_reference,
+    target_logprobs_pytorch,
     target_logprobs_triton,
 )
 
+from tide_ds.choices import LossImplementation, choices
 from tide_ds.losses.diffusion_ce import fused_linear_masked_ce
 
 __all__ = [
@@ -46,8 +49,19 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Values of ``model.loss_implementation``.
-LOSS_IMPLEMENTATIONS = ("auto", "reference", "triton")
+#: Old names of ``model.loss_implementation`` still accepted, with a deprecation message: old -> new.
+DEPRECATED_LOSS_IMPLEMENTATIONS = {"reference": "pytorch"}
+#: Current values of ``model.loss_implementation`` (its choices, :data:`tide_ds.choices.LossImplementation`,
+#: less the deprecated names).
+LOSS_IMPLEMENTATIONS = tuple(c for c in choices(LossImplementation) if c not in DEPRECATED_LOSS_IMPLEMENTATIONS)
+
+
+@functools.cache
+def _warn_deprecated(old: str, new: str) -> None:
+    message = (f"model.loss_implementation={old!r} is deprecated: it names the tiled PyTorch path, now called {new!r}; "
+               f"use --model.loss_implementation={new}")
+    warnings.warn(message, FutureWarning, stacklevel=3)
+    logger.warning(message)
 
 
 @functools.cache
@@ -59,22 +73,26 @@ def _log_choice(choice: str, resolved: str, device_type: str) -> None:
 
 
 def resolve_loss_implementation(choice: str, device: torch.device | str) -> str:
-    """``"reference"`` or ``"triton"`` for ``model.loss_implementation=choice`` on ``device``; logged once.
+    """``"pytorch"`` or ``"triton"`` for ``model.loss_implementation=choice`` on ``device``; logged once.
 
-    ``auto`` is Triton on CUDA and the PyTorch reference elsewhere. ``triton`` on a device that is not
+    ``auto`` is Triton on CUDA and the tiled PyTorch path elsewhere. ``triton`` on a device that is not
     CUDA is a configuration error unless ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, for tests).
+    ``reference`` (the old name of ``pytorch``) still works, with a deprecation message.
     """
     device = torch.device(device)
+    if choice in DEPRECATED_LOSS_IMPLEMENTATIONS:
+        _warn_deprecated(choice, DEPRECATED_LOSS_IMPLEMENTATIONS[choice])
+        choice = DEPRECATED_LOSS_IMPLEMENTATIONS[choice]
     if choice not in LOSS_IMPLEMENTATIONS:
         raise ValueError(f"model.loss_implementation={choice!r} is not one of {list(LOSS_IMPLEMENTATIONS)}")
     if choice == "auto":
-        resolved = "triton" if device.type == "cuda" else "reference"
+        resolved = "triton" if device.type == "cuda" else "pytorch"
     else:
         resolved = choice
     if resolved == "triton" and device.type != "cuda" and not is_interpreter():
         raise ValueError(
             f"model.loss_implementation='triton' needs a CUDA device, but this rank runs on {device.type}; "
-            "use --model.loss_implementation=auto (or reference) here, or set TRITON_INTERPRET=1 to run the "
+            "use --model.loss_implementation=auto (or pytorch) here, or set TRITON_INTERPRET=1 to run the "
             "kernels in Triton's CPU interpreter (slow: for tests)"
         )
     _log_choice(choice, resolved, device.type)
@@ -101,14 +119,14 @@ def fused_head_loss(
         loss_fn: ``lp [N] float32 -> (scalar loss, {term name: scalar})``, differentiable in ``lp``; it must
             be a pure function of ``lp`` (it is evaluated once, inside the forward pass).
         chunk_rows: rows per logits tile of the reference path (0 = about 256 MiB); the kernels tile themselves.
-        implementation: ``auto``, ``reference`` or ``triton`` (see :func:`resolve_loss_implementation`).
+        implementation: ``auto``, ``pytorch`` or ``triton`` (see :func:`resolve_loss_implementation`).
 
     Returns:
         ``(loss, lp [N] detached, {term: detached scalar})``, float32 (float64 for float64 inputs).
     """
     if resolve_loss_implementation(implementation, hidden_ND.device) == "triton":
         return fused_head_loss_triton(hidden_ND, weight_VD, targets_N, rows_N, loss_fn)
-    return fused_head_loss_reference(hidden_ND, weight_VD, targets_N, rows_N, loss_fn, chunk_rows=chunk_rows)
+    return fused_head_loss_pytorch(hidden_ND, weight_VD, targets_N, rows_N, loss_fn, chunk_rows=chunk_rows)
 
 
 def fused_masked_ce(
@@ -126,7 +144,7 @@ def fused_masked_ce(
     unweighted CE summed over rows with ``c != 0``), with the implementation chosen as in
     :func:`fused_head_loss`; the Triton path is the fused head loss with ``lp``-linear ``loss_fn``.
     """
-    if resolve_loss_implementation(implementation, hidden_ND.device) == "reference":
+    if resolve_loss_implementation(implementation, hidden_ND.device) == "pytorch":
         return fused_linear_masked_ce(hidden_ND, weight_VD, targets_N, coeff_N, chunk_rows=chunk_rows)
     if coeff_N.shape != hidden_ND.shape[:1]:
         raise ValueError(f"coeff {tuple(coeff_N.shape)} must be [N] = [{hidden_ND.shape[0]}]")
@@ -154,4 +172,4 @@ def target_logprobs(
     """
     if resolve_loss_implementation(implementation, hidden_ND.device) == "triton":
         return target_logprobs_triton(hidden_ND, weight_VD, targets_N, rows_N)
-    return target_logprobs_reference(hidden_ND, weight_VD, targets_N, rows_N, chunk_rows=chunk_rows)
+    return target_logprobs_pytorch(hidden_ND, weight_VD, targets_N, rows_N, chunk_rows=chunk_rows)

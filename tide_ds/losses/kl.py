@@ -17,16 +17,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from tide_kernels.fused_head import auto_chunk_rows
 
 from tide_ds.losses.calm import accumulation_dtype
-from tide_ds.losses.diffusion_ce import auto_chunk_rows
 
-__all__ = ["token_kl"]
+__all__ = ["row_divergence", "tile_divergence", "token_kl"]
 
 Divergence = Literal["forward", "reverse", "tidal"]
 
 
-def _tile_divergence(
+def tile_divergence(
     zs: torch.Tensor, zt: torch.Tensor, lam: torch.Tensor | None, kind: Divergence
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence D [n] and dD/da [n, V'] for tempered logits a = z^S / T (zs) and z^T / T (zt)."""
@@ -65,7 +65,7 @@ class _RowDivergenceFunction(torch.autograd.Function):
             zs = student_NV[rows, :vocab].to(acc) / temperature  # [n, V']
             zt = teacher_NV[rows, :vocab].to(acc) / temperature  # [n, V']
             lam = None if lam_N is None else lam_N[rows].to(acc)
-            div_n, ddiv_nv = _tile_divergence(zs, zt, lam, kind)
+            div_n, ddiv_nv = tile_divergence(zs, zt, lam, kind)
             coeff_n = torch.full_like(div_n, scale) if weight_N is None else scale * weight_N[rows].to(acc)
             loss += (coeff_n * div_n).sum()
             if need_grad:

@@ -27,17 +27,17 @@ import transformers
 
 from tide_ds.models.adapter_glue import (
     LoadPlan,
-    identity_convert,
-    materialize,
-    shape_state,
     TinyInit,
     bidirectional_hidden,
     check_model_type,
     check_structure,
     check_values,
+    identity_convert,
+    materialize,
     qwen_structure,
     read_config_json,
     resolve_mask_token_id,
+    shape_state,
     write_tiny_checkpoint,
 )
 

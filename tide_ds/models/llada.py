@@ -34,16 +34,16 @@ import transformers
 
 from tide_ds.models.adapter_glue import (
     LoadPlan,
-    materialize,
-    shape_state,
     TinyInit,
     bidirectional_hidden,
     check_model_type,
     check_structure,
     check_values,
     layer_count,
+    materialize,
     read_config_json,
     resolve_mask_token_id,
+    shape_state,
     write_tiny_checkpoint,
 )
 

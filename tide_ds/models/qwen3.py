@@ -26,7 +26,11 @@ from tide_ds.choices import AttnImplementation, choices
 from tide_ds.models.block_mask import additive_bd3lm_mask, dense_bd3lm_mask, flex_bd3lm_block_mask
 from tide_ds.models.hf_weights import load_safetensors_checkpoint, save_safetensors_checkpoint
 from tide_ds.models.tide_attention import (
-    TIDE_BD3LM, BD3LMMaskSpec, check_head_dim, kernel_implementation, register_tide_attention,
+    TIDE_BD3LM,
+    BD3LMMaskSpec,
+    check_head_dim,
+    kernel_implementation,
+    register_tide_attention,
 )
 from tide_ds.utils.files import atomic_write_text
 
@@ -229,7 +233,7 @@ def save_student(
     atomic_write_text(out / "config.json", text)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_kernel_choice(impl: str) -> None:
     logger.info("student attention tide_bd3lm: %s implementation", impl)
 

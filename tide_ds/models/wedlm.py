@@ -23,26 +23,26 @@ from typing import Any
 import torch
 import transformers
 
-from tide_ds.models.block_mask import additive_bd3lm_mask, dense_bd3lm_mask
 from tide_ds.models import tide_attention
-from tide_ds.models.tide_attention import TIDE_BD3LM, BD3LMMaskSpec
 from tide_ds.models.adapter_glue import (
     LoadPlan,
-    identity_convert,
-    materialize,
-    shape_state,
     TinyInit,
     check_input_ids,
     check_model_type,
     check_structure,
     check_values,
+    identity_convert,
+    materialize,
     padding_keep_mask,
     qwen_structure,
     read_config_json,
     resolve_mask_token_id,
+    shape_state,
     to_additive,
     write_tiny_checkpoint,
 )
+from tide_ds.models.block_mask import additive_bd3lm_mask, dense_bd3lm_mask
+from tide_ds.models.tide_attention import TIDE_BD3LM, BD3LMMaskSpec
 
 __all__ = [
     "CONCAT_ORDERS",

@@ -9,8 +9,10 @@ forward on every rank, whatever the rank's data: callers never skip a pass for a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,14 @@ class TeacherModule(torch.nn.Module):
     """What the teacher engine runs: the family's forward, then the LM head on the needed rows only.
 
     ``forward(input_ids [B, L_t], attention_mask [B, L_t] | None, target_ids [B, L_t], target_rows [B, L_t],
-    x_0 [B, L_t] | None, logit_rows [B, N] | None) -> (target log-probs [B, L_t] fp32, logits [B, N, V'] | None)``.
-    ``x_0`` is the clean copy for BD3LM teachers (WeDLM); bidirectional teachers ignore it.
+    x_0 [B, L_t] | None, logit_rows [B, N] | None, rows_as_hidden=False) -> (target log-probs [B, L_t] fp32,
+    logits [B, N, V'] | None)``; with ``rows_as_hidden`` the second item is the hidden rows ``[B, N, D_t]`` (teacher
+    dtype) instead of logits. ``x_0`` is the clean copy for BD3LM teachers (WeDLM); bidirectional teachers ignore it.
     """
 
     def __init__(
         self, model: torch.nn.Module, family: TeacherFamily, *, block_size: int, concat_order: str, vocab_limit: int | None,
-        loss_implementation: str = "reference",
+        loss_implementation: str = "pytorch",
     ) -> None:
         super().__init__()
         self.model = model
@@ -50,7 +53,7 @@ class TeacherModule(torch.nn.Module):
         self.block_size = block_size
         self.concat_order = concat_order
         self.vocab_limit = vocab_limit
-        self.loss_implementation = loss_implementation  # target log-probs: "reference" (row tiles) or "triton"
+        self.loss_implementation = loss_implementation  # target log-probs: "pytorch" (row tiles) or "triton"
 
     def hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, x_0: torch.Tensor | None
@@ -70,6 +73,7 @@ class TeacherModule(torch.nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, target_ids: torch.Tensor,
         target_rows: torch.Tensor | None, x_0: torch.Tensor | None = None, logit_rows: torch.Tensor | None = None,
+        rows_as_hidden: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         hidden_BLD = self.hidden(input_ids, attention_mask, x_0)
         weight = self.family.lm_head_weight(self.model)
@@ -78,8 +82,11 @@ class TeacherModule(torch.nn.Module):
             lp = tf.target_logprobs(hidden_BLD.flatten(0, 1), weight, target_ids.flatten(), target_rows.flatten(),
                                     implementation=self.loss_implementation)
             lp = lp.view_as(target_ids.float())
-        logits = None if logit_rows is None else tf.row_logits(hidden_BLD, weight, logit_rows, vocab_limit=self.vocab_limit)
-        return lp, logits
+        if logit_rows is None:
+            return lp, None
+        if rows_as_hidden:
+            return lp, tf.row_hidden(hidden_BLD, logit_rows)
+        return lp, tf.row_logits(hidden_BLD, weight, logit_rows, vocab_limit=self.vocab_limit)
 
 
 @dataclass
@@ -90,7 +97,7 @@ class LoadReport:
 
 
 class TeacherEngine:
-    """A frozen teacher engine: target log-probs and row logits, single pass or CompDemo."""
+    """A frozen teacher engine: target log-probs and row logits or hidden rows, single pass or CompDemo; its head."""
 
     def __init__(self, engine: Any, *, family: TeacherFamily, mask_token_id: int, report: LoadReport) -> None:
         self.engine = engine
@@ -111,7 +118,7 @@ class TeacherEngine:
         concat_order: str = "x0_xt",
         vocab_limit: int | None = None,
         mask_token_id: int | None = None,
-        loss_implementation: str = "reference",
+        loss_implementation: str = "pytorch",
         device: torch.device | None = None,
     ) -> TeacherEngine:
         """Load the teacher at ``path`` as a frozen engine; ``vocab_limit`` is pipeline B's shared prefix V'.
@@ -201,9 +208,10 @@ class TeacherEngine:
     def __call__(
         self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None, target_rows: torch.Tensor | None,
         x_0: torch.Tensor | None = None, logit_rows: torch.Tensor | None = None, target_ids: torch.Tensor | None = None,
+        rows_as_hidden: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         target_ids = x_0 if target_ids is None else target_ids
-        return self.engine(input_ids, attention_mask, target_ids, target_rows, x_0, logit_rows)
+        return self.engine(input_ids, attention_mask, target_ids, target_rows, x_0, logit_rows, rows_as_hidden)
 
     def noised(self, clean_BL: torch.Tensor, masked_BL: torch.Tensor) -> torch.Tensor:
         return torch.where(masked_BL, torch.full_like(clean_BL, self.mask_token_id), clean_BL)
@@ -229,6 +237,32 @@ class TeacherEngine:
         second = self.target_logprobs(clean_BL, mask_a_BL, attention_mask=attention_mask, target_rows=mask_a_BL)
         return tf.merge_passes(first, second, mask_a_BL)
 
+    # --- Teacher rows for pipeline B: one pass (``_rows``) or CompDemo's two (``_comp_demo_rows``); each as float32
+    # logits [B, N, V'] (tests, tools) or as the final hidden states [B, N, D_t] that pipeline B hands, with the
+    # head (:meth:`head_weight`), to tide_ds.losses.token_divergence (issue 17: no [N, V'] logits) ---
+
+    def _rows(
+        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, rows_BN: torch.Tensor, *,
+        attention_mask: torch.Tensor | None, as_hidden: bool,
+    ) -> torch.Tensor:
+        """One pass with ``masked`` positions hidden; the rows ``rows_BN`` as logits or hidden states."""
+        _, rows = self(self.noised(clean_BL, masked_BL), attention_mask=attention_mask, target_rows=None,
+                       x_0=clean_BL, logit_rows=rows_BN, rows_as_hidden=as_hidden)
+        return rows
+
+    def _comp_demo_rows(
+        self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, rows_BN: torch.Tensor,
+        rows_in_a_BN: torch.Tensor, *, attention_mask: torch.Tensor | None, as_hidden: bool,
+    ) -> torch.Tensor:
+        """Token-level CompDemo (§8.1): pass 1 masks B, pass 2 masks A; rows in A take pass 2's rows.
+
+        The head is linear in the row, so merging hidden rows before it equals merging logits after it.
+        Always two passes, on every rank.
+        """
+        first = self._rows(clean_BL, mask_b_BL, rows_BN, attention_mask=attention_mask, as_hidden=as_hidden)
+        second = self._rows(clean_BL, mask_a_BL, rows_BN, attention_mask=attention_mask, as_hidden=as_hidden)
+        return torch.where(rows_in_a_BN.unsqueeze(-1), second, first)
+
     def row_logits(
         self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, rows_BN: torch.Tensor, *,
         attention_mask: torch.Tensor | None = None,
@@ -237,21 +271,50 @@ class TeacherEngine:
 
         ``V'`` is the shared-vocabulary prefix given at build time (pipeline B, spec §3.2-§3.5).
         """
-        _, logits = self(self.noised(clean_BL, masked_BL), attention_mask=attention_mask, target_rows=None,
-                         x_0=clean_BL, logit_rows=rows_BN)
-        return logits
+        return self._rows(clean_BL, masked_BL, rows_BN, attention_mask=attention_mask, as_hidden=False)
 
     def comp_demo_row_logits(
         self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, rows_BN: torch.Tensor,
         rows_in_a_BN: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token-level CompDemo (§8.1): pass 1 masks B, pass 2 masks A; rows in A take pass 2's logits.
+        """:meth:`row_logits` under token-level CompDemo (:meth:`_comp_demo_rows`)."""
+        return self._comp_demo_rows(clean_BL, mask_a_BL, mask_b_BL, rows_BN, rows_in_a_BN,
+                                    attention_mask=attention_mask, as_hidden=False)
 
-        Always two passes, on every rank.
+    def row_hidden(
+        self, clean_BL: torch.Tensor, masked_BL: torch.Tensor, rows_BN: torch.Tensor, *,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One pass with ``masked`` positions hidden: the final hidden states ``[B, N, D_t]`` (teacher dtype) at
+        teacher positions ``rows_BN``; the head runs later, fused with the divergences (:meth:`head_weight`)."""
+        return self._rows(clean_BL, masked_BL, rows_BN, attention_mask=attention_mask, as_hidden=True)
+
+    def comp_demo_row_hidden(
+        self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, rows_BN: torch.Tensor,
+        rows_in_a_BN: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`row_hidden` under token-level CompDemo (:meth:`_comp_demo_rows`): one head sweep serves both passes."""
+        return self._comp_demo_rows(clean_BL, mask_a_BL, mask_b_BL, rows_BN, rows_in_a_BN,
+                                    attention_mask=attention_mask, as_hidden=True)
+
+    @contextlib.contextmanager
+    def head_weight(self) -> Iterator[torch.Tensor]:
+        """The teacher's LM head cut to the shared prefix V' (a detached view ``[V', D_t]``, no copy), for the
+        duration of the ``with`` block.
+
+        Under ZeRO-3 the head is partitioned: it is gathered on entry and released on exit (a collective:
+        every rank enters this block once per call site, whatever its data).
         """
-        first = self.row_logits(clean_BL, mask_b_BL, rows_BN, attention_mask=attention_mask)
-        second = self.row_logits(clean_BL, mask_a_BL, rows_BN, attention_mask=attention_mask)
-        return torch.where(rows_in_a_BN.unsqueeze(-1), second, first)
+        module = getattr(self.engine, "module", self.engine)  # a DeepSpeed engine, or the bare module (tests)
+        weight = self.family.lm_head_weight(module.model)
+        gather = contextlib.nullcontext()
+        if hasattr(weight, "ds_id"):
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+        with gather:
+            full = weight.detach()
+            yield full if module.vocab_limit is None else full[: module.vocab_limit]
 
 
 def _local_world() -> int:

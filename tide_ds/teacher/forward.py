@@ -4,7 +4,10 @@
   the LM head runs only on the requested rows (CPU) or tile by tile over the rows (accelerators, no
   host synchronisation), never producing ``[B, L_t, V_t]``.
 * ``row_logits``: float32 logits ``[B, N, V']`` at given row indices, restricted to the shared vocabulary
-  prefix inside the matmul, for KL / TIDAL.
+  prefix inside the matmul, for KL / TIDAL (kept for tests and tools; pipeline B no longer uses it).
+* ``row_hidden``: the final hidden states ``[B, N, D_t]`` at given row indices, in the teacher's dtype: what
+  pipeline B hands to the fused token divergences (:mod:`tide_ds.losses.token_divergence`) together with
+  the teacher's head, so that no ``[B, N, V']`` logits exist.
 
 CompDemo (§8): complementary splits at token and chunk level, two passes, merge. When CompDemo is on,
 every rank always runs both passes, whatever its data (DESIGN.md decision 2).
@@ -27,7 +30,7 @@ def target_logprobs(
     rows_N: torch.Tensor,
     *,
     chunk_rows: int = 0,
-    implementation: str = "reference",
+    implementation: str = "pytorch",
 ) -> torch.Tensor:
     """``log softmax(h W^T)[target]`` in float32 for rows where ``rows_N``; 0 elsewhere. ``[N]``.
 
@@ -48,6 +51,14 @@ def row_logits(
     picked = hidden_BLD.gather(1, idx.unsqueeze(-1).expand(b, idx.shape[1], d))  # [B, N, D]
     weight = weight_VD if vocab_limit is None else weight_VD[:vocab_limit]
     return picked.float() @ weight.float().t()
+
+
+@torch.no_grad()
+def row_hidden(hidden_BLD: torch.Tensor, rows_BN: torch.Tensor) -> torch.Tensor:
+    """Hidden states ``[B, N, D]`` at positions ``rows_BN`` (clamped into range), in the hidden states' dtype."""
+    b, length, d = hidden_BLD.shape
+    idx = rows_BN.long().clamp(0, length - 1)
+    return hidden_BLD.gather(1, idx.unsqueeze(-1).expand(b, idx.shape[1], d))
 
 
 def complementary_split(

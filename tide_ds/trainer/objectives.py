@@ -7,8 +7,9 @@ the targets (a dataclass of :mod:`tide_ds.trainer.student`) go to the student en
 - :class:`ChunkObjective` (pipeline A, cross tokenizer, spec ALGORITHMS.md Appendix A): chunk-consistent masks
   (§4.4), the teacher's target log-probs under no_grad (one pass, or CompDemo's two on every rank), summed
   into teacher chunk log-likelihoods.
-- :class:`TokenObjective` (pipeline B, shared tokenizer, Appendix B): the teacher's logits on the student's
-  masked rows, through the position pairs in aligned modes (§3.3), on the student's own ids otherwise (§3.2).
+- :class:`TokenObjective` (pipeline B, shared tokenizer, Appendix B): the teacher's final hidden states on the
+  student's masked rows, through the position pairs in aligned modes (§3.3), on the student's own ids otherwise
+  (§3.2), with a handle on the teacher's head: no ``[N, V']`` teacher logits exist (issue 17).
 
 Pipeline-A batch columns (from the offline preprocessing): ``input_ids, labels, student_chunk_ids [B, L]``,
 ``teacher_input_ids, teacher_attention_mask, teacher_chunk_ids [B, L_t]`` (chunk id -1 = no chunk).
@@ -200,7 +201,8 @@ def _scatter_pairs(flags_BN: torch.Tensor, positions_BN: torch.Tensor, valid_BN:
 
 
 class TokenObjective(_DistillObjective):
-    """Pipeline B: the teacher's logits on the student's masked rows.
+    """Pipeline B: the teacher's hidden rows on the student's masked rows, and its head (``teacher.head_weight``,
+    entered by the student module around the token terms: gathered under ZeRO-3 once per micro-step).
 
     Aligned modes (§3.3): the student mask is propagated through the position pairs (``mu``), the teacher
     reads its own template with the propagated mask, and the terms compare aligned-and-masked rows.
@@ -234,11 +236,11 @@ class TokenObjective(_DistillObjective):
             l_t = t_ids.shape[1]
             if split is None:
                 t_masked = _scatter_pairs(through_pairs(nb.masked), t_pos, valid, l_t)
-                logits = self.teacher.row_logits(t_ids, t_masked, t_rows, attention_mask=t_att)
+                t_hidden = self.teacher.row_hidden(t_ids, t_masked, t_rows, attention_mask=t_att)
             else:
                 t_a = _scatter_pairs(through_pairs(split[0]), t_pos, valid, l_t)
                 t_b = _scatter_pairs(through_pairs(split[1]), t_pos, valid, l_t)
-                logits = self.teacher.comp_demo_row_logits(t_ids, t_a, t_b, t_rows, in_a, attention_mask=t_att)
+                t_hidden = self.teacher.comp_demo_row_hidden(t_ids, t_a, t_b, t_rows, in_a, attention_mask=t_att)
             counts["aligned_pairs"] = valid.sum().float()
         else:
             positions = torch.arange(length, device=device).expand(b, length)
@@ -246,13 +248,14 @@ class TokenObjective(_DistillObjective):
             s_rows, *extra, selected = compact_rows(positions, *(() if in_a is None else (in_a,)), selected_BN=nb.masked)
             in_a = extra[0] if extra else None
             if split is None:
-                logits = self.teacher.row_logits(nb.x_0, nb.masked, s_rows)
+                t_hidden = self.teacher.row_hidden(nb.x_0, nb.masked, s_rows)
             else:
-                logits = self.teacher.comp_demo_row_logits(nb.x_0, split[0], split[1], s_rows, in_a)
+                t_hidden = self.teacher.comp_demo_row_hidden(nb.x_0, split[0], split[1], s_rows, in_a)
         weights = self.tidal_weights(nb.t, step=step)
         lambda_B, omega_B = weights if weights is not None else (None, None)
         targets = TokenTargets(x_t=nb.x_t, x_0=nb.x_0, coeff=self.coeff(nb, nb.masked), rows=s_rows, selected=selected,
-                               teacher_logits=logits, lambda_B=lambda_B, omega_B=omega_B)
+                               teacher_hidden=t_hidden, teacher_head=self.teacher.head_weight,
+                               lambda_B=lambda_B, omega_B=omega_B)
         counts["distill_rows"] = selected.sum().float()
         return targets, counts
 

@@ -8,7 +8,8 @@ only on the x_t half, inside the loss; DESIGN.md decision 3):
 - :class:`ChunkTargets` (pipeline A, spec ALGORITHMS.md Appendix A): CE + CALM / Reverse CALM / chunk TIDAL,
   sharing one fused LM-head pass;
 - :class:`TokenTargets` (pipeline B, Appendix B): CE on the full sequence + KL / reverse KL / token TIDAL on
-  the selected student rows against the teacher's row logits;
+  the selected student rows against the teacher's hidden rows through the teacher's head (fused: no ``[N, V']``
+  logits on either side, :mod:`tide_ds.losses.token_divergence`);
 - :class:`HeldoutTargets`: held-out evaluation (:meth:`DiffusionCEModule.heldout_loss`), the same on every module.
 
 Every module returns ``(loss, terms, sums)``: ``terms`` maps each loss term's name to its value in this
@@ -19,15 +20,18 @@ The targets are built by the objectives of :mod:`tide_ds.trainer.objectives` (th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
 
 from tide_ds.losses.calm import calm_loss, chunk_sums
-from tide_ds.losses.fused_divergence import DivergenceTerm, fused_head_divergence
+from tide_ds.losses.fused_divergence import DivergenceTerm
 from tide_ds.losses.fused_head import fused_head_loss, fused_masked_ce
 from tide_ds.losses.objective import LossTerm, TermKind
 from tide_ds.losses.tidal import chunk_tidal
+from tide_ds.losses.token_divergence import token_divergences
 
 Terms = dict[str, torch.Tensor]
 
@@ -68,12 +72,18 @@ class ChunkTargets(CETargets):
 @dataclass
 class TokenTargets(CETargets):
     """Pipeline B: CE plus token terms on student rows ``rows [B, N]`` (``selected [B, N]`` says which count)
-    against the teacher's row logits ``teacher_logits [B, N, V']``; TIDAL's per-sample ``lambda_B`` and
-    ``omega_B`` ``[B]`` (``None`` without TIDAL)."""
+    against the teacher's final hidden states at the same rows ``teacher_hidden [B, N, D_t]`` (teacher dtype)
+    through the teacher's head; TIDAL's per-sample ``lambda_B`` and ``omega_B`` ``[B]`` (``None`` without TIDAL).
+
+    ``teacher_head`` opens the teacher's LM head cut to the shared prefix V' (``[V', D_t]``, a constant) for the
+    duration of a ``with`` block (:meth:`tide_ds.teacher.engine.TeacherEngine.head_weight`: gathered under
+    ZeRO-3, a collective). The student module enters it exactly once per forward, on every rank.
+    """
 
     rows: torch.Tensor
     selected: torch.Tensor
-    teacher_logits: torch.Tensor
+    teacher_hidden: torch.Tensor
+    teacher_head: Callable[[], AbstractContextManager[torch.Tensor]]
     lambda_B: torch.Tensor | None = None
     omega_B: torch.Tensor | None = None
 
@@ -159,7 +169,8 @@ class ChunkDistillModule(DiffusionCEModule):
 
 class TokenDistillModule(DiffusionCEModule):
     """Pipeline B: CE on the full student sequence (§3.3 step 7) through the fused CE, plus the token terms on
-    the selected rows through the fused head divergence (each with its weight, ``DivergenceTerm``)."""
+    the selected rows from both models' hidden rows and heads (each term with its weight, ``DivergenceTerm``;
+    :func:`tide_ds.losses.token_divergence.token_divergences`)."""
 
     def __init__(self, student: torch.nn.Module, *, terms: tuple[DivergenceTerm, ...], temperature: float,
                  chunk_rows: int = 0, loss_implementation: str = "auto") -> None:
@@ -177,9 +188,13 @@ class TokenDistillModule(DiffusionCEModule):
         def per_row(values_B: torch.Tensor | None) -> torch.Tensor | None:
             return None if values_B is None else values_B[:, None].expand(b, n).flatten()
 
-        total, values = fused_head_divergence(
-            picked_BND.flatten(0, 1), self.student.lm_head_weight, targets.teacher_logits.flatten(0, 1),
-            targets.selected.flatten(), self.terms, temperature=self.temperature,
-            lam_N=per_row(targets.lambda_B), omega_N=per_row(targets.omega_B), chunk_rows=self.chunk_rows,
-        )
+        # The teacher's head is held (gathered under ZeRO-3) only while the terms read it: their backward
+        # rescales gradients kept from this forward and never reads the teacher's head again.
+        with targets.teacher_head() as t_weight_WE:  # [V', D_t]: cut to the shared prefix
+            total, values = token_divergences(
+                picked_BND.flatten(0, 1), self.student.lm_head_weight, targets.teacher_hidden.flatten(0, 1), t_weight_WE,
+                targets.selected.flatten(), self.terms, temperature=self.temperature,
+                shared_vocab_size=t_weight_WE.shape[0], lam_N=per_row(targets.lambda_B), omega_N=per_row(targets.omega_B),
+                implementation=self.loss_implementation, chunk_rows=self.chunk_rows,
+            )
         return ce + total, {"ce": ce.detach(), **values}, {}

@@ -1,11 +1,11 @@
-"""Plain-PyTorch references of the fused LM-head loss: the ground truth of the Triton kernels.
+"""Tiled PyTorch implementation of the fused LM-head loss (``model.loss_implementation=pytorch``, the CPU path).
 
 Legend: N flattened rows (the x_t half, B * L), D hidden, V vocabulary.
 
 CE and the CALM family depend on the student logits only through ``lp_n = log softmax(h_n W^T)[y_n]``
 (spec ALGORITHMS.md §1.4, §5.1). The upstream gradient of a token, ``g_n = dL/dlp_n``, is known only once
 every chunk is summed (the CALM coefficient of a chunk is shared by all its tokens, §5.4), so
-:func:`fused_head_loss_reference` runs two sweeps over row tiles in its forward pass, never holding
+:func:`fused_head_loss_pytorch` runs two sweeps over row tiles in its forward pass, never holding
 ``[N, V]``:
 
 1. logits tile by tile -> ``lse`` and ``lp`` (float32; float64 end to end for float64 inputs);
@@ -14,11 +14,11 @@ every chunk is summed (the CALM coefficient of a chunk is shared by all its toke
 
 The gradients are stored and only rescaled in backward, so the LM head weight is used in forward only
 (which keeps it correct under ZeRO-3, where the weight is gathered for the forward). This is the path
-the trainer takes on a machine without a GPU (``model.loss_implementation=reference``).
+the trainer takes on a machine without a GPU (``model.loss_implementation=pytorch``, or ``auto`` there).
 
-* :func:`target_logprobs_reference` is sweep 1 alone under ``no_grad`` (the teacher side).
-* :func:`dense_target_logprobs_reference` is the obvious dense computation (full ``[N, V]`` logits,
-  ``log_softmax``, gather) with ordinary autograd, for tests on small shapes.
+* :func:`target_logprobs_pytorch` is sweep 1 alone under ``no_grad`` (the teacher side).
+
+The dense ground truth of the tests (full ``[N, V]`` logits) is :mod:`tide_kernels.fused_head.naive`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ __all__ = [
     "FusedHeadLossFunction",
     "LossFn",
     "auto_chunk_rows",
-    "dense_target_logprobs_reference",
-    "fused_head_loss_reference",
-    "target_logprobs_reference",
+    "fused_head_loss_pytorch",
+    "target_logprobs_pytorch",
 ]
 
 LossFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -133,7 +132,7 @@ class FusedHeadLossFunction(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
-def fused_head_loss_reference(
+def fused_head_loss_pytorch(
     hidden_ND: torch.Tensor,
     weight_VD: torch.Tensor,
     targets_N: torch.Tensor,
@@ -164,12 +163,12 @@ def fused_head_loss_reference(
 
 
 @torch.no_grad()
-def target_logprobs_reference(
+def target_logprobs_pytorch(
     hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor, *, chunk_rows: int = 0
 ) -> torch.Tensor:
     """``lp [N] = log softmax(h W^T)[target]`` on rows where ``rows_N``, 0 elsewhere; no gradient (teacher side).
 
-    Float32 (float64 for float64 inputs); sweep 1 of :func:`fused_head_loss_reference`.
+    Float32 (float64 for float64 inputs); sweep 1 of :func:`fused_head_loss_pytorch`.
     """
     _check_shapes(hidden_ND, weight_VD, targets_N, rows_N)
     acc = _accumulation_dtype(hidden_ND)
@@ -177,13 +176,3 @@ def target_logprobs_reference(
     rows_N = rows_N.bool()
     tiles = _tiles(hidden_ND, rows_N, chunk_rows or auto_chunk_rows(weight_VD.shape[0]))
     return _lse_and_lp(hidden_ND, weight, targets_N, tiles, acc)[1] * rows_N
-
-
-def dense_target_logprobs_reference(
-    hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor, rows_N: torch.Tensor
-) -> torch.Tensor:
-    """``lp [N]`` through dense logits (float32, float64 for float64 inputs); differentiable; 0 on rows not needed."""
-    acc = _accumulation_dtype(hidden_ND)
-    logits = hidden_ND.to(acc) @ weight_VD.to(acc).t()
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, _safe_targets(targets_N, weight_VD.shape[0]).unsqueeze(-1))
-    return lp.squeeze(-1) * rows_N.to(acc)
