@@ -441,7 +441,7 @@ def run_variant(world: TransferWorld, spec: WorldSpec, run: RunSpec, variant: Va
 # --- breaking the path on purpose (the test must then fail) ---
 
 #: Ways to cut the teacher's signal off from the student, for checking that the transfer test notices:
-#: ``zero_teacher``: the teacher's target log-probs (A) and row logits (B) are replaced by zeros;
+#: ``zero_teacher``: every teacher output is replaced by zeros: target log-probs (A) and row hidden states (B, so its logits are uniform);
 #: ``shuffle_alignment``: each row's teacher chunk ids (A) are permuted among its chunks, and its aligned
 #: teacher positions (B) are rolled by one pair, so the teacher's verdicts land on the wrong student tokens.
 BREAKS = ("zero_teacher", "shuffle_alignment")
@@ -456,16 +456,13 @@ def apply_break(kind: str, world: TransferWorld, out: Path) -> TransferWorld:
 
         from tide_ds.teacher.engine import TeacherEngine
 
-        def zero_lp(self, clean_BL, *args, **kwargs):
-            return torch.zeros(clean_BL.shape, dtype=torch.float32, device=clean_BL.device)
+        original = TeacherEngine.__call__
 
-        original = TeacherEngine.row_logits
+        def zeroed(self, *args, **kwargs):
+            # Every teacher output (pipeline A's target log-probs, pipeline B's rows) goes through __call__.
+            return tuple(None if out is None else torch.zeros_like(out) for out in original(self, *args, **kwargs))
 
-        def zero_logits(self, clean_BL, masked_BL, rows_BN, **kwargs):
-            return torch.zeros_like(original(self, clean_BL, masked_BL, rows_BN, **kwargs))
-
-        TeacherEngine.target_logprobs = zero_lp  # type: ignore[method-assign]
-        TeacherEngine.row_logits = zero_logits  # type: ignore[method-assign]
+        TeacherEngine.__call__ = zeroed  # type: ignore[method-assign]
         return world
     import datasets
     import numpy as np
