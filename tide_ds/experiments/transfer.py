@@ -441,7 +441,8 @@ def run_variant(world: TransferWorld, spec: WorldSpec, run: RunSpec, variant: Va
 # --- breaking the path on purpose (the test must then fail) ---
 
 #: Ways to cut the teacher's signal off from the student, for checking that the transfer test notices:
-#: ``zero_teacher``: every teacher output is replaced by zeros: target log-probs (A) and row hidden states (B, so its logits are uniform);
+#: ``zero_teacher``: every teacher output is replaced by zeros: target log-probs (A) and row hidden states
+#: (B, so its logits are uniform);
 #: ``shuffle_alignment``: each row's teacher chunk ids (A) are permuted among its chunks, and its aligned
 #: teacher positions (B) are rolled by one pair, so the teacher's verdicts land on the wrong student tokens.
 BREAKS = ("zero_teacher", "shuffle_alignment")
