@@ -115,8 +115,8 @@ class DataArgs:
     dataset: str = "demo"
     #: Student sequence length L (one copy; the model sees 2L tokens). Must be a multiple of diffusion.block_size.
     seq_len: int = 128
-    #: Teacher sequence length L_t for the demo's preprocessing (data.dataset=demo).
-    teacher_seq_len: int = 256
+    #: Teacher sequence length L_t: checked against a prebuilt dataset's teacher columns (0 = not checked); the demo's preprocessing uses it (0 = 256).
+    teacher_seq_len: int = 0
     #: Split used for training.
     train_split: str = "train"
     #: Held-out split used for evaluation.
@@ -338,6 +338,12 @@ class TrainArgs:
     tensorboard: bool = True
     #: Show a progress bar on rank 0.
     progress_bar: bool = True
+    #: Global batch (samples per optimizer step, all ranks); 0 = micro_batch_size x gradient_accumulation_steps x world size. When set, the gradient accumulation is derived from it, so the global batch stays fixed when the node count changes.
+    global_batch_size: int = 0
+    #: Passes over the training split; when > 0, max_steps = ceil(epochs x train rows / global batch) (needs a prebuilt dataset).
+    epochs: float = 0.0
+    #: Timeout of every collective (the default group, DeepSpeed's groups and the gloo groups), in minutes; long enough for a teacher load between two collectives.
+    dist_timeout_minutes: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr", "log_every", "keep_last"):
@@ -352,6 +358,9 @@ class TrainArgs:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} must lie in [0, 1)")
         _choice("train.resume", self.resume, RESUME_MODES)
         parse_signals("train.preempt_signals", self.preempt_signals)
+        for name in ("global_batch_size", "epochs"):
+            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _positive("train.dist_timeout_minutes", self.dist_timeout_minutes)
         if self.resume == "auto" and self.overwrite:
             raise ValueError(
                 "train.resume=auto and train.overwrite=true contradict each other: "

@@ -19,13 +19,8 @@ import torch
 from tide_ds import dist
 from tide_ds.models.teachers import TeacherFamily, detect_family, get_family
 from tide_ds.teacher import forward as tf
-from tide_ds.teacher.load import (
-    current_rss_bytes,
-    load_partitioned,
-    peak_rss_bytes,
-    peak_rss_reset,
-    teacher_size,
-)
+from tide_ds.teacher.load import current_rss_bytes, load_partitioned, peak_rss_bytes, peak_rss_reset
+from tide_ds.teacher.loading import check_teacher_ids, load_replica, teacher_footprint
 from tide_ds.teacher.placement import Placement, decide_placement, free_memory_bytes, teacher_ds_config
 
 logger = logging.getLogger(__name__)
@@ -118,49 +113,32 @@ class TeacherEngine:
 
         fam = get_family(family) if family else get_family(detect_family(path))
         plan = fam.plan(path)
-        declared = getattr(plan.config, "mask_token_id", None)
-        if mask_token_id is not None:
-            if declared is not None and int(declared) != mask_token_id:
-                raise ValueError(
-                    f"teacher.mask_token_id={mask_token_id} but the teacher at {path} declares mask_token_id="
-                    f"{declared}; drop the option or fix the checkpoint"
-                )
-            plan.config.mask_token_id = mask_token_id
-        if vocab_limit is not None:
-            v_t = plan.config.vocab_size
-            if vocab_limit > v_t:
-                raise ValueError(
-                    f"distill.shared_vocab_size={vocab_limit} exceeds the teacher's vocabulary ({v_t} rows, {path}); "
-                    "pipeline B needs a teacher with the student's tokenizer"
-                )
-            mask = getattr(plan.config, "mask_token_id", None)
-            if mask is not None and int(mask) < vocab_limit:
-                raise ValueError(
-                    f"the teacher's mask token id {mask} lies inside the shared vocabulary prefix "
-                    f"distill.shared_vocab_size={vocab_limit}; the prefix must hold only tokens both tokenizers mean "
-                    "the same way (spec §3.5): lower distill.shared_vocab_size"
-                )
-        size = teacher_size(plan, dtype=dtype)
+        mask_id = check_teacher_ids(plan, mask_token_id=mask_token_id, vocab_limit=vocab_limit)  # before any weight
+        size = teacher_footprint(plan, dtype=dtype)
         device = device or torch.device("cpu")
         world = dist.world_size()
-        free = torch.tensor([free_memory_bytes(device, local_world_size=_local_world())], dtype=torch.float64)
-        if dist.is_initialized():  # every rank decides from the same (smallest) number
+        free = torch.tensor([free_memory_bytes(device, local_world_size=_local_world()),
+                             free_memory_bytes(torch.device("cpu"), local_world_size=_local_world())], dtype=torch.float64)
+        if dist.is_initialized():  # every rank decides from the same (smallest) numbers
             torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
         decision = decide_placement(
             placement,
             param_bytes=size.param_bytes,
             world_size=world,
-            free_bytes=int(free.item()),
-            largest_group_bytes=size.largest_group_bytes,
+            free_bytes=int(free[0].item()),
+            largest_group_bytes=size.largest_unit_bytes,
+            host_free_bytes=int(free[1].item()),
+            read_buffer_bytes=size.load_buffer_bytes,
+            on_cpu=device.type != "cuda",
         )
         logger.info("teacher %s (%s): placement %s — %s", path, fam.name, decision.kind, decision.reason)
-        ds = teacher_ds_config(decision.kind, hidden_size=size.hidden_size, bf16=dtype == torch.bfloat16)
+        ds = teacher_ds_config(decision.kind, hidden_size=size.hidden, bf16=dtype == torch.bfloat16)
         peak_rss_reset()
         before = current_rss_bytes()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if decision.kind == "replicate":
-            model = fam.load(path, attn_implementation=attn_implementation, dtype=dtype).to(device)
+            model = load_replica(plan, attn_implementation=attn_implementation, dtype=dtype, device=device)
         else:
             model = load_partitioned(plan, ds_config=ds, attn_implementation=attn_implementation, dtype=dtype)
             if fam.zero3_leaf_modules:
@@ -184,12 +162,6 @@ class TeacherEngine:
             deepspeed.zero.register_external_parameter(module, fam.lm_head_weight(model))
         engine, *_ = deepspeed.initialize(model=module, config=ds)
         engine.eval()
-        mask_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
-        if mask_id is None:
-            raise ValueError(
-                f"teacher {path} declares no mask token (config.json mask_token_id or a mask token in its "
-                "tokenizer files); set --teacher.mask_token_id"
-            )
         return cls(engine, family=fam, mask_token_id=int(mask_id), report=report)
 
     def __call__(self, input_ids, *, attention_mask=None, target_rows, x_0=None, logit_rows=None, target_ids=None):

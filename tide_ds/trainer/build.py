@@ -243,7 +243,7 @@ def prepare_demo_run(cfg: RunConfig, tokenizer_dir: Path):
     world = _rank0_first(
         lambda: prepare_demo(
             student_tokenizer=tokenizer_dir, seq_len=cfg.data.seq_len, block_size=cfg.diffusion.block_size,
-            teacher_seq_len=cfg.data.teacher_seq_len, max_files=cfg.data.max_files or None, seed=cfg.data.demo_seed,
+            teacher_seq_len=cfg.data.teacher_seq_len or 256, max_files=cfg.data.max_files or None, seed=cfg.data.demo_seed,
             pipeline=cfg.distill.resolved_pipeline, teacher_steps=cfg.data.demo_teacher_steps,
         )
     )
