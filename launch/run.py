@@ -57,6 +57,12 @@ def main(argv: list[str]) -> int:
     if "--print-config" in flags:
         print(cfg.to_yaml(), end="")
         return 0
+    try:  # every weight-free check (tide_ds.plan.checks) before a run directory exists
+        cfg = _prepare_run(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"tide-ds: error: {err}", file=sys.stderr)
+        return 2
 
     from tide_ds.trainer.loop import shutdown, train
     from tide_ds.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -72,6 +78,14 @@ def main(argv: list[str]) -> int:
     finally:
         shutdown()
     return 0
+
+
+def _prepare_run(cfg):
+    import torch
+
+    from tide_ds.plan import prepare_run
+
+    return prepare_run(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), on_gpu=torch.cuda.is_available())
 
 
 if __name__ == "__main__":

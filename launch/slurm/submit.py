@@ -7,7 +7,9 @@ Everything after ``--`` goes to ``launch/run.py``. Before anything is queued the
 resolved (recipe + overrides), so a typo fails here and not after hours in the queue. The run
 directory is ``train.output_dir``; the job log goes to ``<output_dir>/logs/<job-name>-<job id>.log``
 (one file per job, appended to by its requeued restarts), the checkpoints to
-``<output_dir>/checkpoints/``. ``--train.resume=auto`` is always in force: submitting the same
+``<output_dir>/checkpoints/``. Before queueing, the launch's weight-free checks run for the job's world size
+(``tide_ds.plan.checks``: paths, key layouts, ids, dataset lengths, batch divisibility); ``python -m
+tide_ds.plan`` prints the memory plan. ``--train.resume=auto`` is always in force: submitting the same
 command again continues the run from its latest checkpoint, at any node count.
 
 Options map onto sbatch; the per-node task layout follows the launch mode (``--launch``): ``srun``
@@ -59,8 +61,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return p.parse_args(ours), train_args
 
 
-def resolve_run(train_args: list[str]) -> Path:
-    """Check the training configuration now; return the run directory (absolute)."""
+def resolve_run(train_args: list[str], *, world_size: int = 0, gpus: bool = True) -> Path:
+    """Check the training configuration now (with ``world_size``, every check of the launch); the run directory."""
     sys.path.insert(0, str(ROOT / "launch"))
     from run import parse_argv
 
@@ -76,6 +78,10 @@ def resolve_run(train_args: list[str]) -> Path:
                 "it stopped; move an old run aside yourself or choose another --train.output_dir"
             )
     cfg = build_config(recipe=recipe, overrides=[*overrides, "--train.resume=auto"])
+    if world_size:  # the launch's own weight-free checks (tide_ds.plan), now rather than after the queue
+        from tide_ds.plan import prepare_run
+
+        prepare_run(cfg, world_size=world_size, on_gpu=gpus)
     out = Path(cfg.train.output_dir)
     return out if out.is_absolute() else ROOT / out
 
@@ -127,9 +133,10 @@ def sbatch_command(args: argparse.Namespace, train_args: list[str], out: Path) -
 def main(argv: list[str]) -> int:
     args, train_args = parse_args(argv)
     try:
-        out = resolve_run(train_args)
+        procs = args.procs_per_node or args.gpus_per_node
+        out = resolve_run(train_args, world_size=args.nodes * procs, gpus=args.gpus_per_node > 0)
         cmd, env = sbatch_command(args, train_args, out)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"tide-ds submit: {err}", file=sys.stderr)
         return 2
     if args.dry_run:

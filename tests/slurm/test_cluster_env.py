@@ -1,0 +1,59 @@
+"""Cluster settings: gloo follows NCCL's interface, srun steps get their CPUs, collectives get a long timeout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SBATCH = ROOT / "launch" / "slurm" / "tide.sbatch"
+
+
+def _sbatch_env(env: dict[str, str]) -> str:
+    lines = [line for line in SBATCH.read_text().splitlines()
+             if line.startswith("if [ -z \"${GLOO_SOCKET_IFNAME") or line.startswith("[ -n \"${SLURM_CPUS_PER_TASK")]
+    assert len(lines) == 2, lines
+    script = "\n".join(lines) + '\necho "${GLOO_SOCKET_IFNAME:-}|${SRUN_CPUS_PER_TASK:-}"'
+    return subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"NCCL_SOCKET_IFNAME": "ib0", "SLURM_CPUS_PER_TASK": "64"}, "ib0|64"),
+    ({"NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "eth1"}, "eth1|"),
+    ({"SLURM_CPUS_PER_TASK": "8", "SRUN_CPUS_PER_TASK": "4"}, "|4"),
+    ({}, "|"),
+])
+def test_sbatch_sets_gloo_interface_and_srun_cpus(env, expected):
+    assert _sbatch_env(env) == expected
+
+
+def test_collective_timeout_reaches_deepspeed(monkeypatch):
+    import datetime
+
+    import deepspeed
+
+    from tide_ds.config import build_config
+    from tide_ds.trainer import loop
+
+    seen = {}
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(loop.torch.cuda, "is_available", lambda: False)
+    cfg = build_config(overrides=["--train.dist_timeout_minutes=90"])
+    loop.init_distributed(cfg.train.dist_timeout_minutes)
+    assert seen == {"dist_backend": "gloo", "timeout": datetime.timedelta(minutes=90)}
+    assert build_config().train.dist_timeout_minutes >= 30
+
+
+def test_run_refuses_a_bad_teacher_before_creating_the_run_dir(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "launch"))
+    from run import main
+
+    out = tmp_path / "run"
+    rc = main(["--data.dataset=stdlib", f"--teacher.path={tmp_path / 'missing'}", f"--train.output_dir={out}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "teacher.path=" in err and "is not a directory" in err
+    assert not out.exists()  # nothing created: the same command runs once the path is fixed
