@@ -132,7 +132,8 @@ class TeacherEngine:
             on_cpu=device.type != "cuda",
         )
         logger.info("teacher %s (%s): placement %s — %s", path, fam.name, decision.kind, decision.reason)
-        ds = teacher_ds_config(decision.kind, hidden_size=size.hidden, bf16=dtype == torch.bfloat16)
+        ds = teacher_ds_config(decision.kind, hidden_size=size.hidden, bf16=dtype == torch.bfloat16,
+                               largest_unit_params=size.largest_unit_params)
         peak_rss_reset()
         before = current_rss_bytes()
         if device.type == "cuda":
@@ -184,10 +185,14 @@ class TeacherEngine:
     ) -> torch.Tensor:
         """CompDemo (§8): pass 1 masks B (A is the demonstration), pass 2 masks A; rows of A from pass 2.
 
-        Always two passes, on every rank.
+        Both passes run as one forward over the two noised copies stacked on the batch axis ``[2B, L_t]``, so
+        a partitioned teacher gathers its parameters once per micro-step, not twice; on every rank.
         """
-        first = self.target_logprobs(clean_BL, mask_b_BL, attention_mask=attention_mask, target_rows=mask_b_BL)
-        second = self.target_logprobs(clean_BL, mask_a_BL, attention_mask=attention_mask, target_rows=mask_a_BL)
+        ids = torch.cat([self.noised(clean_BL, mask_b_BL), self.noised(clean_BL, mask_a_BL)])
+        rows = torch.cat([mask_b_BL, mask_a_BL])
+        lp, _ = self(ids, attention_mask=_twice(attention_mask), target_rows=rows, x_0=_twice(clean_BL),
+                     target_ids=_twice(clean_BL))
+        first, second = lp.chunk(2)
         return tf.merge_passes(first, second, mask_a_BL)
 
     def row_logits(
@@ -207,11 +212,17 @@ class TeacherEngine:
     ) -> torch.Tensor:
         """Token-level CompDemo (§8.1): pass 1 masks B, pass 2 masks A; rows in A take pass 2's logits.
 
-        Always two passes, on every rank.
+        One forward over both passes stacked on the batch axis (one parameter gather); on every rank.
         """
-        first = self.row_logits(clean_BL, mask_b_BL, rows_BN, attention_mask=attention_mask)
-        second = self.row_logits(clean_BL, mask_a_BL, rows_BN, attention_mask=attention_mask)
+        ids = torch.cat([self.noised(clean_BL, mask_b_BL), self.noised(clean_BL, mask_a_BL)])
+        _, logits = self(ids, attention_mask=_twice(attention_mask), target_rows=None, x_0=_twice(clean_BL),
+                         logit_rows=_twice(rows_BN))
+        first, second = logits.chunk(2)
         return torch.where(rows_in_a_BN.unsqueeze(-1), second, first)
+
+
+def _twice(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else torch.cat([x, x])
 
 
 def _local_world() -> int:

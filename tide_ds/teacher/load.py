@@ -67,6 +67,23 @@ def _partition_slice(param: torch.nn.Parameter, full: torch.Tensor) -> None:
         part.data[:count].copy_(flat[start : start + count].to(part.dtype))
 
 
+def _local_init() -> type:
+    """``deepspeed.zero.Init`` that partitions each new parameter where it is, without rank 0's broadcast.
+
+    zero.Init broadcasts every full parameter from rank 0 so that random initialisations agree; here every
+    partition is overwritten from the checkpoint right after (a parameter left unread is an error), so the
+    broadcast would only ship the whole teacher over the network for nothing.
+    """
+    import deepspeed
+
+    class LocalInit(deepspeed.zero.Init):
+        def _zero_init_param(self, param):  # DeepSpeed 0.19: convert, broadcast from rank 0, partition
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return LocalInit
+
+
 def load_partitioned(
     plan: LoadPlan, *, ds_config: dict, attn_implementation: str, dtype: torch.dtype
 ) -> transformers.PreTrainedModel:
@@ -78,7 +95,7 @@ def load_partitioned(
     bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
     if (dtype == torch.bfloat16) != bf16 or dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"teacher dtype {dtype} does not match the engine config (bf16={bf16}); use float32 or bfloat16")
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with _local_init()(config_dict_or_path=ds_config):
         model = instantiate(plan.native_class, plan.config, attn_implementation=attn_implementation, dtype=dtype)
     params = dict(model.named_parameters(remove_duplicate=True))
     buffers = dict(model.named_buffers())

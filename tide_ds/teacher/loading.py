@@ -34,7 +34,8 @@ class Footprint:
         params: unique parameters (a tied head counted once).
         param_bytes: their bytes in the dtype the model runs in (fp32 routers of LLaDA2 included).
         largest_layer_params / largest_layer_bytes: the largest decoder layer (an MoE layer: all its experts).
-        largest_unit_bytes: the largest module ZeRO-3 gathers at once (a layer, the embedding or the head).
+        largest_unit_bytes / largest_unit_params: the largest module ZeRO-3 gathers at once (a layer, the
+            embedding or the head).
         stored_bytes: checkpoint bytes as stored.
         load_buffer_bytes: the largest loading group as read plus its converted copy in the run dtype (the
             host buffer of a group-by-group load).
@@ -46,6 +47,7 @@ class Footprint:
     largest_layer_params: int
     largest_layer_bytes: int
     largest_unit_bytes: int
+    largest_unit_params: int
     stored_bytes: int
     load_buffer_bytes: int
     hidden: int
@@ -89,6 +91,7 @@ def model_footprint(model: transformers.PreTrainedModel, *, checkpoint_dir=None)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     unit = max(big_layer[1], *(t.numel() * t.element_size() for t in (embed, head)))
+    unit_params = max(big_layer[0], embed.numel(), head.numel())
     stored = buffer = 0
     if checkpoint_dir is not None:
         meta = meta_checkpoint(checkpoint_dir)
@@ -101,7 +104,7 @@ def model_footprint(model: transformers.PreTrainedModel, *, checkpoint_dir=None)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return Footprint(
         params=params, param_bytes=param_bytes, largest_layer_params=big_layer[0], largest_layer_bytes=big_layer[1],
-        largest_unit_bytes=unit, stored_bytes=stored, load_buffer_bytes=buffer, hidden=cfg.hidden_size,
+        largest_unit_bytes=unit, largest_unit_params=unit_params, stored_bytes=stored, load_buffer_bytes=buffer, hidden=cfg.hidden_size,
         layers=len(layers), vocab=embed.shape[0], intermediate=cfg.intermediate_size,
         q_dim=cfg.num_attention_heads * head_dim, kv_dim=cfg.num_key_value_heads * head_dim,
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),

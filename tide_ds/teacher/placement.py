@@ -141,8 +141,13 @@ def decide_placement(
     )
 
 
-def teacher_ds_config(kind: str, *, hidden_size: int, bf16: bool) -> dict[str, Any]:
-    """DeepSpeed config of the inference-only teacher engine (no optimizer, no gradients)."""
+def teacher_ds_config(kind: str, *, hidden_size: int, bf16: bool, largest_unit_params: int = 0) -> dict[str, Any]:
+    """DeepSpeed config of the inference-only teacher engine (no optimizer, no gradients).
+
+    ``largest_unit_params`` (the largest module gathered at once: an MoE layer with all its experts, or the
+    embedding) sizes the prefetch bucket to one such unit and lets two live at once (the one running and
+    the one prefetched), instead of DeepSpeed's defaults, which are far smaller than one LLaDA2 MoE layer.
+    """
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed; unused without an optimizer
         "steps_per_print": 10**9,
@@ -152,10 +157,12 @@ def teacher_ds_config(kind: str, *, hidden_size: int, bf16: bool) -> dict[str, A
         ds["zero_optimization"] = {"stage": 0}
         return ds
     h = hidden_size
+    unit = max(largest_unit_params, int(0.9 * h * h))
     zero: dict[str, Any] = {
         "stage": 3,
-        # Frozen weights: prefetch about one layer ahead, keep small tensors (norms, routers) resident.
-        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        # Frozen weights: prefetch one unit ahead, keep small tensors (norms, routers' biases) resident.
+        "stage3_prefetch_bucket_size": unit,
+        "stage3_max_live_parameters": max(2 * unit, 10**9),
         "stage3_param_persistence_threshold": 10 * h,
         "reduce_bucket_size": h * h,
     }
