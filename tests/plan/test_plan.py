@@ -86,12 +86,16 @@ def test_placement_decisions_on_paper_clusters(world, ranks, gib, kind, fits):
         assert smaller.fits and smaller.facts.gradient_accumulation_steps == 2 and smaller.facts.global_batch_size == 64
 
 
-def test_pipeline_b_comp_demo_doubles_the_traffic_and_counts_its_logits(world):
-    plan = _plan(world, "B", ranks=8, gib=80, extra=("--teacher.placement=zero3",))
+def test_pipeline_b_comp_demo_gathers_once_and_counts_its_logits(world):
+    plan = _plan(world, "B", ranks=8, gib=80, extra=("--teacher.placement=zero3", "--train.global_batch_size=160"))
     fp = plan.facts.teacher.footprint
     z3 = next(r for r in plan.teacher_rows if r.kind == "zero3")
-    assert z3.allgather_per_step == 2 * (fp.param_bytes * 7 // 8)  # CompDemo: two passes per micro-step
+    # CompDemo's two passes are one forward: one gather per micro-step, two micro-steps per optimizer step
+    assert plan.facts.gradient_accumulation_steps == 2
+    assert z3.allgather_per_step == 2 * (fp.param_bytes * 7 // 8)
     parts = {name: b for name, b, _ in plan.gpu_parts}
+    tokens = 2 * 10 * 2 * 768  # [2B, 2 L_t]: both passes, WeDLM's [x_0 ; x_t]
+    assert parts["teacher forward working memory"] == tokens * (4 * 4096 + 2 * 12288) * 2 + 2 * 256 * 2**20
     assert parts["teacher row logits (pipeline B)"] == 10 * 512 * 151646 * 4 * 3
 
 

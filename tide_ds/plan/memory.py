@@ -104,7 +104,8 @@ class TeacherRow:
 
 
 def teacher_rows(fp: Footprint, *, cluster: Cluster, forwards_per_step: int) -> list[TeacherRow]:
-    """The teacher under each placement (ranks of a node load at the same time)."""
+    """The teacher under each placement (ranks of a node load at the same time); a ZeRO-3 forward gathers
+    every parameter once, so a rank receives ``teacher bytes x (world - 1) / world`` per forward."""
     w = cluster.world_size
     partition = -(-fp.param_bytes // w)
     gathered = fp.param_bytes * (w - 1) // w  # what a rank receives in one full gather

@@ -74,9 +74,9 @@ def make_plan(cfg: RunConfig, cluster: Cluster) -> Plan:
     t = facts.teacher
     if t is not None:
         spec = cfg.distill.objective()
-        passes = 2 if spec.comp_demo else 1
+        passes = 2 if spec.comp_demo else 1  # CompDemo's passes run as one forward over a [2B, L_t] batch
         plan.teacher_rows = mem.teacher_rows(t.footprint, cluster=cluster,
-                                             forwards_per_step=passes * facts.gradient_accumulation_steps)
+                                             forwards_per_step=facts.gradient_accumulation_steps)
         host_share = max(0, cluster.host_bytes_per_node - states_host) // local
         try:
             decision = decide_placement(
@@ -96,8 +96,8 @@ def make_plan(cfg: RunConfig, cluster: Cluster) -> Plan:
             (f"teacher ({decision.kind})", row.gpu_peak,
              "replica" if decision.kind == "replicate" else "partition + largest gathered unit"),
             ("teacher forward working memory",
-             mem.teacher_forward_bytes(t.footprint, micro_batch=micro, tokens=tokens, itemsize=itemsize),
-             f"{micro} x {tokens} tokens, no grad (estimate)"),
+             mem.teacher_forward_bytes(t.footprint, micro_batch=passes * micro, tokens=tokens, itemsize=itemsize),
+             f"{passes * micro} x {tokens} tokens, no grad (estimate)"),
         ]
         if spec.pipeline is not None and spec.pipeline.value == "B":
             plan.gpu_parts.append((
@@ -160,8 +160,8 @@ def format_plan(plan: Plan, *, recipe: str = "") -> str:
                 for r in plan.teacher_rows]
         out += _table(["placement", "GPU resident", "gathered unit", "GPU peak", "host load/rank", "host load/node",
                        "all-gather/step", "host->GPU/step"], rows)
-        out.append("(GiB; per optimizer step = teacher passes per micro-step x gradient accumulation; "
-                   f"{2 if plan.cfg.distill.objective().comp_demo else 1} pass(es) per micro-step)")
+        out.append("(GiB; one teacher forward per micro-step, CompDemo's two passes stacked on the batch axis; "
+                   "per optimizer step = x gradient accumulation)")
         if plan.placement:
             out.append(f"auto -> {plan.placement}: {plan.placement_reason}" if plan.cfg.teacher.placement == "auto"
                        else f"placement {plan.placement}: {plan.placement_reason}")
