@@ -133,3 +133,15 @@ def test_bad_ids_and_lengths_fail_before_any_weight(world, override, message):
 def test_wedlm_without_a_mask_id_is_refused_before_loading(world):
     with pytest.raises(ValueError, match="declares no mask token .* set --teacher.mask_token_id"):
         _plan(world, "B", ranks=8, gib=80, extra=("--teacher.mask_token_id=-1",))
+
+
+def test_non_aligned_pipeline_b_needs_no_teacher_columns(world, tmp_path):
+    import datasets
+
+    plain = tmp_path / "plain"
+    ds = datasets.load_from_disk(str(world["data_b"]))
+    datasets.DatasetDict({k: v.select_columns(["input_ids", "labels"]) for k, v in ds.items()}).save_to_disk(str(plain))
+    plan = _plan(world, "B", ranks=8, gib=80, extra=(f"--data.dataset={plain}", "--distill.mode=kl"))
+    assert plan.fits and plan.facts.data.teacher_seq_len == 0
+    with pytest.raises(ValueError, match="lacks the column"):
+        _plan(world, "B", ranks=8, gib=80, extra=(f"--data.dataset={plain}",))

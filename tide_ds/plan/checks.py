@@ -177,10 +177,10 @@ def check_dataset(cfg: RunConfig, *, student_rows: int, teacher: TeacherFacts | 
         raise ValueError(f"data.dataset={str(path)!r} could not be loaded with datasets.load_from_disk: {err}") from None
     spec = cfg.distill.objective()
     needed = ["input_ids", "labels"]
-    if spec.terms:
+    if spec.uses_chunks or spec.aligned:  # other modes feed the teacher the student's own tokens
         from tide_ds.trainer.distill import ALIGN_COLUMNS, CHUNK_COLUMNS
 
-        needed += list(CHUNK_COLUMNS if spec.uses_chunks else ALIGN_COLUMNS if spec.aligned else ("teacher_input_ids",))
+        needed += list(CHUNK_COLUMNS if spec.uses_chunks else ALIGN_COLUMNS)
     lengths = {}
     for option, name in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
         if name not in splits:
@@ -207,7 +207,7 @@ def check_dataset(cfg: RunConfig, *, student_rows: int, teacher: TeacherFacts | 
                 "embedding rows; the dataset was tokenized with another tokenizer than model.tokenizer"
             )
         lengths[name] = 0
-        if "teacher_input_ids" in ds.column_names:
+        if "teacher_input_ids" in needed:
             t_ids = np.asarray(head["teacher_input_ids"])
             lengths[name] = t_ids.shape[1]
             if teacher is not None and t_ids.max() >= teacher.vocab_size:

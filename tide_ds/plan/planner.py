@@ -88,8 +88,8 @@ def make_plan(cfg: RunConfig, cluster: Cluster) -> Plan:
             return plan
         plan.placement, plan.placement_reason = decision.kind, decision.reason
         row = next(r for r in plan.teacher_rows if r.kind == decision.kind)
-        l_t = (facts.data.teacher_seq_len if facts.data and facts.data.teacher_seq_len
-               else cfg.data.teacher_seq_len or L)
+        # the teacher's own tokens (pipeline A, aligned B) or the student's ids (the other modes)
+        l_t = facts.data.teacher_seq_len if facts.data and facts.data.teacher_seq_len else L
         tokens = l_t if t.bidirectional else 2 * l_t
         itemsize = t.dtype.itemsize
         plan.gpu_parts += [
