@@ -1,6 +1,7 @@
 """Peak host memory of a CPU replica load at the real layer widths of LLaDA2.0-mini and WeDLM-8B.
 
-    flock /tmp/tide-heavy.lock python tests/benchmarks/bench_teacher_load_host.py [--out bench_results/teacher_load_host.json]
+    flock /tmp/tide-heavy.lock python tests/benchmarks/bench_teacher_load_host.py \
+        [--out bench_results/teacher_load_host.json]
 
 Each checkpoint has the real widths and key layout of its model (spec MODELS.md §12) but only the first
 layers (LLaDA2: the dense layer 0 and one MoE layer of 256 experts; WeDLM: one layer) and a 16,384-row
@@ -56,7 +57,8 @@ def worker(family: str, how: str, ckpt: str) -> dict:
 
 
 def build(root: Path) -> dict[str, Path]:
-    from real_size_world import LLADA2_CONFIG, WEDLM_CONFIG, llada2_shapes, qwen3_shapes, write_checkpoint, write_mask_token
+    from real_size_world import (LLADA2_CONFIG, WEDLM_CONFIG, llada2_shapes, qwen3_shapes, write_checkpoint,
+                                 write_mask_token)
 
     llada2 = {**LLADA2_CONFIG, "num_hidden_layers": 2, "vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 0}
     wedlm = {**WEDLM_CONFIG, "num_hidden_layers": 1, "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0,
@@ -85,10 +87,12 @@ def main() -> None:
                 over = r["peak_increase"] - r["param_bytes"]
                 r["ratio"] = r["peak_increase"] / r["param_bytes"]
                 r["overhead_in_layers"] = over / r["largest_layer_bytes"]
-                r["full_size_ratio"] = r["ratio"] if how == "materialize" else (FULL_BYTES[family] + over) / FULL_BYTES[family]
+                full = FULL_BYTES[family]
+                r["full_size_ratio"] = r["ratio"] if how == "materialize" else (full + over) / full
                 rows.append(r)
     mib = 2**20
-    print(f"{'family':<11} {'load':<13} {'teacher MiB':>11} {'peak MiB':>9} {'ratio':>6} {'over/layer':>10} {'full-size ratio':>15}")
+    print(f"{'family':<11} {'load':<13} {'teacher MiB':>11} {'peak MiB':>9} {'ratio':>6} {'over/layer':>10} "
+          f"{'full-size ratio':>15}")
     for r in rows:
         print(f"{r['family']:<11} {r['how']:<13} {r['param_bytes'] / mib:>11.0f} {r['peak_increase'] / mib:>9.0f} "
               f"{r['ratio']:>6.2f} {r['overhead_in_layers']:>10.2f} {r['full_size_ratio']:>15.3f}")
@@ -98,8 +102,9 @@ def main() -> None:
     import torch
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "git": sha, "torch": torch.__version__,
-                                          "machine": platform.machine(), "rows": rows}, indent=1) + "\n")
+    record = {"date": datetime.date.today().isoformat(), "git": sha, "torch": torch.__version__,
+              "machine": platform.machine(), "rows": rows}
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

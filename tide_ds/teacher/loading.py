@@ -104,8 +104,8 @@ def model_footprint(model: transformers.PreTrainedModel, *, checkpoint_dir=None)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return Footprint(
         params=params, param_bytes=param_bytes, largest_layer_params=big_layer[0], largest_layer_bytes=big_layer[1],
-        largest_unit_bytes=unit, largest_unit_params=unit_params, stored_bytes=stored, load_buffer_bytes=buffer, hidden=cfg.hidden_size,
-        layers=len(layers), vocab=embed.shape[0], intermediate=cfg.intermediate_size,
+        largest_unit_bytes=unit, largest_unit_params=unit_params, stored_bytes=stored, load_buffer_bytes=buffer,
+        hidden=cfg.hidden_size, layers=len(layers), vocab=embed.shape[0], intermediate=cfg.intermediate_size,
         q_dim=cfg.num_attention_heads * head_dim, kv_dim=cfg.num_key_value_heads * head_dim,
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
     )
