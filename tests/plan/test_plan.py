@@ -145,3 +145,17 @@ def test_non_aligned_pipeline_b_needs_no_teacher_columns(world, tmp_path):
     assert plan.fits and plan.facts.data.teacher_seq_len == 0
     with pytest.raises(ValueError, match="lacks the column"):
         _plan(world, "B", ranks=8, gib=80, extra=(f"--data.dataset={plain}",))
+
+
+def test_submit_plans_before_queueing(world, capsys):
+    sys.path.insert(0, str(ROOT / "launch" / "slurm"))
+    from submit import main as submit
+
+    train = ["--recipe", str(RECIPE_A), *_overrides(world, "A")]
+    assert submit(["--nodes", "1", "--gpu-mem-gib", "80", "--dry-run", "--", *train]) == 0
+    captured = capsys.readouterr()
+    assert "auto -> replicate" in captured.err and "sbatch" in captured.out
+    assert submit(["--nodes", "1", "--gpu-mem-gib", "22.35", "--dry-run", "--", *train]) == 2
+    assert "the run does not fit" in capsys.readouterr().err
+    assert submit(["--nodes", "2", "--dry-run", "--", *train]) == 2  # the launch's checks: 64 over 2 x 8 x 8
+    assert "train.global_batch_size=64 is not divisible" in capsys.readouterr().err
