@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 
 from tide_ds import dist
-from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint
 from tide_ds.models.layers import LoadPlan, instantiate
 
 logger = logging.getLogger(__name__)
 
 _LAYER = re.compile(r"^(?:model\.layers|model\.transformer\.blocks)\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class TeacherSize:
-    param_bytes: int
-    largest_group_bytes: int
-    hidden_size: int
 
 
 def checkpoint_groups(keys: list[str]) -> list[list[str]]:
@@ -44,15 +35,6 @@ def checkpoint_groups(keys: list[str]) -> list[list[str]]:
         else:
             layers.setdefault(int(m.group(1)), []).append(key)
     return ([top] if top else []) + [layers[i] for i in sorted(layers)]
-
-
-def teacher_size(plan: LoadPlan, *, dtype: torch.dtype) -> TeacherSize:
-    """Parameter bytes in ``dtype`` and the largest streaming group, from the headers alone."""
-    meta = meta_checkpoint(plan.path)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    groups = checkpoint_groups(list(meta))
-    sizes = [sum(meta[k].numel() for k in group) * itemsize for group in groups]
-    return TeacherSize(param_bytes=sum(sizes), largest_group_bytes=max(sizes), hidden_size=plan.config.hidden_size)
 
 
 def _partition_slice(param: torch.nn.Parameter, full: torch.Tensor) -> None:
@@ -102,10 +84,9 @@ def load_partitioned(
     tied = plan.config.tie_word_embeddings
     expected = {k for k in params if not (tied and k == "lm_head.weight")}
     loaded: set[str] = set()
-    for group in checkpoint_groups(meta_keys := list(meta_checkpoint(plan.path))):
-        state = load_safetensors_checkpoint(plan.path, keys=group)
-        plan.drop_tied_head(state)
-        native, source = plan.convert(state)
+    from tide_ds.teacher.loading import stream_groups
+
+    for native, source in stream_groups(plan):  # one group read and converted at a time
         for name, tensor in native.items():
             where = source.get(name, name)
             if name in params:
@@ -121,11 +102,11 @@ def load_partitioned(
             else:
                 raise ValueError(f"{plan.path}: unexpected tensor {where} for {plan.native_class.__name__}")
             loaded.add(name)
-        del state, native
+        del native
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"{plan.path}: {len(missing)} parameter(s) missing from the checkpoint, e.g. {missing[:4]}")
-    logger.info("streamed %d checkpoint tensors of %s into ZeRO-3 partitions", len(meta_keys), plan.path)
+    logger.info("streamed %d tensors of %s into ZeRO-3 partitions", len(loaded), plan.path)
     return model.eval().requires_grad_(False)
 
 
