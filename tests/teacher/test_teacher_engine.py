@@ -131,3 +131,16 @@ def test_zero3_comp_demo_gathers_the_teacher_once_per_micro_step(checkpoints, tm
         for step in r["steps"]:
             assert 0.5 * one_gather < step["allgather"] <= 1.05 * one_gather, (step, one_gather)
             assert step["broadcast"] <= 4096  # DeepSpeed's small control messages, no parameter
+
+
+def test_auto_placement_counts_host_memory_of_the_load():
+    # a CPU replica keeps the teacher in host memory: the load needs replica + one group read and converted
+    kw = dict(param_bytes=30 * GiB, world_size=8, free_bytes=80 * GiB, largest_group_bytes=2 * GiB,
+              read_buffer_bytes=3 * GiB)
+    assert decide_placement("auto", host_free_bytes=40 * GiB, **kw).kind == "replicate"  # on a GPU: 3 GiB
+    on_cpu = decide_placement("auto", host_free_bytes=32 * GiB, on_cpu=True, **kw)
+    assert on_cpu.kind == "zero3" and "a replica's load needs 33.00 GiB of host memory" in on_cpu.reason
+    with pytest.raises(ValueError, match="fits no placement"):
+        decide_placement("auto", host_free_bytes=2 * GiB, **kw)
+    with pytest.raises(ValueError, match="teacher.placement=replicate needs 33.00 GiB of host memory"):
+        decide_placement("replicate", host_free_bytes=32 * GiB, on_cpu=True, **kw)
