@@ -46,3 +46,24 @@ def test_collective_timeout_reaches_deepspeed(monkeypatch):
     loop.init_distributed(cfg.train.dist_timeout_minutes)
     assert seen == {"dist_backend": "gloo", "timeout": datetime.timedelta(minutes=90)}
     assert build_config().train.dist_timeout_minutes >= 30
+
+
+def test_preemption_group_gets_the_collective_timeout(monkeypatch):
+    """A new torch group takes the backend's default (30 min), not the world's: the guard passes it on."""
+    import datetime
+    import signal
+
+    import torch
+
+    from tide_ds.trainer import preemption
+
+    seen = {}
+    monkeypatch.setattr(preemption.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(preemption.dist, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **kw: seen.update(kw) or "group")
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **kw: None)
+    guard = preemption.PreemptionGuard([signal.SIGUSR1])
+    guard.group_timeout = datetime.timedelta(minutes=90)
+    assert guard.should_stop() is False
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=90)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import resource
 import sys
@@ -39,8 +40,6 @@ def init_distributed(timeout_minutes: float = 60.0) -> torch.device:
     ``timeout_minutes`` (``train.dist_timeout_minutes``) bounds every collective of the default group, which
     DeepSpeed's groups inherit; a teacher load sits between two collectives, so it must outlast the load.
     """
-    import datetime
-
     import deepspeed
 
     timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -73,6 +72,7 @@ def train(cfg: RunConfig) -> dict[str, float]:
     setup_logging()
     guard = preemption.install(cfg.train.preempt_signals)  # a signal only sets a flag, checked after each step
     device = init_distributed(cfg.train.dist_timeout_minutes)
+    guard.group_timeout = datetime.timedelta(minutes=cfg.train.dist_timeout_minutes)
     loss_implementation = resolve_loss_implementation(cfg.model.loss_implementation, device)  # fails early, logs once
     rank, world = dist.rank(), dist.world_size()
     decision = checkpoint.prepare_run_dir(cfg)
