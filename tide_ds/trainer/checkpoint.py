@@ -91,7 +91,8 @@ def _decide(cfg: RunConfig) -> RunDirDecision:
         return RunDirDecision(resume_from=str(ckpt) if ckpt else None)
     if not _has_run_content(out):
         return RunDirDecision()
-    if not cfg.train.overwrite:
+    # A start that failed before its first checkpoint is moved aside (kept) below, so the same command runs again.
+    if not cfg.train.overwrite and complete_checkpoints(out):
         n = len(complete_checkpoints(out))
         return RunDirDecision(
             error=(
