@@ -30,8 +30,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from tide_ds.errors import ConfigError
-
 from tide_ds.choices import (
     AttnImplementation,
     ConcatOrder,
@@ -51,6 +49,7 @@ from tide_ds.choices import (
     World,
     choices,
 )
+from tide_ds.errors import ConfigError
 from tide_ds.losses.objective import Preset
 
 if TYPE_CHECKING:

@@ -57,8 +57,14 @@ def worker(family: str, how: str, ckpt: str) -> dict:
 
 
 def build(root: Path) -> dict[str, Path]:
-    from real_size_world import (LLADA2_CONFIG, WEDLM_CONFIG, llada2_shapes, qwen3_shapes, write_checkpoint,
-                                 write_mask_token)
+    from real_size_world import (
+        LLADA2_CONFIG,
+        WEDLM_CONFIG,
+        llada2_shapes,
+        qwen3_shapes,
+        write_checkpoint,
+        write_mask_token,
+    )
 
     llada2 = {**LLADA2_CONFIG, "num_hidden_layers": 2, "vocab_size": VOCAB, "pad_token_id": 0, "eos_token_id": 0}
     wedlm = {**WEDLM_CONFIG, "num_hidden_layers": 1, "vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 0,

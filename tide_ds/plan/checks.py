@@ -290,6 +290,28 @@ def validate_run(cfg: RunConfig, *, world_size: int, on_gpu: bool = True) -> Run
                     gradient_accumulation_steps=gas, global_batch_size=global_batch, max_steps=steps, notes=notes)
 
 
+def resolve_training_size(cfg: RunConfig, *, world_size: int) -> RunConfig:
+    """``cfg`` with ``train.global_batch_size`` and ``train.epochs`` turned into the gradient accumulation and step
+    count the trainer reads (``tide_ds.trainer.loop.build_run`` calls it, so a run built without ``launch/run.py``
+    gets them too). Arithmetic plus the train split's row count; idempotent. A dataset that cannot be read is left
+    to the data checks, which name the problem."""
+    if not cfg.train.global_batch_size and not cfg.train.epochs:
+        return cfg
+    gas, global_batch = resolve_batch(cfg, world_size=world_size)
+    rows = None
+    if cfg.train.epochs and cfg.data.dataset and Path(cfg.data.dataset).is_dir():
+        import datasets
+
+        try:
+            splits = datasets.load_from_disk(cfg.data.dataset)  # memory-mapped: the row count only
+            rows = len(splits[cfg.data.train_split])
+        except Exception:  # noqa: BLE001 - reported by the data checks with the path and the fix
+            rows = None
+    steps = resolve_steps(cfg, global_batch=global_batch, train_rows=rows)
+    train = dataclasses.replace(cfg.train, gradient_accumulation_steps=gas, max_steps=steps)
+    return dataclasses.replace(cfg, train=train)
+
+
 def resolved_config(cfg: RunConfig, facts: RunFacts) -> RunConfig:
     """``cfg`` with the derived gradient accumulation and step count written in (what the trainer reads)."""
     train = dataclasses.replace(cfg.train, gradient_accumulation_steps=facts.gradient_accumulation_steps,

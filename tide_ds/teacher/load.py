@@ -70,7 +70,6 @@ def load_partitioned(
     plan: LoadPlan, *, ds_config: dict, attn_implementation: str, dtype: torch.dtype
 ) -> transformers.PreTrainedModel:
     """Build the native model under ``zero.Init`` and stream the checkpoint into its partitions."""
-    import deepspeed
 
     # The dtype comes from the config's bf16 section: DeepSpeed 0.19's zero.Init ignores an explicit
     # dtype=torch.float32 on accelerators without fp16 (CPU) and builds bf16 parameters instead.

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint
 from tide_ds.models.adapter_glue import LoadPlan, instantiate
+from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint
 
 logger = logging.getLogger(__name__)
 

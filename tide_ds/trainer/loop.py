@@ -97,6 +97,9 @@ def build_run(cfg: RunConfig) -> Run:
     except ValueError as err:  # the choice cannot run here (triton without a GPU or TRITON_INTERPRET=1)
         raise ConfigError(str(err)) from None
     rank, world = dist.rank(), dist.world_size()
+    from tide_ds.plan.checks import resolve_training_size
+
+    cfg = resolve_training_size(cfg, world_size=world)  # train.global_batch_size / train.epochs -> accumulation, steps
     decision = checkpoint.prepare_run_dir(cfg)
     logger.info("resolved config:\n%s", cfg.to_yaml())
 
