@@ -5,8 +5,9 @@ With no arguments it runs the embedded demo recipe (the defaults of ``tide_ds.co
 (``tide_ds.worlds``: an instruction corpus of the Python standard library and a small pretrained teacher,
 built once and cached), then TIDE-Cross into a tiny BD3LM student with the real Qwen3 tokenizer.
 
-The path of one run: ``main`` (options, then ``tide_ds.validate.before_start``: every check that needs no
-process group) -> ``tide_ds.worlds.prepare_world`` (paths for an empty ``data.dataset``) ->
+The path of one run: ``main`` (options, then ``tide_ds.validate.before_start`` and ``tide_ds.plan.prepare_run``:
+every check that needs no process group and reads no weight, before anything is created) ->
+``tide_ds.worlds.prepare_world`` (paths for an empty ``data.dataset``) ->
 ``tide_ds.trainer.loop.train`` (build the run, then step) -> ``tide_ds.trainer.step.train_step`` (one
 optimizer step: the objective's targets, the student's losses, backward, step) -> ``report_world``; all
 after the checks under ``tide_ds.failfast.run``, so a failure on one rank ends the job within seconds.
@@ -56,8 +57,11 @@ def _job(cfg, argv: list[str]):
     from tide_ds.worlds import baseline_config, prepare_world, record_baseline, report_world
 
     setup_logging()
-    init_distributed()
+    init_distributed(cfg.train.dist_timeout_minutes)
+    dataset = cfg.data.dataset
     cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
+    if world is not None or cfg.data.dataset != dataset:  # the world's dataset and teacher, checked the same way
+        cfg = _prepare_run(cfg)
     result = train(cfg)
     if world is not None:
         base_cfg = baseline_config(cfg, world)  # --world.baseline=true and none recorded: train it now
@@ -86,6 +90,10 @@ def main(argv: list[str]) -> int:
     if "--print-config" in flags:
         print(cfg.to_yaml(), end="")
         return 0
+    try:  # every weight-free check (tide_ds.plan.checks) before a process group, a world or a run directory
+        cfg = _prepare_run(cfg)
+    except ConfigError as err:  # every rank checks the same files: one line naming the rank, once per job
+        return failfast.report(err, label="configuration error")
 
     from tide_ds.trainer.loop import shutdown
     from tide_ds.trainer.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -101,6 +109,16 @@ def main(argv: list[str]) -> int:
     finally:
         shutdown()
     return 0
+
+
+def _prepare_run(cfg):
+    """The weight-free checks of :mod:`tide_ds.plan.checks` (rank-local reads of config.json files, headers,
+    tokenizer files and the dataset's first rows); ``cfg`` with the derived accumulation and step count."""
+    import torch
+
+    from tide_ds.plan import prepare_run
+
+    return prepare_run(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), on_gpu=torch.cuda.is_available())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tide_ds.config import RunConfig, build_config, config_from_dict, option_table, parse_override
+from tide_ds.errors import ConfigError
 from tide_ds.trainer.engine import build_ds_config, lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,3 +247,29 @@ def test_help_text_is_field_metadata():
     meta = {f.name: f.metadata.get("help") for f in dataclasses.fields(TrainArgs)}
     assert all(meta.values()), [k for k, v in meta.items() if not v]
     assert f"| `train.max_steps` | `100` | {meta['max_steps']} |" in option_table()
+
+
+def test_training_size_options_are_checked():
+    cfg = build_config(overrides=["--train.global_batch_size=64", "--train.epochs=2.5", "--train.dist_timeout_minutes=90"])
+    assert (cfg.train.global_batch_size, cfg.train.epochs, cfg.train.dist_timeout_minutes) == (64, 2.5, 90.0)
+    assert build_config().train.dist_timeout_minutes == 60.0  # longer than DeepSpeed's 10 minutes
+    for bad, message in (("--train.global_batch_size=-8", r"train.global_batch_size=-8 must be >= 0"),
+                         ("--train.epochs=-1", r"train.epochs=-1.0 must be >= 0"),
+                         ("--train.dist_timeout_minutes=0", r"train.dist_timeout_minutes=0.0 must be > 0")):
+        with pytest.raises(ConfigError, match=message):
+            build_config(overrides=[bad])
+
+
+def test_data_teacher_seq_len_checks_a_dataset_and_no_longer_sets_the_world():
+    """data.teacher_seq_len is the check of a prebuilt dataset's teacher length (0 = not checked); the world's own
+    length is world.teacher_seq_len. The old meaning (the demo's length) is refused with the fix, never guessed."""
+    assert build_config().data.teacher_seq_len == 0 and build_config().world.teacher_seq_len == 256
+    cfg = build_config(overrides=["--data.dataset=/some/dataset", "--teacher.path=/t", "--data.teacher_seq_len=1024"])
+    assert cfg.data.teacher_seq_len == 1024 and cfg.world.teacher_seq_len == 256
+    # a world: agreeing with what it builds is fine, anything else names the option to use
+    assert build_config(overrides=["--data.teacher_seq_len=256"]).data.teacher_seq_len == 256
+    with pytest.raises(ConfigError, match=r"data.teacher_seq_len=512 checks .* world.teacher_seq_len=256; .* "
+                                          r"--world.teacher_seq_len=512"):
+        build_config(overrides=["--data.teacher_seq_len=512"])
+    with pytest.raises(ConfigError, match=r"world.name='code' builds no teacher columns"):
+        build_config(overrides=["--world.name=code", "--distill.preset=none", "--data.teacher_seq_len=256"])

@@ -26,7 +26,8 @@ def run_py(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("tide_run", ROOT / "launch" / "run.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(loop, "init_distributed", lambda: None)
+    monkeypatch.setattr(loop, "init_distributed", lambda *a, **kw: None)
+    monkeypatch.setattr(module, "_prepare_run", lambda cfg: cfg)  # the weight-free checks: tests/trainer/test_start_checks.py
     monkeypatch.setattr(loop, "shutdown", lambda: None)
     monkeypatch.setattr(tide_log, "setup_logging", lambda: None)  # no handler on this test's captured stderr
     monkeypatch.setattr(worlds, "prepare_world", lambda cfg: (cfg, None))
@@ -123,3 +124,29 @@ def test_a_real_two_rank_launch_prints_a_configuration_error_once(tmp_path):
     assert len(lines) == 1, text[-3000:]
     assert lines[0].startswith("tide-ds: configuration error (rank ") and "did you mean 'train.max_steps'?" in lines[0]
     assert "Traceback" not in text and not (tmp_path / "run").exists()
+
+
+def test_checks_run_before_the_world_and_again_on_what_it_built(run_py, monkeypatch):
+    """The weight-free checks come before any world work; a world's dataset is checked (and counted) after it."""
+    import dataclasses
+
+    seen = []
+
+    def prepare_run(cfg):
+        seen.append(("checks", cfg.data.dataset))
+        return cfg
+
+    def prepare_world(cfg):
+        seen.append(("world", cfg.data.dataset))
+        if cfg.data.dataset:
+            return cfg, None
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset="/built")), None
+
+    monkeypatch.setattr(run_py, "_prepare_run", prepare_run)
+    monkeypatch.setattr(worlds, "prepare_world", prepare_world)
+    monkeypatch.setattr(loop, "train", lambda cfg: seen.append(("train", cfg.data.dataset)) or {"nll": 1.0})
+    assert run_py.main(["--world.name=code", "--distill.preset=none", "--train.progress_bar=false"]) == 0
+    assert seen == [("checks", ""), ("world", ""), ("checks", "/built"), ("train", "/built")]
+    seen.clear()
+    assert run_py.main(ARGS) == 0  # a named dataset: checked once, no world
+    assert seen == [("checks", "/d"), ("world", "/d"), ("train", "/d")]

@@ -29,7 +29,7 @@ __all__ = ["COMMANDS", "main", "run_process_group", "split_train_args"]
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("", "", "train through DeepSpeed (the options of launch/run.py; see tide-ds train --help)"),
     "preprocess": ("tide_ds.data.preprocess", "_main", "preprocess chat data for pipeline A or B (python -m tide_ds.data.preprocess)"),
-    "plan": ("tide_ds.plan", "main", "plan a run's memory and parallelism (python -m tide_ds.plan)"),
+    "plan": ("tide_ds.plan.__main__", "main", "plan a run's memory and parallelism (python -m tide_ds.plan)"),
     "generate": ("tide_ds.generate", "main", "sample from a trained student (python -m tide_ds.generate)"),
     "eval": ("tide_ds.eval.__main__", "main", "HumanEval / MBPP / GSM8K / held-out NLL, or --suite paper (python -m tide_ds.eval)"),
     "lm-eval": ("tide_ds.eval.harness", "main", "lm-evaluation-harness with the tide_bd3lm model (needs the eval extra)"),

@@ -177,6 +177,12 @@ class DataArgs:
         128,
         "Student sequence length L (one copy; the model sees 2L tokens). Must be a multiple of diffusion.block_size.",
     )
+    teacher_seq_len: int = option(
+        0,
+        "Teacher sequence length L_t that data.dataset's teacher columns must have, checked before any weight is "
+        "read (0 = not checked). The instruct world's own length is world.teacher_seq_len; this option no longer "
+        "sets it.",
+    )
     train_split: str = option("train", "Split used for training.")
     eval_split: str = option("heldout", "Held-out split used for evaluation.")
     eval_samples: int = option(64, "Number of held-out samples evaluated each time (0 = all).")
@@ -184,6 +190,7 @@ class DataArgs:
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len)
         _positive("data.eval_samples", self.eval_samples, allow_zero=True)
+        _positive("data.teacher_seq_len", self.teacher_seq_len, allow_zero=True)
 
 
 @dataclass(kw_only=True)
@@ -435,6 +442,22 @@ class TrainArgs:
         "", "Weights & Biases project when report_to has wandb (empty: $WANDB_PROJECT, else tide-ds)."
     )
     progress_bar: bool = option(True, "Show a progress bar on rank 0.")
+    global_batch_size: int = option(
+        0,
+        "Global batch (samples per optimizer step, all ranks); 0 = micro_batch_size x gradient_accumulation_steps x "
+        "world size. When set, the gradient accumulation is derived from it, so the global batch stays fixed when "
+        "the node count changes.",
+    )
+    epochs: float = option(
+        0.0,
+        "Passes over the training split; when > 0, max_steps = ceil(epochs x train rows / global batch) (counted "
+        "from data.dataset, or from the world's dataset once it is built).",
+    )
+    dist_timeout_minutes: float = option(
+        60.0,
+        "Timeout of every collective (the default group, DeepSpeed's groups and the gloo groups), in minutes; "
+        "long enough for a teacher load between two collectives.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "lr", "log_every", "keep_last"):
@@ -452,6 +475,9 @@ class TrainArgs:
         from tide_ds.trainer.reporters import parse_report_to  # train.report_to (issue 19)
 
         parse_report_to(self.report_to)
+        for name in ("global_batch_size", "epochs"):
+            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _positive("train.dist_timeout_minutes", self.dist_timeout_minutes)
         if self.resume == "auto" and self.overwrite:
             raise ConfigError(
                 "train.resume=auto and train.overwrite=true contradict each other: "
@@ -479,6 +505,9 @@ class RunConfig:
                 f"{self.diffusion.block_size}; BD3LM blocks must tile the sequence: change one of them"
             )
 
+        if not self.data.dataset and self.data.teacher_seq_len:
+            self._check_world_teacher_seq_len()
+
         spec = self.distill.objective
         world_teacher = not self.data.dataset and self.world.name == "instruct"  # the world pretrains one
         if spec.terms and not self.teacher.path and not world_teacher:
@@ -487,6 +516,23 @@ class RunConfig:
                 f"distill.preset={self.distill.preset!r} (mode {spec.mode!r}) distils from a teacher, but "
                 f"teacher.path is empty{where}; set --teacher.path=<checkpoint dir> or use --distill.preset=none"
             )
+
+    def _check_world_teacher_seq_len(self) -> None:
+        """``data.teacher_seq_len`` checks a dataset's teacher length; a world builds its own (``world.teacher_seq_len``).
+
+        Before the ``world.*`` section, ``data.teacher_seq_len`` also set the demo's length. That meaning is gone
+        (one name, one meaning), so a value that would have set the world's length is refused with the fix.
+        """
+        n, w = self.data.teacher_seq_len, self.world
+        if w.name == "instruct" and n == w.teacher_seq_len:
+            return  # the check agrees with what the world builds
+        built = (f"the instruct world builds its teacher columns with world.teacher_seq_len={w.teacher_seq_len}"
+                 if w.name == "instruct" else f"world.name={w.name!r} builds no teacher columns")
+        raise ConfigError(
+            f"data.teacher_seq_len={n} checks the teacher length of a prebuilt data.dataset (0 = not checked), but "
+            f"data.dataset is empty and {built}; to set the world's teacher length use --world.teacher_seq_len={n} "
+            "(data.teacher_seq_len no longer sets it), and leave data.teacher_seq_len at 0"
+        )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -571,7 +617,6 @@ def convert_value(option: str, value: Any, tp: Any, *, source: str) -> Any:
 
 #: Options that moved, old name -> new name (the old names keep working, with a deprecation message).
 RENAMED_OPTIONS = {
-    ("data", "teacher_seq_len"): ("world", "teacher_seq_len"),
     ("data", "heldout_fraction"): ("world", "heldout_fraction"),
     ("data", "max_files"): ("world", "max_files"),
     ("data", "demo_teacher_steps"): ("world", "teacher_steps"),

@@ -7,7 +7,9 @@ Everything after ``--`` goes to ``launch/run.py``. Before anything is queued the
 resolved (recipe + overrides), so a typo fails here and not after hours in the queue. The run
 directory is ``train.output_dir``; the job log goes to ``<output_dir>/logs/<job-name>-<job id>.log``
 (one file per job, appended to by its requeued restarts), the checkpoints to
-``<output_dir>/checkpoints/``. ``--train.resume=auto`` is always in force: submitting the same
+``<output_dir>/checkpoints/``. Before queueing, the launch's weight-free checks run for the job's world size
+(``tide_ds.plan.checks``: paths, key layouts, ids, dataset lengths, batch divisibility); ``python -m
+tide_ds.plan`` prints the memory plan. ``--train.resume=auto`` is always in force: submitting the same
 command again continues the run from its latest checkpoint, at any node count.
 
 Options map onto sbatch; the per-node task layout follows the launch mode (``--launch``): ``srun``
@@ -55,12 +57,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra sbatch argument, repeatable (e.g. --sbatch-arg=--constraint=h100)")
     p.add_argument("--python", default=sys.executable, help="python of the environment to run (default: this one)")
+    p.add_argument("--gpu-mem-gib", type=float, default=0.0,
+                   help="GPU memory per rank in GiB: plan the run's memory (python -m tide_ds.plan) and refuse to queue "
+                        "one that does not fit (default 0: the launch's checks only)")
+    p.add_argument("--host-mem-gib", type=float, default=1024.0, help="host memory per node in GiB for the plan")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch command instead of submitting")
     return p.parse_args(ours), train_args
 
 
-def resolve_run(train_args: list[str]) -> Path:
-    """Check the training configuration now; return the run directory (absolute)."""
+def resolve_run(train_args: list[str], *, world_size: int = 0, gpus: bool = True, plan_on=None) -> Path:
+    """Check the training configuration now (with ``world_size``, every check of the launch; with ``plan_on``, a
+    ``tide_ds.plan.memory.Cluster``, its memory plan too); the run directory."""
     sys.path.insert(0, str(ROOT / "launch"))
     from run import parse_argv
 
@@ -76,6 +83,17 @@ def resolve_run(train_args: list[str]) -> Path:
                 "it stopped; move an old run aside yourself or choose another --train.output_dir"
             )
     cfg = build_config(recipe=recipe, overrides=[*overrides, "--train.resume=auto"])
+    if plan_on is not None:
+        from tide_ds.plan.planner import format_plan, make_plan
+
+        plan = make_plan(cfg, plan_on)
+        print(format_plan(plan, recipe=recipe or ""), file=sys.stderr)
+        if not plan.fits:
+            raise ValueError("the run does not fit (plan above): " + "; ".join(plan.problems))
+    elif world_size:  # the launch's own weight-free checks (tide_ds.plan), now rather than after the queue
+        from tide_ds.plan import prepare_run
+
+        prepare_run(cfg, world_size=world_size, on_gpu=gpus)
     out = Path(cfg.train.output_dir)
     return out if out.is_absolute() else ROOT / out
 
@@ -127,9 +145,16 @@ def sbatch_command(args: argparse.Namespace, train_args: list[str], out: Path) -
 def main(argv: list[str]) -> int:
     args, train_args = parse_args(argv)
     try:
-        out = resolve_run(train_args)
+        procs = args.procs_per_node or args.gpus_per_node
+        cluster = None
+        if args.gpu_mem_gib > 0:
+            from tide_ds.plan.memory import GIB, Cluster
+
+            cluster = Cluster(world_size=args.nodes * procs, gpus_per_node=procs, gpu_bytes=int(args.gpu_mem_gib * GIB),
+                              host_bytes_per_node=int(args.host_mem_gib * GIB))
+        out = resolve_run(train_args, world_size=args.nodes * procs, gpus=args.gpus_per_node > 0, plan_on=cluster)
         cmd, env = sbatch_command(args, train_args, out)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"tide-ds submit: {err}", file=sys.stderr)
         return 2
     if args.dry_run:

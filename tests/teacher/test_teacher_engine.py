@@ -110,3 +110,37 @@ def test_target_logprobs_and_row_logits_only_on_needed_rows():
     logits = row_logits(h, w, torch.tensor([[4, 0], [2, 9]]), vocab_limit=7)
     assert logits.shape == (2, 2, 7)
     torch.testing.assert_close(logits[1, 1], (h[1, 4] @ w[:7].t()).float())  # index 9 clamps to L - 1
+
+
+@pytest.mark.slow
+def test_zero3_comp_demo_gathers_the_teacher_once_per_micro_step(checkpoints, tmp_path):
+    """Per micro-step with CompDemo, a rank receives at most 1.05 x teacher bytes x (world - 1) / world (one
+    gather; two passes used to gather twice), and building the partitioned teacher broadcasts nothing."""
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tide_ds" / "torch_extensions"))
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_port()),
+           str(ROOT / "tests" / "teacher" / "traffic_worker.py"), str(checkpoints["llada2_moe"]), "llada2_moe",
+           str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        one_gather = r["param_bytes"] * (r["world"] - 1) / r["world"]
+        assert r["build"]["broadcast"] == 0, r["build"]
+        for step in r["steps"]:
+            assert 0.5 * one_gather < step["allgather"] <= 1.05 * one_gather, (step, one_gather)
+            assert step["broadcast"] <= 4096  # DeepSpeed's small control messages, no parameter
+
+
+def test_auto_placement_counts_host_memory_of_the_load():
+    # a CPU replica keeps the teacher in host memory: the load needs replica + one group read and converted
+    kw = dict(param_bytes=30 * GiB, world_size=8, free_bytes=80 * GiB, largest_group_bytes=2 * GiB,
+              read_buffer_bytes=3 * GiB)
+    assert decide_placement("auto", host_free_bytes=40 * GiB, **kw).kind == "replicate"  # on a GPU: 3 GiB
+    on_cpu = decide_placement("auto", host_free_bytes=32 * GiB, on_cpu=True, **kw)
+    assert on_cpu.kind == "zero3" and "a replica's load needs 33.00 GiB of host memory" in on_cpu.reason
+    with pytest.raises(ValueError, match="fits no placement"):
+        decide_placement("auto", host_free_bytes=2 * GiB, **kw)
+    with pytest.raises(ValueError, match="teacher.placement=replicate needs 33.00 GiB of host memory"):
+        decide_placement("replicate", host_free_bytes=32 * GiB, on_cpu=True, **kw)

@@ -28,7 +28,7 @@ import transformers
 from tide_ds.models import dream, llada, llada2_moe, wedlm
 from tide_ds.models.adapter_glue import LoadPlan, read_config_json
 
-__all__ = ["FAMILIES", "TeacherFamily", "detect_family", "get_family", "load_teacher", "teacher_family"]
+__all__ = ["FAMILIES", "TeacherFamily", "detect_family", "get_family", "load_teacher", "resolve_family", "teacher_family"]
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,23 @@ def detect_family(path: str | os.PathLike) -> str:
     )
 
 
+def resolve_family(path: str | os.PathLike, family: str | None) -> str:
+    """``family`` checked against the checkpoint's ``model_type``, or detected from it when ``None``."""
+    if family is None:
+        return detect_family(path)
+    get_family(family)
+    p, raw = read_config_json(path)
+    model_type = raw.get("model_type")
+    owner = next((f.name for f in FAMILIES.values() if model_type in f.model_types), None)
+    if owner is not None and owner != family:
+        raise ValueError(
+            f"teacher.family={family!r} but {p / 'config.json'} has model_type={model_type!r}, a {owner!r} "
+            f"checkpoint; set teacher.family={owner!r} (or leave it unset to detect it), or point teacher.path "
+            f"at a {family} checkpoint"
+        )
+    return family
+
+
 def load_teacher(
     path: str | os.PathLike,
     *,
@@ -154,19 +171,7 @@ def load_teacher(
     Returns:
         the native transformers model (see the module table), in eval mode without gradients.
     """
-    if family is None:
-        family = detect_family(path)
-    else:
-        get_family(family)
-        p, raw = read_config_json(path)
-        model_type = raw.get("model_type")
-        owner = next((f.name for f in FAMILIES.values() if model_type in f.model_types), None)
-        if owner is not None and owner != family:
-            raise ValueError(
-                f"teacher.family={family!r} but {p / 'config.json'} has model_type={model_type!r}, a {owner!r} "
-                f"checkpoint; set teacher.family={owner!r} (or leave it unset to detect it), or point teacher.path "
-                f"at a {family} checkpoint"
-            )
+    family = resolve_family(path, family)
     return get_family(family).load(path, attn_implementation=attn_implementation, dtype=dtype)
 
 

@@ -22,13 +22,8 @@ import torch
 from tide_ds import dist
 from tide_ds.models.teachers import TeacherFamily, detect_family, get_family
 from tide_ds.teacher import forward as tf
-from tide_ds.teacher.load import (
-    current_rss_bytes,
-    load_partitioned,
-    peak_rss_bytes,
-    peak_rss_reset,
-    teacher_size,
-)
+from tide_ds.teacher.load import current_rss_bytes, load_partitioned, peak_rss_bytes, peak_rss_reset
+from tide_ds.teacher.loading import check_teacher_ids, load_replica, teacher_footprint
 from tide_ds.teacher.placement import Placement, decide_placement, free_memory_bytes, teacher_ds_config
 
 logger = logging.getLogger(__name__)
@@ -131,49 +126,33 @@ class TeacherEngine:
 
         fam = get_family(family) if family else get_family(detect_family(path))
         plan = fam.plan(path)
-        declared = getattr(plan.config, "mask_token_id", None)
-        if mask_token_id is not None:
-            if declared is not None and int(declared) != mask_token_id:
-                raise ValueError(
-                    f"teacher.mask_token_id={mask_token_id} but the teacher at {path} declares mask_token_id="
-                    f"{declared}; drop the option or fix the checkpoint"
-                )
-            plan.config.mask_token_id = mask_token_id
-        if vocab_limit is not None:
-            v_t = plan.config.vocab_size
-            if vocab_limit > v_t:
-                raise ValueError(
-                    f"distill.shared_vocab_size={vocab_limit} exceeds the teacher's vocabulary ({v_t} rows, {path}); "
-                    "pipeline B needs a teacher with the student's tokenizer"
-                )
-            mask = getattr(plan.config, "mask_token_id", None)
-            if mask is not None and int(mask) < vocab_limit:
-                raise ValueError(
-                    f"the teacher's mask token id {mask} lies inside the shared vocabulary prefix "
-                    f"distill.shared_vocab_size={vocab_limit}; the prefix must hold only tokens both tokenizers mean "
-                    "the same way (spec §3.5): lower distill.shared_vocab_size"
-                )
-        size = teacher_size(plan, dtype=dtype)
+        mask_id = check_teacher_ids(plan, mask_token_id=mask_token_id, vocab_limit=vocab_limit)  # before any weight
+        size = teacher_footprint(plan, dtype=dtype)
         device = device or torch.device("cpu")
         world = dist.world_size()
-        free = torch.tensor([free_memory_bytes(device, local_world_size=_local_world())], dtype=torch.float64)
-        if dist.is_initialized():  # every rank decides from the same (smallest) number
+        free = torch.tensor([free_memory_bytes(device, local_world_size=_local_world()),
+                             free_memory_bytes(torch.device("cpu"), local_world_size=_local_world())], dtype=torch.float64)
+        if dist.is_initialized():  # every rank decides from the same (smallest) numbers
             torch.distributed.all_reduce(free, op=torch.distributed.ReduceOp.MIN)
         decision = decide_placement(
             placement,
             param_bytes=size.param_bytes,
             world_size=world,
-            free_bytes=int(free.item()),
-            largest_group_bytes=size.largest_group_bytes,
+            free_bytes=int(free[0].item()),
+            largest_group_bytes=size.largest_unit_bytes,
+            host_free_bytes=int(free[1].item()),
+            read_buffer_bytes=size.load_buffer_bytes,
+            on_cpu=device.type != "cuda",
         )
         logger.info("teacher %s (%s): placement %s — %s", path, fam.name, decision.kind, decision.reason)
-        ds = teacher_ds_config(decision.kind, hidden_size=size.hidden_size, bf16=dtype == torch.bfloat16)
+        ds = teacher_ds_config(decision.kind, hidden_size=size.hidden, bf16=dtype == torch.bfloat16,
+                               largest_unit_params=size.largest_unit_params)
         peak_rss_reset()
         before = current_rss_bytes()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if decision.kind == "replicate":
-            model = fam.load(path, attn_implementation=attn_implementation, dtype=dtype).to(device)
+            model = load_replica(plan, attn_implementation=attn_implementation, dtype=dtype, device=device)
         else:
             model = load_partitioned(plan, ds_config=ds, attn_implementation=attn_implementation, dtype=dtype)
             if fam.zero3_leaf_modules:
@@ -197,12 +176,6 @@ class TeacherEngine:
             deepspeed.zero.register_external_parameter(module, fam.lm_head_weight(model))
         engine, *_ = deepspeed.initialize(model=module, config=ds)
         engine.eval()
-        mask_id = mask_token_id if mask_token_id is not None else getattr(model.config, "mask_token_id", None)
-        if mask_id is None:
-            raise ValueError(
-                f"teacher {path} declares no mask token (config.json mask_token_id or a mask token in its "
-                "tokenizer files); set --teacher.mask_token_id"
-            )
         return cls(engine, family=fam, mask_token_id=int(mask_id), report=report)
 
     def __call__(
@@ -231,10 +204,14 @@ class TeacherEngine:
     ) -> torch.Tensor:
         """CompDemo (§8): pass 1 masks B (A is the demonstration), pass 2 masks A; rows of A from pass 2.
 
-        Always two passes, on every rank.
+        Both passes run as one forward over the two noised copies stacked on the batch axis ``[2B, L_t]``, so
+        a partitioned teacher gathers its parameters once per micro-step, not twice; on every rank.
         """
-        first = self.target_logprobs(clean_BL, mask_b_BL, attention_mask=attention_mask, target_rows=mask_b_BL)
-        second = self.target_logprobs(clean_BL, mask_a_BL, attention_mask=attention_mask, target_rows=mask_a_BL)
+        ids = torch.cat([self.noised(clean_BL, mask_b_BL), self.noised(clean_BL, mask_a_BL)])
+        rows = torch.cat([mask_b_BL, mask_a_BL])
+        lp, _ = self(ids, attention_mask=_twice(attention_mask), target_rows=rows, x_0=_twice(clean_BL),
+                     target_ids=_twice(clean_BL))
+        first, second = lp.chunk(2)
         return tf.merge_passes(first, second, mask_a_BL)
 
     # --- Teacher rows for pipeline B: one pass (``_rows``) or CompDemo's two (``_comp_demo_rows``); each as float32
@@ -256,11 +233,14 @@ class TeacherEngine:
     ) -> torch.Tensor:
         """Token-level CompDemo (§8.1): pass 1 masks B, pass 2 masks A; rows in A take pass 2's rows.
 
-        The head is linear in the row, so merging hidden rows before it equals merging logits after it.
-        Always two passes, on every rank.
+        Both passes run as one forward over the two noised copies stacked on the batch axis ``[2B, L_t]`` (one
+        parameter gather of a partitioned teacher per micro-step); the head is linear in the row, so merging
+        hidden rows before it equals merging logits after it. On every rank.
         """
-        first = self._rows(clean_BL, mask_b_BL, rows_BN, attention_mask=attention_mask, as_hidden=as_hidden)
-        second = self._rows(clean_BL, mask_a_BL, rows_BN, attention_mask=attention_mask, as_hidden=as_hidden)
+        ids = torch.cat([self.noised(clean_BL, mask_b_BL), self.noised(clean_BL, mask_a_BL)])
+        _, rows = self(ids, attention_mask=_twice(attention_mask), target_rows=None, x_0=_twice(clean_BL),
+                       logit_rows=_twice(rows_BN), rows_as_hidden=as_hidden)
+        first, second = rows.chunk(2)
         return torch.where(rows_in_a_BN.unsqueeze(-1), second, first)
 
     def row_logits(
@@ -315,6 +295,10 @@ class TeacherEngine:
         with gather:
             full = weight.detach()
             yield full if module.vocab_limit is None else full[: module.vocab_limit]
+
+
+def _twice(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else torch.cat([x, x])
 
 
 def _local_world() -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,13 +26,6 @@ logger = logging.getLogger(__name__)
 _LAYER = re.compile(r"^(?:model\.layers|model\.transformer\.blocks)\.(\d+)\.")
 
 
-@dataclass(frozen=True)
-class TeacherSize:
-    param_bytes: int
-    largest_group_bytes: int
-    hidden_size: int
-
-
 def checkpoint_groups(keys: list[str]) -> list[list[str]]:
     """Checkpoint keys grouped for streaming: non-layer tensors first, then one group per decoder layer."""
     top, layers = [], {}
@@ -44,15 +36,6 @@ def checkpoint_groups(keys: list[str]) -> list[list[str]]:
         else:
             layers.setdefault(int(m.group(1)), []).append(key)
     return ([top] if top else []) + [layers[i] for i in sorted(layers)]
-
-
-def teacher_size(plan: LoadPlan, *, dtype: torch.dtype) -> TeacherSize:
-    """Parameter bytes in ``dtype`` and the largest streaming group, from the headers alone."""
-    meta = meta_checkpoint(plan.path)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    groups = checkpoint_groups(list(meta))
-    sizes = [sum(meta[k].numel() for k in group) * itemsize for group in groups]
-    return TeacherSize(param_bytes=sum(sizes), largest_group_bytes=max(sizes), hidden_size=plan.config.hidden_size)
 
 
 def _partition_slice(param: torch.nn.Parameter, full: torch.Tensor) -> None:
@@ -67,28 +50,43 @@ def _partition_slice(param: torch.nn.Parameter, full: torch.Tensor) -> None:
         part.data[:count].copy_(flat[start : start + count].to(part.dtype))
 
 
+def _local_init() -> type:
+    """``deepspeed.zero.Init`` that partitions each new parameter where it is, without rank 0's broadcast.
+
+    zero.Init broadcasts every full parameter from rank 0 so that random initialisations agree; here every
+    partition is overwritten from the checkpoint right after (a parameter left unread is an error), so the
+    broadcast would only ship the whole teacher over the network for nothing.
+    """
+    import deepspeed
+
+    class LocalInit(deepspeed.zero.Init):
+        def _zero_init_param(self, param):  # DeepSpeed 0.19: convert, broadcast from rank 0, partition
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    return LocalInit
+
+
 def load_partitioned(
     plan: LoadPlan, *, ds_config: dict, attn_implementation: str, dtype: torch.dtype
 ) -> transformers.PreTrainedModel:
     """Build the native model under ``zero.Init`` and stream the checkpoint into its partitions."""
-    import deepspeed
 
     # The dtype comes from the config's bf16 section: DeepSpeed 0.19's zero.Init ignores an explicit
     # dtype=torch.float32 on accelerators without fp16 (CPU) and builds bf16 parameters instead.
     bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
     if (dtype == torch.bfloat16) != bf16 or dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"teacher dtype {dtype} does not match the engine config (bf16={bf16}); use float32 or bfloat16")
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with _local_init()(config_dict_or_path=ds_config):
         model = instantiate(plan.native_class, plan.config, attn_implementation=attn_implementation, dtype=dtype)
     params = dict(model.named_parameters(remove_duplicate=True))
     buffers = dict(model.named_buffers())
     tied = plan.config.tie_word_embeddings
     expected = {k for k in params if not (tied and k == "lm_head.weight")}
     loaded: set[str] = set()
-    for group in checkpoint_groups(meta_keys := list(meta_checkpoint(plan.path))):
-        state = load_safetensors_checkpoint(plan.path, keys=group)
-        plan.drop_tied_head(state)
-        native, source = plan.convert(state)
+    from tide_ds.teacher.loading import stream_groups
+
+    for native, source in stream_groups(plan):  # one group read and converted at a time
         for name, tensor in native.items():
             where = source.get(name, name)
             if name in params:
@@ -104,11 +102,11 @@ def load_partitioned(
             else:
                 raise ValueError(f"{plan.path}: unexpected tensor {where} for {plan.native_class.__name__}")
             loaded.add(name)
-        del state, native
+        del native
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"{plan.path}: {len(missing)} parameter(s) missing from the checkpoint, e.g. {missing[:4]}")
-    logger.info("streamed %d checkpoint tensors of %s into ZeRO-3 partitions", len(meta_keys), plan.path)
+    logger.info("streamed %d tensors of %s into ZeRO-3 partitions", len(loaded), plan.path)
     return model.eval().requires_grad_(False)
 
 

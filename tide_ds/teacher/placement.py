@@ -49,6 +49,21 @@ def free_memory_bytes(device: torch.device, *, local_world_size: int) -> int:
     return info.get("MemAvailable", info.get("MemFree", 0)) // max(1, local_world_size)
 
 
+def host_load_bytes(kind: str, *, param_bytes: int, world_size: int, read_buffer_bytes: int, on_cpu: bool) -> int:
+    """Peak host memory of one rank while the teacher loads (:mod:`tide_ds.teacher.loading`, ``load_partitioned``).
+
+    Every placement streams the checkpoint one group at a time: ``read_buffer_bytes`` is the largest group
+    as read plus its converted copy. What the rank keeps on the host comes on top: the replica when the
+    run is on the CPU, the partition when it is on the CPU or offloaded.
+    """
+    kept = 0
+    if kind == "replicate" and on_cpu:
+        kept = param_bytes
+    elif kind == "zero3_offload" or (kind == "zero3" and on_cpu):
+        kept = -(-param_bytes // world_size)
+    return kept + read_buffer_bytes
+
+
 def decide_placement(
     requested: str,
     *,
@@ -56,44 +71,85 @@ def decide_placement(
     world_size: int,
     free_bytes: int,
     largest_group_bytes: int = 0,
+    host_free_bytes: int | None = None,
+    read_buffer_bytes: int = 0,
+    on_cpu: bool = False,
 ) -> Placement:
     """Pick the teacher placement; ``requested`` other than ``auto`` is taken as given.
+
+    Device memory: a replica must fit in :data:`TEACHER_MEMORY_FRACTION` of the free memory, a ZeRO-3
+    partition plus the largest gathered unit likewise; else the parameters are offloaded. Host memory:
+    with ``host_free_bytes`` (one rank's share of the node), a placement whose load
+    (:func:`host_load_bytes`) does not fit there is skipped; when none fits, ``ValueError``.
 
     Args:
         param_bytes: bytes of the teacher's parameters in the dtype it runs in.
         world_size: ranks that share the partitions.
-        free_bytes: memory one rank may use (see :func:`free_memory_bytes`); every rank must pass the same
-            value (take the minimum over ranks) so that all ranks decide alike.
+        free_bytes: device memory one rank may use (see :func:`free_memory_bytes`); every rank must pass the
+            same value (take the minimum over ranks) so that all ranks decide alike.
         largest_group_bytes: the largest unit ZeRO-3 gathers at once (one decoder layer; for an MoE layer all
-            its experts).
+            its experts; or the embedding).
+        host_free_bytes: host memory one rank may use while loading (``None``: not checked).
+        read_buffer_bytes: the largest loading group as read from the checkpoint plus its converted copy.
+        on_cpu: the run has no accelerator (a replica then lives in host memory).
     """
     check_placement(requested)
     gib = 2**30
-    budget = TEACHER_MEMORY_FRACTION * free_bytes
+
+    def host(kind: str) -> int:
+        return host_load_bytes(kind, param_bytes=param_bytes, world_size=world_size, read_buffer_bytes=read_buffer_bytes,
+                               on_cpu=on_cpu)
+
+    def host_fits(kind: str) -> bool:
+        return host_free_bytes is None or host(kind) <= host_free_bytes
+
+    host_note = "" if host_free_bytes is None else f", {host_free_bytes / gib:.2f} GiB host memory per rank"
     if requested != "auto":
+        if not host_fits(requested):
+            raise ValueError(
+                f"teacher.placement={requested} needs {host(requested) / gib:.2f} GiB of host memory per rank while "
+                f"loading, more than the {host_free_bytes / gib:.2f} GiB available; use fewer ranks per node or "
+                "teacher.placement=auto"
+            )
         return Placement(requested, f"teacher.placement={requested} was requested")
-    if param_bytes <= budget:
+    budget = TEACHER_MEMORY_FRACTION * free_bytes
+    if param_bytes <= budget and host_fits("replicate"):
         return Placement(
             "replicate",
-            f"teacher {param_bytes / gib:.2f} GiB fits in half of the {free_bytes / gib:.2f} GiB free per rank: "
-            "a replica per rank needs no all-gathers",
+            f"teacher {param_bytes / gib:.2f} GiB fits in half of the {free_bytes / gib:.2f} GiB free per rank"
+            f"{host_note}: a replica per rank needs no all-gathers",
         )
+    why = (f"teacher {param_bytes / gib:.2f} GiB exceeds half of the {free_bytes / gib:.2f} GiB free per rank"
+           if param_bytes > budget else
+           f"a replica's load needs {host('replicate') / gib:.2f} GiB of host memory per rank{host_note}")
     sharded = param_bytes / world_size + largest_group_bytes
-    if world_size > 1 and sharded <= budget:
+    if world_size > 1 and sharded <= budget and host_fits("zero3"):
         return Placement(
             "zero3",
-            f"teacher {param_bytes / gib:.2f} GiB exceeds half of the {free_bytes / gib:.2f} GiB free per rank; "
-            f"ZeRO-3 over {world_size} ranks holds {sharded / gib:.2f} GiB per rank (partition + one gathered layer)",
+            f"{why}; ZeRO-3 over {world_size} ranks holds {sharded / gib:.2f} GiB per rank (partition + one gathered "
+            "unit)",
         )
-    return Placement(
-        "zero3_offload",
-        f"teacher {param_bytes / gib:.2f} GiB does not fit on {world_size} rank(s) with {free_bytes / gib:.2f} GiB "
-        "free each even when partitioned; its parameters are offloaded to CPU memory",
+    if host_fits("zero3_offload"):
+        return Placement(
+            "zero3_offload",
+            f"{why}; it does not fit on {world_size} rank(s) with {free_bytes / gib:.2f} GiB free each even when "
+            f"partitioned: its parameters are offloaded to CPU memory ({host('zero3_offload') / gib:.2f} GiB per rank)",
+        )
+    raise ValueError(
+        f"the teacher ({param_bytes / gib:.2f} GiB) fits no placement: partitioned over {world_size} rank(s) it "
+        f"needs {sharded / gib:.2f} GiB of device memory per rank (half of {free_bytes / gib:.2f} GiB is available) "
+        f"and offloaded {host('zero3_offload') / gib:.2f} GiB of host memory per rank{host_note}; use more ranks or "
+        "larger machines"
     )
 
 
-def teacher_ds_config(kind: str, *, hidden_size: int, bf16: bool) -> dict[str, Any]:
-    """DeepSpeed config of the inference-only teacher engine (no optimizer, no gradients)."""
+def teacher_ds_config(kind: str, *, hidden_size: int, bf16: bool, largest_unit_params: int = 0) -> dict[str, Any]:
+    """DeepSpeed config of the inference-only teacher engine (no optimizer, no gradients).
+
+    ``largest_unit_params`` (the largest module gathered at once: an MoE layer with all its experts, or the
+    embedding) sizes the prefetch bucket to one such unit and lets two live at once (the one running and
+    the one prefetched), instead of DeepSpeed's defaults, which are far smaller than one LLaDA2 MoE layer.
+    """
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed; unused without an optimizer
         "steps_per_print": 10**9,
@@ -103,10 +159,12 @@ def teacher_ds_config(kind: str, *, hidden_size: int, bf16: bool) -> dict[str, A
         ds["zero_optimization"] = {"stage": 0}
         return ds
     h = hidden_size
+    unit = max(largest_unit_params, int(0.9 * h * h))
     zero: dict[str, Any] = {
         "stage": 3,
-        # Frozen weights: prefetch about one layer ahead, keep small tensors (norms, routers) resident.
-        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        # Frozen weights: prefetch one unit ahead, keep small tensors (norms, routers' biases) resident.
+        "stage3_prefetch_bucket_size": unit,
+        "stage3_max_live_parameters": max(2 * unit, 10**9),
         "stage3_param_persistence_threshold": 10 * h,
         "reduce_bucket_size": h * h,
     }

@@ -3,6 +3,7 @@ evaluates and checkpoints on cadence; :func:`train` is both. One step is :func:`
 
 from __future__ import annotations
 
+import datetime
 import logging
 import resource
 import sys
@@ -30,15 +31,20 @@ from tide_ds.trainer.step import evaluate, train_step
 logger = logging.getLogger(__name__)
 
 
-def init_distributed() -> torch.device:
-    """Start the process group (NCCL on GPUs, gloo on the CPU) and pick this rank's device."""
+def init_distributed(timeout_minutes: float = 60.0) -> torch.device:
+    """Start the process group (NCCL on GPUs, gloo on the CPU) and pick this rank's device.
+
+    ``timeout_minutes`` (``train.dist_timeout_minutes``) bounds every collective of the default group, which
+    DeepSpeed's groups inherit; a teacher load sits between two collectives, so it must outlast the load.
+    """
     import deepspeed
 
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         torch.cuda.set_device(dist.local_rank())
-        deepspeed.init_distributed(dist_backend="nccl")
+        deepspeed.init_distributed(dist_backend="nccl", timeout=timeout)
         return torch.device("cuda", dist.local_rank())
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timeout)
     return torch.device("cpu")
 
 
@@ -85,12 +91,16 @@ def build_run(cfg: RunConfig) -> Run:
     """
     setup_logging()
     guard = preemption.install(cfg.train.preempt_signals)  # a signal only sets a flag, checked after each step
-    device = init_distributed()
+    device = init_distributed(cfg.train.dist_timeout_minutes)
+    guard.group_timeout = datetime.timedelta(minutes=cfg.train.dist_timeout_minutes)
     try:  # fails early, logs once
         loss_implementation = resolve_loss_implementation(cfg.model.loss_implementation, device)
     except ValueError as err:  # the choice cannot run here (triton without a GPU or TRITON_INTERPRET=1)
         raise ConfigError(str(err)) from None
     rank, world = dist.rank(), dist.world_size()
+    from tide_ds.plan.checks import resolve_training_size
+
+    cfg = resolve_training_size(cfg, world_size=world)  # train.global_batch_size / train.epochs -> accumulation, steps
     decision = checkpoint.prepare_run_dir(cfg)
     logger.info("resolved config:\n%s", cfg.to_yaml())
 

@@ -25,6 +25,7 @@ a requeued job restarts from the last periodic checkpoint (or from scratch).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
@@ -74,6 +75,8 @@ class PreemptionGuard:
         self._group_ready = False
         self._flag = torch.zeros(1, dtype=torch.int32)
         self._interrupted = False
+        #: Timeout of the host-side group (``train.dist_timeout_minutes``); a new group does not inherit the world's.
+        self.group_timeout: datetime.timedelta | None = None
 
     def install(self) -> PreemptionGuard:
         for sig in self.signals:
@@ -120,7 +123,7 @@ class PreemptionGuard:
         if distributed and not self._group_ready:
             if torch.distributed.get_backend() != "gloo":
                 # a host-side group, so that the check never touches the GPU stream
-                self._group = torch.distributed.new_group(backend="gloo")
+                self._group = torch.distributed.new_group(backend="gloo", timeout=self.group_timeout)
             self._group_ready = True
         self._flag.fill_(0 if self.received is None else int(self.received))
         if distributed:

@@ -1,0 +1,207 @@
+"""Teacher sizes, id checks and host-memory-bounded loading, all decided from config.json and headers.
+
+* :func:`model_footprint` builds the native model on the ``meta`` device (no memory, no weights read)
+  and measures what placement and planning need: parameters, bytes in the run dtype, the largest
+  decoder layer and the largest unit ZeRO-3 gathers at once.
+* :func:`check_teacher_ids` checks mask id and vocabularies before a byte of weights is read.
+* :func:`load_replica` loads a replica group by group: the model is allocated once where it will
+  live (the device), each checkpoint group (the top-level tensors, then one decoder layer) is read
+  through safetensors' memory maps, converted, copied into place and freed before the next. Peak host
+  memory is one group (as stored, plus its converted copy) on a GPU, or the replica plus one group on
+  the CPU, instead of checkpoint + converted copy + model (2.9x the teacher for LLaDA2 before).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+from tide_ds.models.adapter_glue import LoadPlan, instantiate
+from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Sizes of a model, from its config on the ``meta`` device (B = bytes in the run dtype).
+
+    Attributes:
+        params: unique parameters (a tied head counted once).
+        param_bytes: their bytes in the dtype the model runs in (fp32 routers of LLaDA2 included).
+        largest_layer_params / largest_layer_bytes: the largest decoder layer (an MoE layer: all its experts).
+        largest_unit_bytes / largest_unit_params: the largest module ZeRO-3 gathers at once (a layer, the
+            embedding or the head).
+        stored_bytes: checkpoint bytes as stored.
+        load_buffer_bytes: the largest loading group as read plus its converted copy in the run dtype (the
+            host buffer of a group-by-group load).
+        hidden, layers, vocab, intermediate, q_dim, kv_dim: widths used by the activation estimates.
+    """
+
+    params: int
+    param_bytes: int
+    largest_layer_params: int
+    largest_layer_bytes: int
+    largest_unit_bytes: int
+    largest_unit_params: int
+    stored_bytes: int
+    load_buffer_bytes: int
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    q_dim: int
+    kv_dim: int
+    max_positions: int
+
+
+def _unique(params: Iterator[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _size(params: list[torch.nn.Parameter]) -> tuple[int, int]:
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def meta_model(
+    cls: type[transformers.PreTrainedModel], config: transformers.PretrainedConfig, *, dtype: torch.dtype
+) -> transformers.PreTrainedModel:
+    """The native model on the ``meta`` device (shapes and dtypes only)."""
+    with torch.device("meta"):
+        return instantiate(cls, config, attn_implementation="sdpa", dtype=dtype)
+
+
+def model_footprint(model: transformers.PreTrainedModel, *, checkpoint_dir=None) -> Footprint:
+    """Sizes of ``model`` (any device; ``meta`` costs nothing) and, with ``checkpoint_dir``, of its checkpoint."""
+    from tide_ds.teacher.load import checkpoint_groups
+
+    params, param_bytes = _size(_unique(model.parameters()))
+    layers = model.model.layers
+    per_layer = [_size(_unique(layer.parameters())) for layer in layers]
+    big_layer = max(per_layer, key=lambda s: s[1])
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    unit = max(big_layer[1], *(t.numel() * t.element_size() for t in (embed, head)))
+    unit_params = max(big_layer[0], embed.numel(), head.numel())
+    stored = buffer = 0
+    if checkpoint_dir is not None:
+        meta = meta_checkpoint(checkpoint_dir)
+        run_itemsize = embed.element_size()
+        sizes = [(sum(meta[k].numel() * meta[k].element_size() for k in g), sum(meta[k].numel() for k in g))
+                 for g in checkpoint_groups(list(meta))]
+        stored = sum(s for s, _ in sizes)
+        buffer = max(s + n * run_itemsize for s, n in sizes)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return Footprint(
+        params=params, param_bytes=param_bytes, largest_layer_params=big_layer[0], largest_layer_bytes=big_layer[1],
+        largest_unit_bytes=unit, largest_unit_params=unit_params, stored_bytes=stored, load_buffer_bytes=buffer,
+        hidden=cfg.hidden_size, layers=len(layers), vocab=embed.shape[0], intermediate=cfg.intermediate_size,
+        q_dim=cfg.num_attention_heads * head_dim, kv_dim=cfg.num_key_value_heads * head_dim,
+        max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
+    )
+
+
+def teacher_footprint(plan: LoadPlan, *, dtype: torch.dtype) -> Footprint:
+    """The teacher's :class:`Footprint` in ``dtype``, from config.json and the safetensors headers alone."""
+    return model_footprint(meta_model(plan.native_class, plan.config, dtype=dtype), checkpoint_dir=plan.path)
+
+
+def check_teacher_ids(plan: LoadPlan, *, mask_token_id: int | None, vocab_limit: int | None) -> int:
+    """The teacher's mask id after every check that needs no weights; sets ``plan.config.mask_token_id``.
+
+    ``mask_token_id`` (the recipe's) overrides the checkpoint's (config.json / tokenizer) when given; a
+    checkpoint that declares another one is an error. With ``vocab_limit`` (pipeline B's shared prefix V'),
+    the teacher's vocabulary must hold the prefix and its mask token must lie outside it (spec §3.5).
+    """
+    path = plan.path
+    declared = getattr(plan.config, "mask_token_id", None)
+    if mask_token_id is not None:
+        if declared is not None and int(declared) != mask_token_id:
+            raise ValueError(
+                f"teacher.mask_token_id={mask_token_id} but the teacher at {path} declares mask_token_id="
+                f"{declared}; drop the option or fix the checkpoint"
+            )
+        plan.config.mask_token_id = mask_token_id
+    mask = getattr(plan.config, "mask_token_id", None)
+    if mask is None:
+        raise ValueError(
+            f"teacher {path} declares no mask token (config.json mask_token_id or a mask token in its "
+            "tokenizer files); set --teacher.mask_token_id (LLaDA2.0-mini: 156895, WeDLM-8B: 151665)"
+        )
+    v_t = plan.config.vocab_size
+    if not 0 <= int(mask) < v_t:
+        raise ValueError(
+            f"the teacher's mask token id {mask} lies outside its vocabulary of {v_t} rows ({path}); "
+            "fix teacher.mask_token_id"
+        )
+    if vocab_limit is not None:
+        if vocab_limit > v_t:
+            raise ValueError(
+                f"distill.shared_vocab_size={vocab_limit} exceeds the teacher's vocabulary ({v_t} rows, {path}); "
+                "pipeline B needs a teacher with the student's tokenizer"
+            )
+        if int(mask) < vocab_limit:
+            raise ValueError(
+                f"the teacher's mask token id {mask} lies inside the shared vocabulary prefix "
+                f"distill.shared_vocab_size={vocab_limit}; the prefix must hold only tokens both tokenizers mean "
+                "the same way (spec §3.5): lower distill.shared_vocab_size"
+            )
+    return int(mask)
+
+
+def stream_groups(plan: LoadPlan) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """``(native tensors, native key -> checkpoint key)`` one checkpoint group at a time (top level, then layers).
+
+    Each group is read through safetensors' memory maps (only its tensors are touched) and converted by
+    the family's plan; the caller copies it into place and drops it before asking for the next.
+    """
+    from tide_ds.teacher.load import checkpoint_groups
+
+    for group in checkpoint_groups(list(meta_checkpoint(plan.path))):
+        state = load_safetensors_checkpoint(plan.path, keys=group)
+        plan.drop_tied_head(state)
+        native, source = plan.convert(state)
+        del state
+        yield native, source
+
+
+def load_replica(
+    plan: LoadPlan, *, attn_implementation: str, dtype: torch.dtype, device: torch.device
+) -> transformers.PreTrainedModel:
+    """A frozen replica on ``device``, loaded group by group (host peak: one group; on the CPU the replica + one)."""
+    # Built straight on the device: uninitialised storage where the model lives, nothing staged on the host.
+    with torch.device(device):
+        model = instantiate(plan.native_class, plan.config, attn_implementation=attn_implementation, dtype=dtype)
+    tied = plan.config.tie_word_embeddings
+    targets = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    expected = {k for k in dict(model.state_dict()) if not (tied and k == "lm_head.weight")}
+    loaded: set[str] = set()
+    for native, source in stream_groups(plan):
+        for name, tensor in native.items():
+            where = source.get(name, name)
+            if name not in targets:
+                raise ValueError(f"{plan.path}: unexpected tensor {where} for {plan.native_class.__name__}")
+            target = targets[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"{plan.path}: {where} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}; "
+                    "config.json and the weights disagree"
+                )
+            with torch.no_grad():
+                target.copy_(tensor)
+            loaded.add(name)
+        del native
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"{plan.path}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[:4]}")
+    return model.eval().requires_grad_(False)
