@@ -1,1 +1,1 @@
-"""Triton kernels of tide-ds (imported as ``tide_kernels``; see DESIGN.md, decision 6)."""
+"""Triton kernels of tide-ds (imported as ``tide_kernels``; see docs/design.md, decision 6)."""

@@ -19,6 +19,7 @@ after the checks under ``tide_ds.failfast.run``, so a failure on one rank ends t
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tide_ds.errors import ConfigError

@@ -1,4 +1,4 @@
-"""One table of tolerances for comparing a kernel with its float64 PyTorch reference (STYLE.md §4).
+"""One table of tolerances for comparing a kernel with its float64 PyTorch reference (CONTRIBUTING.md §4).
 
 Keyed by ``(op, dtype)``; the reference always runs in float64 on the same (upcast) inputs, so the
 numbers measure the kernel's own rounding, not the input's. ``rms`` bounds the relative RMS error

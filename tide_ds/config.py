@@ -110,7 +110,7 @@ def _positive(option: str, value: float, *, allow_zero: bool = False) -> None:
 
 @dataclass(kw_only=True)
 class ModelArgs:
-    """The student model (a Qwen3 BD3LM; spec MODELS.md §7)."""
+    """The student model (a Qwen3 BD3LM; docs/models.md §7)."""
 
     path: str = option(
         "",
@@ -232,7 +232,7 @@ class WorldArgs:
 
 @dataclass(kw_only=True)
 class DiffusionArgs:
-    """Masked block diffusion (spec ALGORITHMS.md §1–§2)."""
+    """Masked block diffusion (docs/method.md §1–§2)."""
 
     block_size: int = option(32, "BD3LM block size K.")
     time_epsilon: float = option(1e-3, "Timesteps are drawn from [time_epsilon, 1); must lie in (0, 1).")
@@ -249,7 +249,7 @@ class DiffusionArgs:
 
 @dataclass(kw_only=True)
 class TeacherArgs:
-    """The frozen teacher (a second DeepSpeed engine; spec MODELS.md §3–§6)."""
+    """The frozen teacher (a second DeepSpeed engine; docs/models.md §3–§6)."""
 
     path: str = option(
         "",
@@ -286,9 +286,9 @@ class TeacherArgs:
 
 @dataclass(kw_only=True)
 class DistillArgs:
-    """The objective: masked-diffusion CE plus the distillation terms of a preset or mode (spec §5–§10)."""
+    """The objective: masked-diffusion CE plus the distillation terms of a preset or mode (docs/method.md §5–§10)."""
 
-    preset: Preset = option("tide_cross", "Paper variant: none (CE only), calm, tide_cross, tide_shared, kl (spec §9.3).")
+    preset: Preset = option("tide_cross", "Paper variant: none (CE only), calm, tide_cross, tide_shared, kl (docs/method.md §9.3).")
     pipeline: PipelineChoice = option(
         "auto",
         "Pipeline: A (cross tokenizer, chunk terms), B (shared tokenizer, token terms), or auto (calm -> A, kl ->"

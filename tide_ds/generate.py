@@ -1,4 +1,4 @@
-"""Sample from a trained student with the BD3LM sampler (spec ALGORITHMS.md §13.1).
+"""Sample from a trained student with the BD3LM sampler (docs/method.md §13.1).
 
     python -m tide_ds.generate --checkpoint RUN_DIR|CHECKPOINT_DIR|HF_DIR --prompt "def fib(n):" [--prompt ...]
 

@@ -6,7 +6,7 @@ K/V head ``h // (H // H_kv)`` (GQA by index, no repeat).
 
 Masks, computed from indices (no mask tensor):
 
-* BD3LM (ALGORITHMS.md §2.3), ``T = 2L``. Query rows of x_t block ``b`` see x_t keys of block ``b`` and
+* BD3LM (docs/method.md §2.3), ``T = 2L``. Query rows of x_t block ``b`` see x_t keys of block ``b`` and
   x_0 keys of blocks ``< b``; x_0 rows of block ``b`` see x_0 keys of blocks ``<= b``. Each program
   derives from (L, K) which key tiles its query tile needs: a *full* range that every row may attend
   (no mask arithmetic), and at most two *masked* ranges (the staircase / diagonal tiles) where the
@@ -71,7 +71,7 @@ def _allowed(q_idx, k_idx, seq_len, block_size, key_len, CLEAN_FIRST: tl.constex
         else:
             q_clean = q_second
             k_clean = k_second
-        # §2.3: block-diagonal within a copy, or a clean key of a strictly earlier block (the offset
+        # docs/method.md §2.3: block-diagonal within a copy, or a clean key of a strictly earlier block (the offset
         # block-causal and block-causal terms; the equal-block clean/clean case is block-diagonal).
         ok = ((q_block == k_block) & (q_clean == k_clean)) | (k_clean & (q_block > k_block))
     return ok

@@ -1,4 +1,4 @@
-"""The BD3LM block-diffusion attention mask as a predicate of indices (spec ALGORITHMS.md §2.3).
+"""The BD3LM block-diffusion attention mask as a predicate of indices (docs/method.md §2.3).
 
 This is the one definition of the mask in the code base: the PyTorch reference of the attention op
 builds its dense mask from it, and ``tide_ds.models.block_mask`` builds the SDPA, eager and

@@ -137,7 +137,7 @@ def bd3lm_attention(
         tests). Triton needs ``Dh`` in :data:`TRITON_HEAD_DIMS`.
 
     Masks (exactly one):
-        * BD3LM (spec ALGORITHMS.md §2.3): ``seq_len=L``, ``block_size=K``, ``T = 2L`` tokens ``[x_t ; x_0]``
+        * BD3LM (docs/method.md §2.3): ``seq_len=L``, ``block_size=K``, ``T = 2L`` tokens ``[x_t ; x_0]``
           (``clean_first=True``: ``[x_0 ; x_t]``).
         * Key lengths: ``key_lens [B]`` (int32/int64) real tokens per sequence, bidirectional among them;
           padding query rows (index >= ``key_lens[b]``) return 0 and get no gradient. Values are clamped to

@@ -2,12 +2,12 @@
 
 Two masks (one of them per call):
 
-* BD3LM (spec ALGORITHMS.md §2.3): ``T = 2L`` tokens ``[x_t ; x_0]`` (or ``[x_0 ; x_t]`` with
+* BD3LM (docs/method.md §2.3): ``T = 2L`` tokens ``[x_t ; x_0]`` (or ``[x_0 ; x_t]`` with
   ``clean_first``), the boolean mask of :func:`tide_kernels.bd3lm_attention.mask.bd3lm_allowed`.
-* Key lengths (padded bidirectional attention, the teacher of §3.1): sequence ``b`` holds
+* Key lengths (padded bidirectional attention, the teacher of docs/method.md §3.1): sequence ``b`` holds
   ``key_lens[b]`` real tokens, then padding. Query ``i`` may attend to key ``j`` iff both
   ``i, j < key_lens[b]``; a query with no key (a padding row) returns 0 and passes no gradient,
-  which is what SDPA gives for TIDE's ``-inf`` padding rows (MODELS.md §2.4), never NaN.
+  which is what SDPA gives for TIDE's ``-inf`` padding rows (docs/models.md §2.4), never NaN.
 
 Dtype-generic: scores and softmax run in ``float32`` for 16-bit inputs and in ``float64`` for float64
 inputs; the output has the input dtype. GQA repeats each K/V head over its group of query heads.

@@ -1,7 +1,7 @@
 """Naive dense reference of the fused token divergences: the ground truth of the tests (small shapes only).
 
-Full ``[N, V']`` logits of both models, ``log_softmax``, the three divergences of spec ALGORITHMS.md §6
-and §7.3 written as their definitions, and ordinary autograd (TIDAL's target is detached).
+Full ``[N, V']`` logits of both models, ``log_softmax``, the three divergences of docs/method.md §6
+and docs/method.md §7.3 written as their definitions, and ordinary autograd (TIDAL's target is detached).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Legend: N rows, V' shared vocabulary prefix, D_s / D_t student / teacher hidden 
 ``a = h_s W_s^T / T`` and ``b = h_t W_t^T / T`` are the tempered student and teacher logits of a row,
 ``c = (1 - lambda) a + lambda b`` the TIDAL mix; ``P_S``, ``P_T``, ``r`` their softmaxes.
 
-Per row (spec ALGORITHMS.md §6, §7.3), with ``lse_x`` the log-sum-exp of ``x`` over V':
+Per row (docs/method.md §6, §7.3), with ``lse_x`` the log-sum-exp of ``x`` over V':
 
 * forward KL  ``KL(P_T || P_S) = E_{P_T}[b - a] - lse_b + lse_a``, ``dD/da = P_S - P_T``;
 * reverse KL  ``KL(P_S || P_T) = E_{P_S}[a - b] - lse_a + lse_b``, ``dD/da = P_S (a - b - lse_a + lse_b - D)``;

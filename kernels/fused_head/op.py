@@ -4,7 +4,7 @@
 any loss of the student's per-token target log-probs ``lp_n = log softmax(h_n W^T)[y_n]``, without the
 ``[N, V]`` logits. The forward pass runs kernel 1 (``lse``, ``lp``), evaluates ``loss_fn`` on the small
 ``lp`` tensor with torch autograd to get ``g = dL/dlp`` (this is how a CALM chunk coefficient reaches
-every token of its chunk, ALGORITHMS.md §5.4), then kernel 2 (``dh``, ``dW``). The gradients are stored
+every token of its chunk, docs/method.md §5.4), then kernel 2 (``dh``, ``dW``). The gradients are stored
 and only rescaled in backward, so the LM head weight is read in forward only (correct under ZeRO-3).
 :func:`target_logprobs_triton` is kernel 1 alone (the teacher side, no gradient).
 

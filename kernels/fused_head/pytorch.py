@@ -3,8 +3,8 @@
 Legend: N flattened rows (the x_t half, B * L), D hidden, V vocabulary.
 
 CE and the CALM family depend on the student logits only through ``lp_n = log softmax(h_n W^T)[y_n]``
-(spec ALGORITHMS.md §1.4, §5.1). The upstream gradient of a token, ``g_n = dL/dlp_n``, is known only once
-every chunk is summed (the CALM coefficient of a chunk is shared by all its tokens, §5.4), so
+(docs/method.md §1.4, §5.1). The upstream gradient of a token, ``g_n = dL/dlp_n``, is known only once
+every chunk is summed (the CALM coefficient of a chunk is shared by all its tokens, docs/method.md §5.4), so
 :func:`fused_head_loss_pytorch` runs two sweeps over row tiles in its forward pass, never holding
 ``[N, V]``:
 

@@ -1,6 +1,6 @@
 """Deployment benchmark: the BD3LM student against each teacher, peak memory and time to generate 256 tokens.
 
-    python tests/benchmarks/bench_deploy.py                          # CPU, the tiny configs of MODELS.md §10
+    python tests/benchmarks/bench_deploy.py                          # CPU, the tiny configs of docs/models.md §10
     python tests/benchmarks/bench_deploy.py --scale real             # GPU, real-size shapes, random bf16 weights
     python tests/benchmarks/bench_deploy.py --scale real --models student,llada2_moe,wedlm,llada,dream
 
@@ -37,7 +37,7 @@ import torch
 PROMPT_TOKENS, NEW_TOKENS, BLOCK = 64, 256, 32
 TEACHERS = ("llada2_moe", "wedlm", "llada", "dream")
 
-#: Real sizes (spec/MODELS.md §3.1, §4.1, §5.1, §6.1, §7.1) as overrides of each family's tiny config.json.
+#: Real sizes (docs/models.md §3.1, §4.1, §5.1, §6.1, §7.1) as overrides of each family's tiny config.json.
 REAL = {
     "student": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                     num_attention_heads=16, num_key_value_heads=8, head_dim=128, mask_token_id=151669,

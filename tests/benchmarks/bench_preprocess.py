@@ -11,8 +11,8 @@ instruction corpus. Measured:
 * ``end-to-end``: :func:`preprocess` (read, encode, write shards, publish) with 1 and ``--num-proc``
   processes (rows/s overall; on a machine shared with other work the multi-process number is noisy);
 * alignment memory per sample (pipeline A, L = 512, L_t = 1024): the two int32 chunk-id arrays of the
-  data contract (DESIGN decision 4) against the reference collator's dense boolean matrices
-  ``[L, C]`` + ``[L_t, C]`` (spec §4.3), C = the sample's own chunk count (a lower bound) and C = the
+  data contract (docs/design.md decision 4) against the reference collator's dense boolean matrices
+  ``[L, C]`` + ``[L_t, C]`` (docs/method.md §4.3), C = the sample's own chunk count (a lower bound) and C = the
   largest count in its batch of 8 (what the reference builds).
 
 Prints a table and writes ``$TIDE_BENCH_DIR/preprocess.json`` (default ``bench_results/``).

@@ -3,7 +3,7 @@
     flock /tmp/tide-heavy.lock python tests/benchmarks/bench_teacher_load_host.py \
         [--out bench_results/teacher_load_host.json]
 
-Each checkpoint has the real widths and key layout of its model (spec MODELS.md §12) but only the first
+Each checkpoint has the real widths and key layout of its model (docs/models.md §12) but only the first
 layers (LLaDA2: the dense layer 0 and one MoE layer of 256 experts; WeDLM: one layer) and a 16,384-row
 vocabulary, so that it fits a small machine; its data sections are sparse files (zeros). Each load runs in
 a fresh process, which reports its peak resident set increase (``VmHWM`` after a reset) against the

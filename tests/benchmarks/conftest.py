@@ -1,4 +1,4 @@
-"""The ``bench_recorder`` fixture of every ``test_bench_<op>.py`` (STYLE.md §5; machinery in ``harness.py``).
+"""The ``bench_recorder`` fixture of every ``test_bench_<op>.py`` (CONTRIBUTING.md §5; machinery in ``harness.py``).
 
 Benchmarks add rows to the session's :class:`~tests.benchmarks.harness.BenchRecorder`; each row rewrites
 ``$TIDE_BENCH_DIR/<op>.json`` (default ``bench_results/``), and at the end pytest prints one fixed-width

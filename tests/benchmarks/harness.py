@@ -1,4 +1,4 @@
-"""Benchmark bookkeeping shared by every ``test_bench_<op>.py`` (STYLE.md §5).
+"""Benchmark bookkeeping shared by every ``test_bench_<op>.py`` (CONTRIBUTING.md §5).
 
 * :class:`BenchRecorder` collects rows (median/p20/p80 ms, peak MiB, TFLOP/s, speed-ups against each op's
   baselines) and rewrites ``$TIDE_BENCH_DIR/<op>.json`` after every row (atomically), so a run cut short by

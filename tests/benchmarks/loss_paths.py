@@ -3,7 +3,7 @@
 Legend: B batch, L student length (one copy; the model sees 2L), L_t teacher length, D hidden, V vocabulary,
 C chunks per sample, N rows.
 
-* ``authors_*``: the loss as the reference implementation computes it (spec ALGORITHMS.md §2.4, §5.1-§5.3,
+* ``authors_*``: the loss as the reference implementation computes it (docs/method.md §2.4, §5.1-§5.3,
   §15 items 16, 17, 21): LM head on *both* halves ``[B, 2L, V]`` cast to float32, CE by ``cross_entropy``
   on the masked rows of the x_t half, token log-probs by gather - logsumexp over the whole x_t half, chunk
   log-likelihoods by a ``bmm`` with the dense boolean alignment matrix ``[B, L, C]`` cast to the log-prob
@@ -30,7 +30,7 @@ from tide_ds.losses.fused_head import fused_head_loss, target_logprobs
 __all__ = ["StudentProblem", "authors_student_loss", "authors_teacher_logprobs", "fused_student_loss",
            "fused_teacher_logprobs", "student_problem", "teacher_problem"]
 
-TEMPERATURE = 5.0  # the paper's pipeline-A script (spec §5.2)
+TEMPERATURE = 5.0  # the paper's pipeline-A script (docs/method.md §5.2)
 
 
 @dataclass

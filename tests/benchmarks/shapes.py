@@ -1,4 +1,4 @@
-"""Benchmark shapes with real sizes (STYLE.md §5), one place for every kernel benchmark.
+"""Benchmark shapes with real sizes (CONTRIBUTING.md §5), one place for every kernel benchmark.
 
 Legend: B batch, L student length (one copy; the attention sees 2L tokens), L_t teacher length, K block
 size, H query heads, H_kv key/value heads, Dh head dim, D hidden, V vocabulary.
@@ -72,7 +72,7 @@ class DivergenceShape:
         return f"N{self.rows}-V'{self.shared}-Ds{self.hidden}-Dt{self.teacher_hidden}"
 
 
-# The Qwen3-0.6B student (MODELS.md §7.1: 16 query / 8 KV heads, head dim 128), TIDE's block size 32.
+# The Qwen3-0.6B student (docs/models.md §7.1: 16 query / 8 KV heads, head dim 128), TIDE's block size 32.
 # B x L stays 8 x 512 = 4096 tokens per copy, so longer sequences trade batch for length. L = 1,024 (the
 # issue's headline target) comes first, so a run cut by its time limit has measured it.
 BD3LM_ATTENTION_SHAPES = [

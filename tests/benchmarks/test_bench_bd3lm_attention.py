@@ -1,4 +1,4 @@
-"""BD3LM attention benchmark (ANCHORS.md §2.3 targets): SDPA with the dense mask, FlexAttention, ours.
+"""BD3LM attention benchmark (docs/anchors.md §2.3 targets): SDPA with the dense mask, FlexAttention, ours.
 
 Providers:
     sdpa:           the reference model path (transformers' ``sdpa_attention_forward``): repeat K/V over the
@@ -8,7 +8,7 @@ Providers:
     triton:         :func:`tide_kernels.bd3lm_attention.bd3lm_attention` (ours).
 
 TFLOP/s counts useful work only: ``4 * B * H * Dh * allowed`` for the forward, with ``allowed`` the number
-of True entries of the §2.3 mask (about a quarter of ``(2L)^2``); the backward counts 2.5x that (five
+of True entries of the docs/method.md §2.3 mask (about a quarter of ``(2L)^2``); the backward counts 2.5x that (five
 matmuls against the forward's two, FlashAttention's convention; the recomputed ``QK^T`` is not counted),
 so forward+backward is 3.5x. Peak memory is the allocator's peak during one call above what was
 allocated before it (inputs excluded).

@@ -253,7 +253,7 @@ def test_empty_response_has_no_chunks(qwen3: Side, spm: Side) -> None:
     seg = student.segments[0]
     chunked = np.flatnonzero(al.student_chunk_ids >= 0)
     assert al.num_chunks > 0 and chunked[0] == seg.token_start and chunked[-1] == seg.token_end - 1
-    assert al.teacher_length == teacher.segments[0].token_end  # cut after the last chunk (§4.3)
+    assert al.teacher_length == teacher.segments[0].token_end  # cut after the last chunk (docs/method.md §4.3)
 
 
 def test_straddling_token_is_left_out(qwen3: Side, spm: Side) -> None:
@@ -365,7 +365,7 @@ def test_aligned_pairs_between_student_and_wedlm_formats(qwen3: Side) -> None:
     expected = [i for s in student.segments if s.role == "assistant" for i in range(s.token_start, s.token_end)]
     assert pairs.student_pos.tolist() == expected and not counter.dropped  # every assistant token, both turns
     assert pairs.teacher_length == teacher.segments[-1].token_end
-    # The reference pairs by index (§15.4); a one-token shift is caught by the verification.
+    # The reference pairs by index (docs/method.md §15.4); a one-token shift is caught by the verification.
     assert verify_aligned_pairs(student.input_ids, teacher.input_ids, pairs.student_pos, pairs.teacher_pos + 1) > 0
 
 

@@ -1,4 +1,4 @@
-"""Chat formats: exact template text, segments, prompt labels, §11 truncation/discard rules, EOS block padding."""
+"""Chat formats: exact template text, segments, prompt labels, docs/method.md §11 truncation/discard rules, EOS block padding."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_generation_prompt_is_the_prefix_before_the_last_content(fmt) -> None:
 def test_labels_mask_the_prompt(qwen3: PreTrainedTokenizerFast, fmt) -> None:
     chat = encode_chat(CONVERSATION, qwen3, fmt)
     prompt, _ = fmt.render(CONVERSATION[:-1], add_generation_prompt=True)
-    assert chat.prompt_len == len(qwen3.encode(prompt, add_special_tokens=False))  # the §11.1 definition
+    assert chat.prompt_len == len(qwen3.encode(prompt, add_special_tokens=False))  # the docs/method.md §11.1 definition
     assert chat.labels[: chat.prompt_len] == [-100] * chat.prompt_len
     assert chat.labels[chat.prompt_len:] == chat.input_ids[chat.prompt_len:]
     assert qwen3.decode(chat.input_ids[chat.prompt_len:]) == "def hi():\n    return '你好'<|im_end|>\n"
@@ -98,7 +98,7 @@ def test_segments_locate_every_content(qwen3: PreTrainedTokenizerFast, spm_tok: 
 
 
 def test_segments_are_found_sequentially_not_by_first_occurrence(qwen3: PreTrainedTokenizerFast) -> None:
-    # The response also appears, earlier, inside the prompt (spec §15.3).
+    # The response also appears, earlier, inside the prompt (docs/method.md §15.3).
     messages = [{"role": "user", "content": "Repeat: yes"}, {"role": "assistant", "content": "yes"}]
     chat = encode_chat(messages, qwen3, QWEN3)
     seg = chat.segments[1]
@@ -164,7 +164,7 @@ def test_discard_rules_are_counted(qwen3: PreTrainedTokenizerFast) -> None:
     ]
     for messages in cases:
         assert encode_chat(messages, qwen3, QWEN3, counter=counter) is None
-    # §11.2: the prompt fills max_length -> discarded (prompt_len == max_length is already too long).
+    # docs/method.md §11.2: the prompt fills max_length -> discarded (prompt_len == max_length is already too long).
     assert encode_chat(CONVERSATION, qwen3, QWEN3, max_length=full.prompt_len, counter=counter) is None
     assert encode_chat(CONVERSATION, qwen3, QWEN3, max_length=full.prompt_len + 1, counter=counter) is not None
     assert dict(counter.dropped) == {"no_messages": 1, "last_not_assistant": 1, "bad_message": 2, "prompt_too_long": 1}

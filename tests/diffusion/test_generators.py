@@ -1,4 +1,4 @@
-"""Seeded noise generators (spec ALGORITHMS.md §15.8: ranks must draw different noise)."""
+"""Seeded noise generators (docs/method.md §15.8: ranks must draw different noise)."""
 
 from __future__ import annotations
 

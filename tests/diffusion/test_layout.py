@@ -1,4 +1,4 @@
-"""Student batch layout (spec ALGORITHMS.md §2.1–§2.2)."""
+"""Student batch layout (docs/method.md §2.1–§2.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Forward masking and the per-token CE coefficients (spec ALGORITHMS.md §1.3–§1.4)."""
+"""Forward masking and the per-token CE coefficients (docs/method.md §1.3–§1.4)."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def test_no_maskable_tokens_gives_zeros(norm: str) -> None:
 
 
 def _spec_loss(t, masked, maskable, ce, *, weight_type: str, norm_type: str) -> float:
-    """§1.4 table, literally, with Python loops."""
+    """docs/method.md §1.4 table, literally, with Python loops."""
     b, length = len(masked), len(masked[0])
     omega = [1 / (t[j] + 1e-6) if weight_type == "scheduler" else 1.0 for j in range(b)]
     row = [sum(omega[j] * masked[j][i] * ce[j][i] for i in range(length)) for j in range(b)]

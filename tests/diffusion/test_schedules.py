@@ -1,4 +1,4 @@
-"""Noise schedules (spec ALGORITHMS.md §1.2, Appendix C)."""
+"""Noise schedules (docs/method.md §1.2, Appendix C)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _t(*values: float) -> torch.Tensor:
     [
         (0.0, 1.0, -1.0, 1 / 1e-6),
         (0.25, 0.75, -1.0, 1 / (0.25 + 1e-6)),
-        (0.5, 0.5, -1.0, 1.999996),  # Appendix C
+        (0.5, 0.5, -1.0, 1.999996),  # docs/method.md Appendix C
         (0.9, 0.1, -1.0, 1 / (0.9 + 1e-6)),
         (1.0, 0.0, -1.0, 1 / (1 + 1e-6)),
     ],

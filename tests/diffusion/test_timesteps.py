@@ -1,4 +1,4 @@
-"""Diffusion-time sampling (spec ALGORITHMS.md §1.1)."""
+"""Diffusion-time sampling (docs/method.md §1.1)."""
 
 from __future__ import annotations
 

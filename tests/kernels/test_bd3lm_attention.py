@@ -1,4 +1,4 @@
-"""Masked diffusion attention (ALGORITHMS.md §2.3): Triton kernels against the float64 PyTorch reference.
+"""Masked diffusion attention (docs/method.md §2.3): Triton kernels against the float64 PyTorch reference.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes
 stay small: L = 8/16/24 per half, K = 4/8/16, 4 query heads over 2 or 1 KV heads, head dim 16/32.
@@ -239,7 +239,7 @@ def test_bd3lm_attention_logs_choice_once(generator, caplog) -> None:
 
 @pytest.mark.any_device
 def test_bd3lm_attention_reference_mask_is_spec_example() -> None:
-    """The reference's mask is §2.3's (worked example L=4, K=2); key-lengths rows/columns of padding are off."""
+    """The reference's mask is docs/method.md §2.3's (worked example L=4, K=2); key-lengths rows/columns of padding are off."""
     mask = reference_mask(num_tokens=8, seq_len=4, block_size=2, clean_first=False, key_lens=None, device="cpu")
     assert torch.equal(mask, dense_bd3lm_mask(4, 2))
     lens_mask = reference_mask(num_tokens=4, seq_len=None, block_size=None, clean_first=False,

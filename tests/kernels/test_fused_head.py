@@ -1,4 +1,4 @@
-"""Fused LM-head loss (ALGORITHMS.md §1.4, §5): Triton kernels against the float64 PyTorch references.
+"""Fused LM-head loss (docs/method.md §1.4, §5): Triton kernels against the float64 PyTorch references.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes
 stay small: N = 1/7/37 rows, D = 3/16, V = 5/101/1000, 16-wide tiles (odd sizes leave partial tiles on
@@ -183,7 +183,7 @@ def _token_coefficients(out, y):
 
 
 def test_reverse_calm_gradient_is_bounded_in_the_kernel(generator):
-    """Spec §5.4: |dB/dl| <= log((1 - eps) / eps) / T for Reverse CALM whatever the student, and every token of a
+    """docs/method.md §5.4: |dB/dl| <= log((1 - eps) / eps) / T for Reverse CALM whatever the student, and every token of a
     chunk receives its chunk's coefficient (here / C, the mean over active chunks). The kernel's gradients equal
     the reference's, the coefficients they carry respect the bound and reach it where student and teacher are
     both sure; forward CALM on the same inputs exceeds it by orders of magnitude (its 1 / (1 - s))."""
@@ -354,7 +354,7 @@ def test_cuda_dtypes(dtype):
 @needs_cuda
 @pytest.mark.parametrize("case", ["one_row", "no_active_rows", "extreme_logits", "reverse_calm_teacher_equals_student"])
 def test_edge_cases_cuda(case):
-    """STYLE.md §4's edge cases through the compiled kernels (float32) against the float64 dense reference."""
+    """CONTRIBUTING.md §4's edge cases through the compiled kernels (float32) against the float64 dense reference."""
     g = torch.Generator().manual_seed(0)
     n, d, v, scale = (1, 64, 5000, 1.0) if case == "one_row" else (97, 64, 5000, 3e2 if case == "extreme_logits" else 1.0)
     h, w, y, rows = _inputs(g, n, d, v, torch.float32, active=0.0 if case == "no_active_rows" else 0.7, scale=scale,

@@ -83,7 +83,7 @@ def test_each_divergence_alone(impl, column):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gradcheck_tiny_float64(impl):
     """Forward and reverse KL are true gradients. TIDAL's is not (its target r is detached by definition,
-    spec §7.3), so its column is checked against the dense reference above, not by finite differences."""
+    docs/method.md §7.3), so its column is checked against the dense reference above, not by finite differences."""
     sh, sw, th, tw, coeff, lam = _problem(3, 4, 5, 9, 11, seed=5)
     coeff[:, 2] = 0
 

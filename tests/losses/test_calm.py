@@ -12,7 +12,7 @@ from tide_ds.losses.calm import (
     token_logprobs,
 )
 
-LOGIT_BOUND = math.log((1 - CHUNK_EPS) / CHUNK_EPS)  # 16.118..., the §5.4 bound of |logit(q)|
+LOGIT_BOUND = math.log((1 - CHUNK_EPS) / CHUNK_EPS)  # 16.118..., the docs/method.md §5.4 bound of |logit(q)|
 
 
 def _one(value, dtype=torch.float64, grad=False):
@@ -73,7 +73,7 @@ def test_token_logprobs_is_gather_minus_logsumexp():
     assert token_logprobs(logits.to(torch.bfloat16), targets).dtype == torch.float32
 
 
-# ---- Appendix C
+# ---- docs/method.md Appendix C
 
 
 def test_chunk_probs_appendix_c():
@@ -139,7 +139,7 @@ def test_calm_token_level_backprop_gives_each_chunk_token_its_chunk_coefficient(
     loss.backward()
     coeff = ll_s.grad[0]
     assert logp.grad[0].tolist() == [coeff[0].item()] * 2 + [0.0] + [coeff[1].item()] * 3
-    # dlogp/dz = onehot - softmax (§5.4)
+    # dlogp/dz = onehot - softmax (docs/method.md §5.4)
     onehot = torch.nn.functional.one_hot(targets, 11).double()
     expected = logp.grad[..., None] * (onehot - torch.softmax(logits.detach(), -1))
     torch.testing.assert_close(logits.grad, expected, atol=1e-15, rtol=1e-12)
@@ -168,7 +168,7 @@ def test_reverse_calm_gradient_is_bounded_with_teacher_sign_on_extreme_inputs(dt
     signed = grad.double() * torch.sign(logit_q)
     assert torch.all(signed <= 0)
     assert torch.all((signed < 0) | (s < 1e-30) | (logit_q.abs() < 1e-6))
-    # and it is the §5.4 formula, even at l^S = 0 and l^S = -1e4
+    # and it is the docs/method.md §5.4 formula, even at l^S = 0 and l^S = -1e4
     torch.testing.assert_close(grad.double(), -(s / temperature) * logit_q, atol=1e-6, rtol=1e-5)
 
 
@@ -183,7 +183,7 @@ def test_forward_calm_is_finite_and_never_silently_zero_on_extreme_inputs(dtype)
     grad = _grad(loss, ls) * active.sum()
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     q = torch.exp(lt.double() / temperature).clamp(CHUNK_EPS, 1 - CHUNK_EPS)
-    # Far below the reference's clip (l^S < -32.2 at T=2) the coefficient is -q/T, not 0 (spec §15.6).
+    # Far below the reference's clip (l^S < -32.2 at T=2) the coefficient is -q/T, not 0 (docs/method.md §15.6).
     far = ls_vals <= -40.0
     torch.testing.assert_close(grad.double()[far], (-q / temperature)[far], atol=1e-6, rtol=1e-5)
     # A certain student chunk (s -> 1) is pushed down with the capped slope unless the teacher is

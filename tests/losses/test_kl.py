@@ -5,7 +5,7 @@ from tide_ds.losses.kl import token_kl
 
 
 def kl_naive(zs, zt, *, temperature, vocab, reverse):
-    """The spec §6 formula with autograd: slice, log-softmax, per-row KL, T^2 * mean."""
+    """The docs/method.md §6 formula with autograd: slice, log-softmax, per-row KL, T^2 * mean."""
     ls = torch.log_softmax(zs[:, :vocab] / temperature, -1)
     lt = torch.log_softmax(zt[:, :vocab] / temperature, -1)
     kl = (ls.exp() * (ls - lt)).sum(-1) if reverse else (lt.exp() * (lt - ls)).sum(-1)

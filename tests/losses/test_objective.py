@@ -91,7 +91,7 @@ def test_parse_mode_rejects_invalid_strings_with_reason(mode, needles):
 
 
 def test_tidal_with_reverse_objective_warns():
-    with pytest.warns(UserWarning, match=r"distill.mode='reverse_alm_taid'.*counterproductive.*§7.5"):
+    with pytest.warns(UserWarning, match=r"distill.mode='reverse_alm_taid'.*counterproductive.*docs/method.md §7.5"):
         parse_mode("reverse_alm_taid")
     with pytest.warns(UserWarning, match="TIDAL combined with a reverse objective"):
         parse_mode("taid_aligned+reverse_kl_aligned")
@@ -102,7 +102,7 @@ def test_tidal_with_reverse_objective_warns():
         parse_mode("reverse_alm")
 
 
-# preset -> {pipeline: (mode, comp_demo)} per §9.3
+# preset -> {pipeline: (mode, comp_demo)} per docs/method.md §9.3
 PAPER = {
     ("calm", A): ("alm", False),
     ("kl", B): ("kl_aligned", False),

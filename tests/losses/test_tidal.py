@@ -16,7 +16,7 @@ from tide_ds.losses.tidal import (
 
 
 def tidal_naive(zs, zt, lam_N, weight_N, *, temperature, vocab):
-    """Spec §7.3 with autograd, including the reference's log(max(r, 1e-8))."""
+    """docs/method.md §7.3 with autograd, including the reference's log(max(r, 1e-8))."""
     zs, zt = zs[:, :vocab], zt[:, :vocab]
     r = torch.softmax(((1 - lam_N[:, None]) * zs + lam_N[:, None] * zt) / temperature, -1).detach()
     log_ps = torch.log_softmax(zs / temperature, -1)
@@ -58,7 +58,7 @@ def _grad(loss, x):
     return g
 
 
-# ---- schedules (Appendix C)
+# ---- schedules (docs/method.md Appendix C)
 
 
 @pytest.mark.parametrize("progress,expected", [(0.0, 0.1), (0.25, 0.21716), (0.5, 0.5), (0.75, 0.78284), (1.0, 0.9)])
@@ -136,7 +136,7 @@ def test_token_tidal_matches_naive_and_section_7_3_gradient(n, v_s, v_t, vocab, 
     ref = tidal_naive(zs, zt, lam, weight, temperature=temperature, vocab=vocab)
     torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(grad, _grad(ref, zs), atol=1e-13, rtol=1e-10)
-    # §7.3: T omega (softmax(z^S/T) - r) / N on the prefix, 0 beyond it.
+    # docs/method.md §7.3: T omega (softmax(z^S/T) - r) / N on the prefix, 0 beyond it.
     a_s, a_t = zs.detach()[:, :vocab] / temperature, zt[:, :vocab] / temperature
     r = torch.softmax((1 - lam[:, None]) * a_s + lam[:, None] * a_t, -1)
     expected = temperature * weight[:, None] * (torch.softmax(a_s, -1) - r) / n

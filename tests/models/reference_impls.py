@@ -1,10 +1,10 @@
-"""Independent plain-PyTorch reference implementations of the four teachers, written from MODELS.md.
+"""Independent plain-PyTorch reference implementations of the four teachers, written from docs/models.md.
 
 Oracles for the adapter tests: they read the **real checkpoint key names** and config.json fields directly
 (no key conversion, no transformers, nothing from ``tide_ds.models``), loop where the spec describes a loop
-(MoE routing is brute force per token), and build the BD3LM mask from the predicate of ALGORITHMS.md §2.3.
+(MoE routing is brute force per token), and build the BD3LM mask from the predicate of docs/method.md §2.3.
 
-Shared pieces (MODELS.md §2.1): RMSNorm in fp32 then cast, then weight; half-split RoPE with
+Shared pieces (docs/models.md §2.1): RMSNorm in fp32 then cast, then weight; half-split RoPE with
 ``inv_freq[j] = theta^(-2j/rot_dim)``, rotating only dims ``[0, rot_dim)``; attention scale
 ``head_dim^-0.5``, GQA by head groups, softmax in fp32; SwiGLU ``down(silu(gate(x)) * up(x))``.
 
@@ -76,7 +76,7 @@ def _heads(x_BLX: Tensor, head_dim: int) -> Tensor:
     return x_BLX.view(b, l, -1, head_dim).transpose(1, 2)
 
 
-# ------------------------------------------------------------------------------------ LLaDA2 (§3)
+# ------------------------------------------------------------------------------------ LLaDA2 (docs/models.md §3)
 
 
 def llada2_route(
@@ -89,7 +89,7 @@ def llada2_route(
     top_k: int,
     routed_scaling_factor: float,
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """MODELS.md §3.3, token by token: (selected experts, their weights) per token, in selection order."""
+    """docs/models.md §3.3, token by token: (selected experts, their weights) per token, in selection order."""
     scores_TE = torch.sigmoid(x_TD.float() @ gate_weight.float().T)
     n_experts = scores_TE.shape[1]
     per_group = n_experts // n_group
@@ -168,7 +168,7 @@ def llada2_hidden(
     return rms_norm(h, state["model.norm.weight"], eps)
 
 
-# ------------------------------------------------------------------------------------- LLaDA (§5)
+# ------------------------------------------------------------------------------------- LLaDA (docs/models.md §5)
 
 
 def llada_hidden(
@@ -201,7 +201,7 @@ def llada_head(cfg: dict[str, Any], state: dict[str, Tensor]) -> Tensor:
     return state["model.transformer.wte.weight"] if cfg["weight_tying"] else state["model.transformer.ff_out.weight"]
 
 
-# ------------------------------------------------------------------------ Qwen-style: WeDLM (§4), Dream (§6)
+# ------------------------------------------------------------------------ Qwen-style: WeDLM (docs/models.md §4), Dream (docs/models.md §6)
 
 
 def qwen_hidden(
@@ -243,7 +243,7 @@ def qwen_head(cfg: dict[str, Any], state: dict[str, Tensor]) -> Tensor:
 
 
 def bd3lm_keep(seq_len: int, block_size: int, *, clean_first: bool) -> Tensor:
-    """``[1, 1, 2L, 2L]`` keep-mask from ALGORITHMS.md §2.3 / MODELS.md §4.3, written element by element."""
+    """``[1, 1, 2L, 2L]`` keep-mask from docs/method.md §2.3 / docs/models.md §4.3, written element by element."""
     n = 2 * seq_len
     keep = torch.zeros(n, n, dtype=torch.bool)
     for q in range(n):

@@ -1,4 +1,4 @@
-"""BD3LM attention mask (ALGORITHMS.md §2.3): worked example, brute force, FlexAttention agreement, caching."""
+"""BD3LM attention mask (docs/method.md §2.3): worked example, brute force, FlexAttention agreement, caching."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tide_ds.models.block_mask import (
     flex_bd3lm_block_mask,
 )
 
-# The worked example of §2.3 (L=4, K=2), rows = queries, columns = keys.
+# The worked example of docs/method.md §2.3 (L=4, K=2), rows = queries, columns = keys.
 XT_X0 = """
 11000000
 11000000
@@ -43,7 +43,7 @@ def _parse(text: str) -> torch.Tensor:
 
 
 def brute_force(seq_len: int, block_size: int, clean_first: bool) -> torch.Tensor:
-    """The three-term table of §2.3, one (q, k) pair at a time."""
+    """The three-term table of docs/method.md §2.3, one (q, k) pair at a time."""
     n = 2 * seq_len
     out = torch.zeros(n, n, dtype=torch.bool)
     for q in range(n):

@@ -1,4 +1,4 @@
-"""BD3LM student on transformers' Qwen3 (MODELS.md §7, §10 tiny-qwen3-bd3lm; ALGORITHMS.md §2.2-§2.5)."""
+"""BD3LM student on transformers' Qwen3 (docs/models.md §7, §10 tiny-qwen3-bd3lm; docs/method.md §2.2-§2.5)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tide_ds.models.block_mask import dense_bd3lm_mask
 from tide_ds.models.hf_weights import INDEX_NAME, SINGLE_NAME, list_checkpoint_keys
 from tide_ds.models.qwen3 import BD3LMStudent, build_student, load_student, save_student, tiny_student_config
 
-L, K, B = 64, 8, 2  # 2L = 128: FlexAttention on CPU needs >= 128 tokens (MODELS.md §2.2)
+L, K, B = 64, 8, 2  # 2L = 128: FlexAttention on CPU needs >= 128 tokens (docs/models.md §2.2)
 
 
 def _ids(generator: torch.Generator, batch: int = B, length: int = L) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +38,7 @@ def test_tiny_student_config() -> None:
     ids = (config.mask_token_id, config.eos_token_id, config.pad_token_id, config.bos_token_id)
     assert ids == (1010, 1002, 1000, None)
     hf = build_student(config)
-    assert sum(p.numel() for p in hf.parameters()) == 164_288  # 0.164 M (MODELS.md §10)
+    assert sum(p.numel() for p in hf.parameters()) == 164_288  # 0.164 M (docs/models.md §10)
 
 
 def test_build_student_seed_and_errors() -> None:

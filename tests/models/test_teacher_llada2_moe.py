@@ -1,4 +1,4 @@
-"""LLaDA2.0-mini teacher on Glm4Moe (MODELS.md §3, §10 tiny-llada2-moe) against the plain-PyTorch reference."""
+"""LLaDA2.0-mini teacher on Glm4Moe (docs/models.md §3, §10 tiny-llada2-moe) against the plain-PyTorch reference."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ B, L = 2, 12
 
 VARIANTS = {
     "tiny": {},
-    "ratio": {"num_experts": 32, "n_group": 8, "topk_group": 4, "num_shared_experts": 2},  # MODELS.md §10 optional
+    "ratio": {"num_experts": 32, "n_group": 8, "topk_group": 4, "num_shared_experts": 2},  # docs/models.md §10 optional
     "tied-qkv-bias": {"tie_word_embeddings": True, "use_qkv_bias": True},
     "no-shared-top1": {"num_shared_experts": 0, "num_experts_per_tok": 1, "first_k_dense_replace": 0},
 }
@@ -58,7 +58,7 @@ def test_tiny_config_size_and_real_keys(tiny_dir: Path) -> None:
     assert "model.layers.0.mlp.gate_proj.weight" in state and "model.layers.0.mlp.gate.weight" not in state
     assert "model.layers.2.mlp.experts.15.down_proj.weight" in state
     model = load_llada2_moe(tiny_dir)
-    assert sum(p.numel() for p in model.parameters()) == 473_728  # 0.474 M (MODELS.md §10)
+    assert sum(p.numel() for p in model.parameters()) == 473_728  # 0.474 M (docs/models.md §10)
     assert model.config.is_causal is False and model.config.mask_token_id == 1203
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert {type(m).__name__ for m in model.modules()} >= set(ZERO3_LEAF_MODULES)

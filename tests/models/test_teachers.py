@@ -1,6 +1,6 @@
 """Teacher registry and the dense teachers (WeDLM, LLaDA, Dream) against the plain-PyTorch references.
 
-MODELS.md §4-§6, §10; ALGORITHMS.md §3. The LLaDA2 MoE teacher has its own file
+docs/models.md §4-§6, §10; docs/method.md §3. The LLaDA2 MoE teacher has its own file
 (``test_teacher_llada2_moe.py``); the bidirectional-mask tests below cover it too.
 """
 
@@ -157,7 +157,7 @@ def test_wedlm_bd3lm_matches_reference(
 
 
 def test_wedlm_xt_half_depends_only_on_allowed_keys(tiny_dirs: dict[str, Path], generator: torch.Generator) -> None:
-    """x_t block b sees x_t block b and x_0 blocks < b (transitively nothing else), ALGORITHMS.md §2.3."""
+    """x_t block b sees x_t block b and x_0 blocks < b (transitively nothing else), docs/method.md §2.3."""
     model = wedlm.load_wedlm(tiny_dirs["wedlm"])
     x_0, x_t = _ids(generator), _ids(generator)
     base = wedlm.teacher_forward_hidden(model, x_t, x_0_BL=x_0, block_size=K)

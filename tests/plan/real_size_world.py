@@ -1,4 +1,4 @@
-"""Header-only checkpoints of the paper's real sizes (spec MODELS.md §12), a tiny dataset of the paper's
+"""Header-only checkpoints of the paper's real sizes (docs/models.md §12), a tiny dataset of the paper's
 lengths, and the tokenizer files the teachers declare their mask tokens in.
 
 Each safetensors file holds a real header (every key of the real layout, real shapes, bf16) and a data
@@ -52,7 +52,7 @@ def _mlp(out: dict, prefix: str, d: int, width: int) -> None:
 
 
 def llada2_shapes(c: dict) -> dict[str, list[int]]:
-    """Every tensor of the LLaDA2 layout (spec MODELS.md §3.2): per-expert keys, fused qkv, expert_bias."""
+    """Every tensor of the LLaDA2 layout (docs/models.md §3.2): per-expert keys, fused qkv, expert_bias."""
     d, hd, h, kv = c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"]
     out: dict[str, list[int]] = {"model.word_embeddings.weight": [c["vocab_size"], d]}
     for i in range(c["num_hidden_layers"]):
@@ -77,7 +77,7 @@ def llada2_shapes(c: dict) -> dict[str, list[int]]:
 
 
 def qwen3_shapes(c: dict) -> dict[str, list[int]]:
-    """Every tensor of the Qwen3 layout (WeDLM §4.2, student §7.2); no ``lm_head.weight`` when tied."""
+    """Every tensor of the Qwen3 layout (WeDLM docs/models.md §4.2, student docs/models.md §7.2); no ``lm_head.weight`` when tied."""
     d, hd, h, kv, inter = (c["hidden_size"], c["head_dim"], c["num_attention_heads"], c["num_key_value_heads"],
                            c["intermediate_size"])
     out: dict[str, list[int]] = {"model.embed_tokens.weight": [c["vocab_size"], d]}

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPE_A = ROOT / "launch/recipes/paper_pipeline_a.yaml"
 RECIPE_B = ROOT / "launch/recipes/paper_pipeline_b.yaml"
 LLADA2_PARAMS, WEDLM_PARAMS, STUDENT_PARAMS = 16_255_638_528, 8_190_735_360, 596_049_920
-LLADA2_ROUTER_PARAMS = 19 * 256 * 2048  # kept in fp32 (spec MODELS.md §3.3)
+LLADA2_ROUTER_PARAMS = 19 * 256 * 2048  # kept in fp32 (docs/models.md §3.3)
 
 
 @pytest.fixture(scope="module")

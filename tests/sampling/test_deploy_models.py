@@ -15,7 +15,7 @@ from tide_ds.sampling import SamplerConfig, generate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_deploy
 
-#: Parameter counts of spec/MODELS.md §9 (billions, tied embeddings counted once).
+#: Parameter counts of docs/models.md §9 (billions, tied embeddings counted once).
 REAL_PARAMS_B = {"student": 0.596, "llada2_moe": 16.256, "wedlm": 8.191, "llada": 8.016, "dream": 7.616}
 
 

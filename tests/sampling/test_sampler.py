@@ -1,4 +1,4 @@
-"""The BD3LM sampler on a tiny random student in float64 (spec ALGORITHMS.md §13.1)."""
+"""The BD3LM sampler on a tiny random student in float64 (docs/method.md §13.1)."""
 
 from __future__ import annotations
 

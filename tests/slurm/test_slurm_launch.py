@@ -78,7 +78,7 @@ def test_cli_outside_a_job_fails_with_a_message():
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed (apt-get install slurm-client)")
 def test_expand_nodelist_with_scontrol_and_a_minimal_config(tmp_path, monkeypatch):
-    # scontrol only parses here, but it refuses to run without some configuration (INFRA_FEASIBILITY §1.4.3)
+    # scontrol only parses here, but it refuses to run without some configuration (docs/infra.md §1.4.3)
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=x\nSlurmctldHost=nohost\nNodeName=n1\n")
     monkeypatch.setenv("SLURM_CONF", str(conf))

@@ -1,4 +1,4 @@
-"""Token-level CompDemo on row logits (spec §8.1), on a real tiny WeDLM teacher without DeepSpeed."""
+"""Token-level CompDemo on row logits (docs/method.md §8.1), on a real tiny WeDLM teacher without DeepSpeed."""
 
 import torch
 

@@ -18,7 +18,7 @@ def test_scatter_pairs_is_a_masked_scatter():
 
 def test_scatter_pairs_invalid_pair_does_not_clear_position_zero():
     # A valid pair at teacher position 0 stays masked although invalid padding pairs also carry index 0
-    # (the reference's unmasked scatter could overwrite it, spec §3.3 step 2).
+    # (the reference's unmasked scatter could overwrite it, docs/method.md §3.3 step 2).
     flags = torch.tensor([[True, False, False]])
     pos = torch.tensor([[0, 0, 0]])
     valid = torch.tensor([[True, False, False]])

@@ -1,21 +1,21 @@
-"""Cross-tokenizer chunk alignment (pipeline A, spec §4.2) and shared-tokenizer position pairs (pipeline B, §11.3).
+"""Cross-tokenizer chunk alignment (pipeline A, docs/method.md §4.2) and shared-tokenizer position pairs (pipeline B, docs/method.md §11.3).
 
 **Chunks.** Inside one message's content the two tokenizations spell the same UTF-8 bytes. A *chunk* is
 the smallest span of tokens on both sides whose byte boundaries coincide: every common token boundary
-closes a chunk. The result is a chunk id per token on each side (DESIGN decision 4), -1 for tokens in
+closes a chunk. The result is a chunk id per token on each side (docs/design.md decision 4), -1 for tokens in
 no chunk (template tokens, EOS padding, tokens straddling a content edge, text cut by a length limit).
 Token bytes come from the vocabulary (:class:`TokenBytes`): byte-level BPE strings through the GPT-2
 byte alphabet, SentencePiece pieces with ``▁`` as a space and ``<0xAB>`` byte-fallback pieces as
 that byte. Added tokens are atomic: a chunk that holds one is kept only if it is that same token
 alone on both sides. Equal bytes per chunk hold by construction, so the reference's string check
-(§4.2 step 3) becomes a check that the tokens spell the rendered text; a segment where they do not
+(docs/method.md §4.2 step 3) becomes a check that the tokens spell the rendered text; a segment where they do not
 (e.g. a literal ``▁`` read back by SentencePiece as a space) gets no chunks and is counted.
 
 **Truncation.** A length limit keeps only the chunks lying entirely before it on *both* sides, so no
-chunk is ever kept half (§15.2); the teacher is cut after its last chunk, as in the §4.3 collator.
+chunk is ever kept half (docs/method.md §15.2); the teacher is cut after its last chunk, as in the docs/method.md §4.3 collator.
 
 **Pairs.** For pipeline B the student and teacher formats share the tokenizer; the tokens of each
-assistant content are paired by a diff of the two id sequences, so every pair has equal ids (§15.4)
+assistant content are paired by a diff of the two id sequences, so every pair has equal ids (docs/method.md §15.4)
 and tokens without a partner are counted instead of shifting later pairs.
 
 Legend: L student length, L_t teacher length, N pairs, V vocabulary.
@@ -123,7 +123,7 @@ class AlignedPairs(NamedTuple):
 
     student_pos: np.ndarray  # int32 [N], increasing
     teacher_pos: np.ndarray  # int32 [N], increasing
-    teacher_length: int  # the teacher is cut here: last paired position + 1 (§11.3 step 5)
+    teacher_length: int  # the teacher is cut here: last paired position + 1 (docs/method.md §11.3 step 5)
 
 
 def align_spans(offsets_a: np.ndarray, offsets_b: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -203,7 +203,7 @@ def align_chats(
     teacher_max_length: int | None = None,
     counter: DropCounter | None = None,
 ) -> ChunkAlignment:
-    """Chunk alignment of one conversation encoded in two formats (pipeline A, §4.2 per segment).
+    """Chunk alignment of one conversation encoded in two formats (pipeline A, docs/method.md §4.2 per segment).
 
     Segments pair up by message index. Counted in ``counter``: ``segment_text_differs`` (the two
     formats show different content), ``segment_not_spelled`` (the tokens do not spell the content),
@@ -258,12 +258,12 @@ def aligned_pairs(
     teacher_max_length: int | None = None,
     counter: DropCounter | None = None,
 ) -> AlignedPairs:
-    """Position pairs between two formats of one conversation in the same tokenizer (pipeline B, §11.3).
+    """Position pairs between two formats of one conversation in the same tokenizer (pipeline B, docs/method.md §11.3).
 
     For every message whose role is in ``roles`` and whose content is non-empty, the content tokens of
     the two sides are matched by a diff of their ids; tokens left without a partner are counted as
     ``pair_unmatched_token`` (tokens that only a length limit took from the other side are not).
-    Pairs beyond the student's length or ``teacher_max_length`` are dropped (§11.3 step 4 and the
+    Pairs beyond the student's length or ``teacher_max_length`` are dropped (docs/method.md §11.3 step 4 and the
     aligned collator).
     """
     counter = counter if counter is not None else DropCounter()

@@ -1,18 +1,18 @@
-"""Chat formats of the student and the teachers, tokenized with labels and per-message segments (spec §11).
+"""Chat formats of the student and the teachers, tokenized with labels and per-message segments (docs/method.md §11).
 
 A conversation is a list of ``{"role", "content"}`` messages (roles ``system``, ``user``, ``assistant``).
 A :class:`ChatFormat` renders it as literal template strings around each message's content, so the
 character range of every content ("segment") is known by construction, in message order — it is never
-searched for (the reference's first-occurrence search, §15.3, cannot happen).
+searched for (the reference's first-occurrence search, docs/method.md §15.3, cannot happen).
 
 :func:`encode_chat` tokenizes the rendered text in one piece (as ``apply_chat_template`` would),
-masks the prompt (labels -100 up to the last assistant content, §11.1), applies the §11.2 rules —
+masks the prompt (labels -100 up to the last assistant content, docs/method.md §11.1), applies the docs/method.md §11.2 rules —
 discard when the prompt fills ``max_length``, else cut on the right — and optionally EOS-pads to a
-multiple of the block size (§2.1). Every discarded conversation is counted by reason in a :class:`DropCounter`.
+multiple of the block size (docs/method.md §2.1). Every discarded conversation is counted by reason in a :class:`DropCounter`.
 
 Formats: :data:`QWEN3` (student; ChatML with the empty think block of ``enable_thinking=False`` before
-the final assistant content), :data:`LLADA2` (``<role>HUMAN</role>…<|role_end|>`` turns, MODELS.md §3.5)
-and :data:`WEDLM` (ChatML without a think block, MODELS.md §4.4).
+the final assistant content), :data:`LLADA2` (``<role>HUMAN</role>…<|role_end|>`` turns, docs/models.md §3.5)
+and :data:`WEDLM` (ChatML without a think block, docs/models.md §4.4).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class ChatFormat:
         return "".join(parts), ranges
 
 
-#: The student: Qwen3's template with ``enable_thinking=False`` (spec §11.1).
+#: The student: Qwen3's template with ``enable_thinking=False`` (docs/method.md §11.1).
 QWEN3 = ChatFormat(
     name="qwen3",
     turn_prefix="<|im_start|>{role}\n",
@@ -160,7 +160,7 @@ class EncodedChat:
     format: str
     text: str  # the rendered conversation, whose UTF-8 bytes the tokens spell
     input_ids: list[int]
-    labels: list[int]  # -100 on the prompt; EOS padding is labelled (spec §2.1)
+    labels: list[int]  # -100 on the prompt; EOS padding is labelled (docs/method.md §2.1)
     prompt_len: int
     length: int  # tokens before EOS padding (after truncation)
     untruncated_length: int
@@ -210,7 +210,7 @@ def encode_chat(
 
     Drop reasons: ``no_messages``, ``bad_message`` (unknown role or non-string content),
     ``last_not_assistant`` (nothing to supervise), ``prompt_too_long`` (prompt tokens >= ``max_length``,
-    §11.2). Longer conversations are cut to ``max_length`` tokens. With ``block_size``, EOS padding
+    docs/method.md §11.2). Longer conversations are cut to ``max_length`` tokens. With ``block_size``, EOS padding
     (the tokenizer's eos) follows up to a multiple of it; ``max_length`` must then be a multiple too.
     """
     counter = counter if counter is not None else DropCounter()

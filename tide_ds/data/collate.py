@@ -1,21 +1,21 @@
 """One conversation -> one fixed-length row of the data contract (the per-sample work of the reference's collators).
 
 The reference tokenized offline but aligned, cut and padded every example in its collators, each step
-(§4.3, §11.3, pitfall §15.24). Here that work is done once, in preprocessing
+(docs/method.md §4.3, §11.3, pitfall docs/method.md §15.24). Here that work is done once, in preprocessing
 (:mod:`tide_ds.data.preprocess`), and the trainer only stacks columns (:func:`tide_ds.data.loader.collate`).
 
 Columns, all int32 (Legend: L student length, L_t teacher length, N = L pair slots):
 
 * both pipelines: ``input_ids [L]``, ``labels [L]`` — student chat format, prompt labels -100, EOS block
-  padding (labelled EOS) to a multiple of the block size, then pad ids with labels -100 (§2.1, §11.1);
+  padding (labelled EOS) to a multiple of the block size, then pad ids with labels -100 (docs/method.md §2.1, §11.1);
   ``teacher_input_ids [L_t]`` (teacher pad id after the real tokens), ``teacher_attention_mask [L_t]``.
-* pipeline A: ``student_chunk_ids [L]``, ``teacher_chunk_ids [L_t]`` (DESIGN decision 4): chunk ids
+* pipeline A: ``student_chunk_ids [L]``, ``teacher_chunk_ids [L_t]`` (docs/design.md decision 4): chunk ids
   0..C-1 per sample, increasing along both sides, -1 = no chunk; every chunk has tokens on both sides
   spelling the same bytes (:func:`tide_ds.data.alignment.align_chats`). The teacher is cut after its
-  last chunk (§4.3); a chunk cut by either length limit is dropped on both sides (§15.2).
+  last chunk (docs/method.md §4.3); a chunk cut by either length limit is dropped on both sides (docs/method.md §15.2).
 * pipeline B: ``align_student [N]``, ``align_teacher [N]`` (positions holding the same token id,
-  -1 padded) and ``n_aligned``; the teacher is cut after its last pair (§11.3 step 5), then EOS-padded
-  to a multiple of the block size, the padding counted as real (§11.3 aligned collator).
+  -1 padded) and ``n_aligned``; the teacher is cut after its last pair (docs/method.md §11.3 step 5), then EOS-padded
+  to a multiple of the block size, the padding counted as real (docs/method.md §11.3 aligned collator).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class ContractEncoder:
     """Tokenizers, chat formats and byte tables for one pipeline; :meth:`encode` makes one row.
 
     Loading takes a few seconds (tokenizers, :class:`TokenBytes`); build one per process and reuse it.
-    Pipeline B needs two tokenizers with the same regular vocabulary (ids are compared, §3.5).
+    Pipeline B needs two tokenizers with the same regular vocabulary (ids are compared, docs/method.md §3.5).
     """
 
     def __init__(self, pipeline: str, *, student_tokenizer: str | Path, teacher_tokenizer: str | Path,
@@ -160,7 +160,7 @@ class ContractEncoder:
         if vocab[0] != vocab[1]:
             raise ValueError(
                 "--pipeline=B pairs positions that hold the same token id, so the student and teacher tokenizers "
-                "must share their regular vocabulary (spec §3.5); use --pipeline=A for a teacher with another tokenizer"
+                "must share their regular vocabulary (docs/method.md §3.5); use --pipeline=A for a teacher with another tokenizer"
             )
         self.student_bytes = TokenBytes.from_tokenizer(self.student)
         self.teacher_bytes = self.student_bytes if pipeline == "B" else TokenBytes.from_tokenizer(self.teacher)
@@ -173,7 +173,7 @@ class ContractEncoder:
     def encode(self, messages: object, stats: Stats) -> dict[str, np.ndarray] | None:
         """The row's columns (``PIPELINE_COLUMNS[pipeline]``), or None if dropped (the reason counted in ``stats``).
 
-        Besides :func:`check_messages`' reasons: ``prompt_too_long`` (student prompt >= L, §11.2) and
+        Besides :func:`check_messages`' reasons: ``prompt_too_long`` (student prompt >= L, docs/method.md §11.2) and
         ``teacher_prompt_too_long`` (teacher prompt >= L_t: the teacher would see no response).
         """
         reason = check_messages(messages, self.control_tokens)

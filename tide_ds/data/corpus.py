@@ -1,8 +1,8 @@
-"""The demo corpus: the Python standard library's own source, tokenized offline (DESIGN decision 7).
+"""The demo corpus: the Python standard library's own source, tokenized offline (docs/design.md decision 7).
 
 Each ``.py`` file's token stream is cut into documents of at most ``seq_len - 1`` tokens; a sample is
 one document, one EOS, EOS block padding up to a multiple of the block size (all of it trained,
-spec/ALGORITHMS.md §2.1), then pad tokens (labels -100) up to ``seq_len``. The train/held-out split
+docs/method.md §2.1), then pad tokens (labels -100) up to ``seq_len``. The train/held-out split
 is by file, decided by a hash of the file's path relative to the standard library.
 
 The result is a ``datasets.DatasetDict`` on disk with splits ``train`` and ``heldout`` and columns
@@ -124,7 +124,7 @@ def _check_args(seq_len: int, block_size: int, heldout_fraction: float, max_file
 
 
 def _layout(piece: list[int], *, special: SpecialIds, seq_len: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One sample (spec/ALGORITHMS.md §2.1): piece + EOS + EOS block padding (all labelled) + pad (-100)."""
+    """One sample (docs/method.md §2.1): piece + EOS + EOS block padding (all labelled) + pad (-100)."""
     input_ids = list(piece) + [special.eos_id]
     input_ids, labels = eos_block_pad(input_ids, list(input_ids), block_size=block_size, eos_id=special.eos_id)
     input_ids, labels = pad_to_length(input_ids, labels, length=seq_len, pad_id=special.pad_id)

@@ -1,4 +1,4 @@
-"""The demo instruction corpus: the Python standard library's functions, as prompt -> body (DESIGN "the small world").
+"""The demo instruction corpus: the Python standard library's functions, as prompt -> body (docs/design.md "the small world").
 
 For every function or method with a docstring, the user message shows its signature (decorators and
 ``def`` line(s)) and its docstring as written in the source, in a code block; the assistant answers

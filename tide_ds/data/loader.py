@@ -1,4 +1,4 @@
-"""Training and evaluation batches from a pre-tokenized dataset, with exact resume (DESIGN decision 9).
+"""Training and evaluation batches from a pre-tokenized dataset, with exact resume (docs/design.md decision 9).
 
 The training order is one endless stream: the concatenation of per-epoch permutations of the sample
 indices, each seeded from ``(seed, epoch)``. Step ``s`` takes the next ``micro_batch_size *

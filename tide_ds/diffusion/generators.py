@@ -1,7 +1,7 @@
 """Seeded noise generators: one independent stream per (seed, step, rank, stream name).
 
 The reference seeds every rank identically, so all GPUs draw the same t and mask uniforms each step
-(spec ALGORITHMS.md §15.8). Here the noise of a micro-step comes from a fresh ``torch.Generator`` whose
+(docs/method.md §15.8). Here the noise of a micro-step comes from a fresh ``torch.Generator`` whose
 seed hashes all four inputs, so ranks, steps and streams ("noise", "eval", "demo", ...) differ, and a
 resumed run replays exactly the noise it would have drawn (no generator state in checkpoints).
 

@@ -1,4 +1,4 @@
-"""Student batch layout for BD3LM (spec ALGORITHMS.md §2.1–§2.2).
+"""Student batch layout for BD3LM (docs/method.md §2.1–§2.2).
 
 Per example: EOS block padding (labelled, hence maskable), then fixed-length padding (labels -100).
 Per batch: the model input is ``[x_t ; x_0]`` with positions ``[0..L-1 ; 0..L-1]``.

@@ -1,4 +1,4 @@
-"""The forward (masking) process and the per-token weights of the diffusion CE (spec ALGORITHMS.md §1.3–§1.4).
+"""The forward (masking) process and the per-token weights of the diffusion CE (docs/method.md §1.3–§1.4).
 
 Legend: B batch, L student length (one copy).
 
@@ -41,7 +41,7 @@ def mask_tokens(
     Maskable means ``labels != -100``: prompt tokens and batch padding are never masked. One uniform
     per token is drawn with ``generator`` on the generator's device (shape [B, L]), then moved to the
     device of ``input_ids_BL``. The reference's "input id == label at maskable positions" assert is
-    omitted: it needs a host sync (spec §15.23).
+    omitted: it needs a host sync (docs/method.md §15.23).
 
     Returns: ``(x_t_BL, masked_BL)``: the noisy ids (int64 [B, L], ``mask_token_id`` where masked) and
     the mask (bool [B, L]).
@@ -64,7 +64,7 @@ def mask_tokens(
 
 
 def loss_weight(t_B: torch.Tensor, *, weight_type: str, schedule: NoiseSchedule) -> torch.Tensor:
-    """Per-sequence CE weight omega (§1.4). float32 [B].
+    """Per-sequence CE weight omega (docs/method.md §1.4). float32 [B].
 
     ``"scheduler"``: the ELBO weight w(t) of ``schedule`` (linear: 1 / (t + 1e-6)). ``"uniform"``: ones.
     The reference returns int64 ones for ``"uniform"``; here both options are float32.
@@ -84,7 +84,7 @@ def token_loss_weights(
     norm_type: str,
     schedule: NoiseSchedule,
 ) -> torch.Tensor:
-    """Coefficients c with L_CE = sum_{j,i} c_{j,i} * CE_{j,i} (§1.4). float32 [B, L].
+    """Coefficients c with L_CE = sum_{j,i} c_{j,i} * CE_{j,i} (docs/method.md §1.4). float32 [B, L].
 
     With omega = ``loss_weight(t)``, m = ``masked``, n_j = maskable tokens of row j, N_a = sum_j n_j:
 

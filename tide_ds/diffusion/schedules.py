@@ -1,4 +1,4 @@
-"""Noise ("alpha") schedules of masked diffusion (spec ALGORITHMS.md §1.2).
+"""Noise ("alpha") schedules of masked diffusion (docs/method.md §1.2).
 
 ``alpha(t)`` is the probability that a token is *kept* at time ``t``; ``1 - alpha(t)`` is the masking
 probability. Every method takes a tensor (or a Python float) of any shape and returns a float32 tensor

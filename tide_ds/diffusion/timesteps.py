@@ -1,4 +1,4 @@
-"""Diffusion-time sampling (spec ALGORITHMS.md §1.1): t = eps + (1 - eps) u, u ~ U[0, 1), one per sequence.
+"""Diffusion-time sampling (docs/method.md §1.1): t = eps + (1 - eps) u, u ~ U[0, 1), one per sequence.
 
 Legend: B batch.
 """

@@ -2,7 +2,7 @@
 
     python -m tide_ds.eval --checkpoint RUN_DIR|CHECKPOINT_DIR|HF_DIR [--tasks humaneval,mbpp,gsm8k,nll] [--limit N]
 
-The paper's protocol (spec ALGORITHMS.md §13.2): chat template with the empty think block, zero-shot,
+The paper's protocol (docs/method.md §13.2): chat template with the empty think block, zero-shot,
 256 new tokens in 256 steps (8 blocks of 32, one token per step), greedy, low-confidence remasking;
 code runs in the sandbox of :mod:`tide_ds.eval.sandbox` (one subprocess per sample). The block size is
 the one the student was trained with (32 in the paper). Data files are fetched on first use as

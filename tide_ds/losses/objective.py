@@ -1,14 +1,14 @@
-"""The distillation objective as a typed object: mode strings and paper presets (spec ALGORITHMS.md §9-§10).
+"""The distillation objective as a typed object: mode strings and paper presets (docs/method.md §9-§10).
 
 The reference selects its loss with a structured string (``distill_mode``: ``alm``, ``reverse_alm``,
 ``alm_taid``, ``reverse_alm_taid``, ``kl``, ``reverse_kl``, ``taid``, their ``_aligned`` forms, and
 ``+`` sums such as ``taid_aligned+kl_aligned``). :func:`parse_mode` reads such a string once into an
-:class:`ObjectiveSpec`; :func:`preset_objective` maps the paper's named variants (§9.3) per pipeline.
+:class:`ObjectiveSpec`; :func:`preset_objective` maps the paper's named variants (docs/method.md §9.3) per pipeline.
 Downstream code reads the spec's fields and never inspects the string again.
 
 Pipeline A (cross tokenizer, chunk-level terms): CALM, Reverse CALM, chunk TIDAL. Pipeline B (shared
 tokenizer, token-level terms): KL, reverse KL, token TIDAL, summable, on all masked positions
-(non-aligned teacher forward, §3.2) or on aligned rows (``_aligned``, §3.3). The CE term is always on.
+(non-aligned teacher forward, docs/method.md §3.2) or on aligned rows (``_aligned``, docs/method.md §3.3). The CE term is always on.
 
 Stricter than the reference (each rejected with its reason): a ``+`` sum must be all ``_aligned`` or
 all plain (the reference strips ``_aligned`` part by part, so ``kl_aligned+taid`` ran both aligned);
@@ -30,7 +30,7 @@ __all__ = ["MODES", "PRESETS", "LossTerm", "Preset", "ObjectiveSpec", "Pipeline"
 
 
 class Pipeline(enum.Enum):
-    """Which teacher / data path a run needs (spec §0)."""
+    """Which teacher / data path a run needs (docs/method.md §0)."""
 
     #: Cross tokenizer (LLaDA2.0-mini teacher): alignment chunks, chunk-level terms.
     A = "A"
@@ -39,7 +39,7 @@ class Pipeline(enum.Enum):
 
 
 class TermKind(enum.Enum):
-    """The four distillation losses (spec §5, §6, §7.3, §7.4)."""
+    """The four distillation losses (docs/method.md §5, §6, §7.3, §7.4)."""
 
     CALM = "calm"
     CHUNK_TIDAL = "calm_tidal"
@@ -64,7 +64,7 @@ _CHUNK_PARTS = ("alm", "reverse_alm", "alm_taid", "reverse_alm_taid")
 
 #: Every single mode of the reference; ``+`` sums of token-level parts are valid too.
 MODES = _CHUNK_PARTS + _TOKEN_PARTS + tuple(f"{part}_aligned" for part in _TOKEN_PARTS)
-#: The paper's named variants (§9.3); all include the CE term. The type of ``distill.preset``.
+#: The paper's named variants (docs/method.md §9.3); all include the CE term. The type of ``distill.preset``.
 Preset = Literal["none", "calm", "tide_cross", "tide_shared", "kl"]
 PRESETS: tuple[str, ...] = get_args(Preset)
 
@@ -84,7 +84,7 @@ class LossTerm:
 
     def __post_init__(self) -> None:
         if (self.kind, self.reverse) not in _TERM_MODES:
-            raise ConfigError("distill.mode: token-level TIDAL has no reverse form (spec §7.3 is a forward KL)")
+            raise ConfigError("distill.mode: token-level TIDAL has no reverse form (docs/method.md §7.3 is a forward KL)")
 
     @property
     def name(self) -> str:
@@ -106,26 +106,26 @@ class LossTerm:
 
     @property
     def weight_group(self) -> Literal["calm", "kl", "tidal"]:
-        """Which weight scales the term (§10): the CALM weight also covers chunk TIDAL."""
+        """Which weight scales the term (docs/method.md §10): the CALM weight also covers chunk TIDAL."""
         if self.chunk_level:
             return "calm"
         return "tidal" if self.kind is TermKind.TIDAL else "kl"
 
     @property
     def temperature_group(self) -> Literal["calm", "kl"]:
-        """Which temperature the term uses (§9.2): token TIDAL shares the KL temperature."""
+        """Which temperature the term uses (docs/method.md §9.2): token TIDAL shares the KL temperature."""
         return "calm" if self.chunk_level else "kl"
 
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """The parsed distillation objective: ``L = CE + sum_terms weight * term`` (spec §10)."""
+    """The parsed distillation objective: ``L = CE + sum_terms weight * term`` (docs/method.md §10)."""
 
     #: Distillation terms, summed; empty = CE only (the BD3LM baseline).
     terms: tuple[LossTerm, ...] = ()
-    #: Pipeline B on aligned rows with the teacher's own chat template (§3.3) instead of all masked positions.
+    #: Pipeline B on aligned rows with the teacher's own chat template (docs/method.md §3.3) instead of all masked positions.
     aligned: bool = False
-    #: CompDemo: two complementary teacher passes (§8).
+    #: CompDemo: two complementary teacher passes (docs/method.md §8).
     comp_demo: bool = False
 
     def __post_init__(self) -> None:
@@ -155,7 +155,7 @@ class ObjectiveSpec:
         kinds = {(term.kind, term.reverse) for term in self.terms}
         if (TermKind.CHUNK_TIDAL, True) in kinds:
             warnings.warn(
-                f"distill.mode={self.mode!r}: TIDAL with a reverse objective is counterproductive (spec §7.5): "
+                f"distill.mode={self.mode!r}: TIDAL with a reverse objective is counterproductive (docs/method.md §7.5): "
                 "the mixed target (1 - lambda) s + lambda q lets the student's own s set the sign of the "
                 "Reverse CALM gradient, losing its teacher-only bounded gate; use it for ablations only "
                 "(recommended: 'reverse_alm' or 'alm_taid')",
@@ -165,7 +165,7 @@ class ObjectiveSpec:
         elif (TermKind.TIDAL, False) in kinds and (TermKind.KL, True) in kinds:
             warnings.warn(
                 f"distill.mode={self.mode!r}: TIDAL combined with a reverse objective is counterproductive "
-                "(spec §7.5); the paper's recipes use TIDAL with forward objectives only",
+                "(docs/method.md §7.5); the paper's recipes use TIDAL with forward objectives only",
                 UserWarning,
                 stacklevel=2,
             )
@@ -212,7 +212,7 @@ def _mode_error(mode: str, reason: str, bad: str | None) -> ConfigError:
 
 
 def parse_mode(mode: str, *, comp_demo: bool = False) -> ObjectiveSpec:
-    """Parse a reference ``distill_mode`` string (§9.1) into an :class:`ObjectiveSpec`.
+    """Parse a reference ``distill_mode`` string (docs/method.md §9.1) into an :class:`ObjectiveSpec`.
 
     Whitespace around ``+`` parts is ignored. Raises ConfigError naming ``distill.mode``, the value,
     the valid choices and the closest valid mode.
@@ -239,7 +239,7 @@ def parse_mode(mode: str, *, comp_demo: bool = False) -> ObjectiveSpec:
     return ObjectiveSpec(terms=terms, aligned=aligned, comp_demo=comp_demo)
 
 
-#: §9.3: preset -> {pipeline: (mode, CompDemo)}.
+#: docs/method.md §9.3: preset -> {pipeline: (mode, CompDemo)}.
 _PRESET_MODES: dict[str, dict[Pipeline, tuple[str, bool]]] = {
     "calm": {Pipeline.A: ("alm", False)},
     "kl": {Pipeline.B: ("kl_aligned", False)},
@@ -258,7 +258,7 @@ def preset_pipelines(preset: str) -> tuple[str, ...]:
 
 
 def preset_objective(preset: str, *, pipeline: Pipeline | str | None = None) -> ObjectiveSpec:
-    """The paper variant ``preset`` (§9.3) for ``pipeline`` (``Pipeline`` or "A"/"B").
+    """The paper variant ``preset`` (docs/method.md §9.3) for ``pipeline`` (``Pipeline`` or "A"/"B").
 
     ``none``: CE only (any pipeline). ``calm``: CALM (A only). ``kl``: forward KL on aligned rows (B only).
     ``tide_cross``: Reverse CALM (A) / reverse KL aligned (B). ``tide_shared``: TIDAL + CompDemo, chunk

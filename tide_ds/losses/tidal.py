@@ -1,16 +1,16 @@
-"""TIDAL: targets interpolated between student and teacher along two axes (spec ALGORITHMS.md §7).
+"""TIDAL: targets interpolated between student and teacher along two axes (docs/method.md §7).
 
 The reference code calls this method "TAID". Legend: B batch, N selected rows, C chunks, V' shared
 vocabulary prefix.
 
-* Training-progress axis (§7.1): ``lambda_train = init + (max - init) g(p)``, ``g`` cosine or linear
+* Training-progress axis (docs/method.md §7.1): ``lambda_train = init + (max - init) g(p)``, ``g`` cosine or linear
   growth in the progress ``p = step / max(max_steps, 1)``.
-* Timestep axis (§7.2): per sample ``lambda_j`` = ``lambda_train (1 - t_j)`` (``both``),
+* Timestep axis (docs/method.md §7.2): per sample ``lambda_j`` = ``lambda_train (1 - t_j)`` (``both``),
   ``lambda_train`` (``training_only``) or ``lambda_max (1 - t_j)`` (``timestep_only``); and a per-sample
   weight ``omega_j``: 1 (``uniform``) or a Gaussian in t centred at 0.5 with sigma 0.15 (``midrange``).
-* Token level (§7.3): forward KL from the detached logit-space mix ``softmax(((1-lambda) z^S + lambda z^T)/T)``
+* Token level (docs/method.md §7.3): forward KL from the detached logit-space mix ``softmax(((1-lambda) z^S + lambda z^T)/T)``
   to the student, times ``T^2 omega_j``, mean over the rows.
-* Chunk level (§7.4): CALM / Reverse CALM against the detached probability-space mix
+* Chunk level (docs/method.md §7.4): CALM / Reverse CALM against the detached probability-space mix
   ``(1 - lambda) s + lambda q``; no T^2.
 """
 
@@ -60,14 +60,14 @@ def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def training_progress(step: int, max_steps: int) -> float:
-    """``p = step / max(max_steps, 1)`` in optimizer steps (§7.1)."""
+    """``p = step / max(max_steps, 1)`` in optimizer steps (docs/method.md §7.1)."""
     return step / max(max_steps, 1)
 
 
 def lambda_train(
     progress: float, *, lambda_init: float = 0.1, lambda_max: float = 0.9, growth: str = "cosine"
 ) -> float:
-    """``lambda_init + (lambda_max - lambda_init) g(p)``, ``g = (1 - cos(pi p)) / 2`` or ``p`` (§7.1).
+    """``lambda_init + (lambda_max - lambda_init) g(p)``, ``g = (1 - cos(pi p)) / 2`` or ``p`` (docs/method.md §7.1).
 
     A growth, not a decay: early targets sit near the student, late ones near the teacher.
     """
@@ -79,7 +79,7 @@ def lambda_train(
 
 
 def timestep_weight(t_B: torch.Tensor, kind: str = "uniform") -> torch.Tensor:
-    """Per-sample weight omega (§7.3): ones, or ``exp(-(t - 0.5)^2 / (2 * 0.15^2))`` for ``midrange``.
+    """Per-sample weight omega (docs/method.md §7.3): ones, or ``exp(-(t - 0.5)^2 / (2 * 0.15^2))`` for ``midrange``.
 
     float32 ``[B]`` (float64 for float64 t).
     """
@@ -92,7 +92,7 @@ def timestep_weight(t_B: torch.Tensor, kind: str = "uniform") -> torch.Tensor:
 
 @dataclass(frozen=True, kw_only=True)
 class TidalSchedule:
-    """The TIDAL interpolation schedule (§7.1-7.2), validated once."""
+    """The TIDAL interpolation schedule (docs/method.md §7.1-7.2), validated once."""
 
     #: lambda at the start of training.
     lambda_init: float = 0.1
@@ -115,11 +115,11 @@ class TidalSchedule:
         _choice("distill.tidal_timestep_weight", self.timestep_weight, TIMESTEP_WEIGHTS)
 
     def lambda_train(self, progress: float) -> float:
-        """The training-progress axis alone (§7.1); logged as ``lambda_train``."""
+        """The training-progress axis alone (docs/method.md §7.1); logged as ``lambda_train``."""
         return lambda_train(progress, lambda_init=self.lambda_init, lambda_max=self.lambda_max, growth=self.growth)
 
     def sample_lambda(self, t_B: torch.Tensor, *, progress: float) -> torch.Tensor:
-        """Per-sample lambda_j (§7.2), float32 ``[B]`` (float64 for float64 t)."""
+        """Per-sample lambda_j (docs/method.md §7.2), float32 ``[B]`` (float64 for float64 t)."""
         t = t_B.to(accumulation_dtype(t_B))
         if self.axis == "training_only":
             return torch.full_like(t, self.lambda_train(progress))
@@ -127,7 +127,7 @@ class TidalSchedule:
         return scale * (1.0 - t)
 
     def sample_weight(self, t_B: torch.Tensor) -> torch.Tensor:
-        """Per-sample omega_j (§7.3), float32 ``[B]``."""
+        """Per-sample omega_j (docs/method.md §7.3), float32 ``[B]``."""
         return timestep_weight(t_B, self.timestep_weight)
 
 
@@ -141,7 +141,7 @@ def token_tidal(
     weight_N: torch.Tensor | None = None,
     chunk_rows: int = 0,
 ) -> torch.Tensor:
-    """Token-level TIDAL (modes ``taid``, ``taid_aligned``; §7.3), on the given rows.
+    """Token-level TIDAL (modes ``taid``, ``taid_aligned``; docs/method.md §7.3), on the given rows.
 
     Per row n of sample j: ``r = sg(softmax(((1 - lambda_j) z^S + lambda_j z^T) / T))`` on the V' prefix
     and ``KL(r || softmax(z^S / T))``. Loss ``T^2 sum_n omega_n KL_n / max(1, N)`` (normalised by the row
@@ -186,14 +186,14 @@ def chunk_tidal(
     reverse: bool = False,
     weight_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Chunk-level TIDAL (modes ``alm_taid``, ``reverse_alm_taid``; §7.4).
+    """Chunk-level TIDAL (modes ``alm_taid``, ``reverse_alm_taid``; docs/method.md §7.4).
 
     Target ``m = clip(sg((1 - lambda_j) s + lambda_j q), eps, 1 - eps)`` mixed in tempered-probability
     space (computed as a log-sum-exp of ``log s`` and ``log q``); loss = forward or reverse chunk BCE of
     the student against m (:func:`tide_ds.losses.calm.chunk_bce`), times omega_j, mean over active chunks
     (``max(1, sum active)``); no T^2. Forward gradient w.r.t. ``l^S``: ``lambda omega (s - q) / (T (1 - s))``
     = CALM's gradient rescaled by ``lambda omega``. The reverse form lets the student's own s into the
-    target (§7.5) and exists for ablations.
+    target (docs/method.md §7.5) and exists for ablations.
 
     Args:
         student_ll_BC: student chunk log-likelihoods ``[B, C]``, differentiable.

@@ -4,7 +4,7 @@ Legend: N rows (aligned pairs or masked positions), V / V_t student / teacher vo
 prefix (``distill.shared_vocab_size``), D_s / D_t hidden sizes.
 
 The terms are those of :mod:`tide_ds.losses.fused_divergence` (forward KL, reverse KL, token TIDAL, each
-``T^2 sum_n w_n D_n / max(1, n_selected)`` with its weight, spec ALGORITHMS.md §6 step 5, §7.3), but the
+``T^2 sum_n w_n D_n / max(1, n_selected)`` with its weight, docs/method.md §6 step 5, docs/method.md §7.3), but the
 teacher side arrives as its hidden rows and its head instead of float32 logits: both log-softmaxes come
 from online log-sum-exp over vocabulary tiles (:mod:`tide_kernels.fused_divergence`). The teacher's head
 is sliced to V' (a view), never copied or converted as a whole. Two implementations, chosen by

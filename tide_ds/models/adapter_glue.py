@@ -1,14 +1,14 @@
 """Building blocks shared by the teacher adapters (``llada2_moe.py``, ``wedlm.py``, ``llada.py``, ``dream.py``).
 
-Every teacher runs on a transformers-native class (MODELS.md §2.3), so no layer is re-implemented here;
+Every teacher runs on a transformers-native class (docs/models.md §2.3), so no layer is re-implemented here;
 what the four adapters share is the glue around those classes:
 
 * attention masks: bidirectional key padding in which a padded query attends to itself only, so no row
-  is ever fully masked and no NaN can appear (MODELS.md §2.4, ALGORITHMS.md §15 item 1);
+  is ever fully masked and no NaN can appear (docs/models.md §2.4, docs/method.md §15 item 1);
 * config.json checks that name the file, the field, the value seen and the value expected;
 * strict loading of a converted state dict (missing / unexpected keys, shapes), tied heads;
 * mask-token resolution from config.json or the tokenizer files (never a constant in code);
-* the random tiny checkpoints of MODELS.md §10, written in each family's real key layout.
+* the random tiny checkpoints of docs/models.md §10, written in each family's real key layout.
 
 Legend: B batch, L sequence length, D hidden, V vocab.
 """
@@ -102,7 +102,7 @@ def to_additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Bool keep-mask -> additive float mask (0 allowed, ``finfo(dtype).min`` blocked), same shape.
 
     Additive masks work for both ``sdpa`` and ``eager`` (eager adds the mask to the scores, so a bool
-    mask would be silently wrong there, MODELS.md §2.2).
+    mask would be silently wrong there, docs/models.md §2.2).
     """
     blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=keep.device)
     return torch.where(keep, torch.zeros((), dtype=dtype, device=keep.device), blocked)

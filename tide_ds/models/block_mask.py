@@ -1,4 +1,4 @@
-"""The BD3LM block-diffusion attention mask (spec ALGORITHMS.md §2.3): one predicate, two consumers.
+"""The BD3LM block-diffusion attention mask (docs/method.md §2.3): one predicate, two consumers.
 
 The student sees ``[x_t ; x_0]`` (order ``xt_x0``); the teacher option ``x0_xt`` puts the clean copy first.
 Indices run over the concatenation, ``0 <= q, kv < 2L``. For an index ``r``: segment ``g = r >= L``, local
@@ -81,7 +81,7 @@ def _additive(
     seq_len: int, block_size: int, clean_first: bool, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     allowed = _dense(seq_len, block_size, clean_first, device)
-    # finfo.min rather than -inf: a fully masked row then stays finite (MODELS.md §2.4); BD3LM has none.
+    # finfo.min rather than -inf: a fully masked row then stays finite (docs/models.md §2.4); BD3LM has none.
     blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
     return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), blocked)
 

@@ -1,8 +1,8 @@
 """Dream-v0-7B (``Dream-org/Dream-v0-Instruct-7B``): a Qwen2.5 checkpoint, on transformers' Qwen2.
 
-Spec: MODELS.md §6. ``DreamModel`` is Qwen2 (q/k/v biases, no QK-norm, half-split RoPE) with attention
+Spec: docs/models.md §6. ``DreamModel`` is Qwen2 (q/k/v biases, no QK-norm, half-split RoPE) with attention
 hard-coded non-causal; its keys are exactly Qwen2's, so it loads as ``transformers.Qwen2ForCausalLM`` with
-``is_causal=False`` (exact, MODELS.md §2.3). What differs lives here: the ``model_type="Dream"`` config
+``is_causal=False`` (exact, docs/models.md §2.3). What differs lives here: the ``model_type="Dream"`` config
 adapter, structural checks, the padding mask, and the **logit shift**: Dream keeps the autoregressive
 convention (the output at position i predicts token i+1); :func:`teacher_forward_hidden` right-shifts the
 hidden states by default, ``cat([h[:, :1], h[:, :-1]])``, so that row i predicts token i like every other
@@ -54,7 +54,7 @@ __all__ = [
 
 FAMILY = "dream"
 MODEL_TYPES = ("Dream",)
-#: Tokenizer strings of the mask token (MODELS.md §6.4: ``<|mask|>``, 151666).
+#: Tokenizer strings of the mask token (docs/models.md §6.4: ``<|mask|>``, 151666).
 MASK_TOKEN_STRINGS = ("<|mask|>",)
 _EMBED = "model.embed_tokens.weight"
 
@@ -157,14 +157,14 @@ def lm_head_weight(model: transformers.Qwen2ForCausalLM) -> torch.Tensor:
 
 
 def tiny_dream_config(**overrides: Any) -> dict[str, Any]:
-    """The ``tiny-dream`` config.json of MODELS.md §10 (Qwen2 fields, untied, 0.205 M parameters)."""
+    """The ``tiny-dream`` config.json of docs/models.md §10 (Qwen2 fields, untied, 0.205 M parameters)."""
     return {**_TINY, **overrides}
 
 
 def write_tiny_dream_checkpoint(
     out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any
 ) -> Path:
-    """Write a random ``tiny-dream`` checkpoint with Qwen2 key names incl. q/k/v biases (MODELS.md §6.2)."""
+    """Write a random ``tiny-dream`` checkpoint with Qwen2 key names incl. q/k/v biases (docs/models.md §6.2)."""
     cfg = tiny_dream_config(**overrides)
     init = TinyInit(seed)
     d, inter = cfg["hidden_size"], cfg["intermediate_size"]

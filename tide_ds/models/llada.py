@@ -1,9 +1,9 @@
 """LLaDA-8B-Instruct (``GSAI-ML/LLaDA-8B-Instruct``): OLMo-style checkpoint, on transformers' Llama.
 
-Spec: MODELS.md §5.1-§5.4. LLaDA's ``block_type="llama"`` block is a Llama decoder layer (RMSNorm, separate
+Spec: docs/models.md §5.1-§5.4. LLaDA's ``block_type="llama"`` block is a Llama decoder layer (RMSNorm, separate
 q/k/v projections, SwiGLU with ``ff_proj`` as the gate, half-split RoPE, no biases), always bidirectional.
 It therefore loads as ``transformers.LlamaForCausalLM`` with ``is_causal=False`` after renaming the OLMo keys
-(exact in fp32, MODELS.md §2.3):
+(exact in fp32, docs/models.md §2.3):
 
 ==========================================  ==========================================
 checkpoint (``model.transformer.`` prefix)  native
@@ -17,7 +17,7 @@ checkpoint (``model.transformer.`` prefix)  native
 Deviations from the reference, by design: RoPE positions can be given (the reference has no
 ``position_ids``; default ``arange(L)`` is the same); a 2-D padding mask lets a padded query see itself.
 Known numeric difference: the reference rotates q/k in fp32 (``rope_full_precision``); Llama rotates in
-the activation dtype, identical in fp32 and ~1e-2 off in bf16 logits (MODELS.md §2.1).
+the activation dtype, identical in fp32 and ~1e-2 off in bf16 logits (docs/models.md §2.1).
 
 Legend: B batch, L sequence length, D hidden (``d_model``), V vocab.
 """
@@ -62,7 +62,7 @@ __all__ = [
 
 FAMILY = "llada"
 MODEL_TYPES = ("llada",)
-#: Tokenizer strings of the mask token (MODELS.md §5.4: ``<|mdm_mask|>``, 126336).
+#: Tokenizer strings of the mask token (docs/models.md §5.4: ``<|mdm_mask|>``, 126336).
 MASK_TOKEN_STRINGS = ("<|mdm_mask|>",)
 
 #: Fields whose OLMo defaults differ from LLaDA's values or are uncertain: config.json must state them.
@@ -294,14 +294,14 @@ def lm_head_weight(model: transformers.LlamaForCausalLM) -> torch.Tensor:
 
 
 def tiny_llada_config(**overrides: Any) -> dict[str, Any]:
-    """The ``tiny-llada`` config.json of MODELS.md §10 (0.213 M parameters untied); e.g. ``weight_tying=True``."""
+    """The ``tiny-llada`` config.json of docs/models.md §10 (0.213 M parameters untied); e.g. ``weight_tying=True``."""
     return {**_TINY, **overrides}
 
 
 def write_tiny_llada_checkpoint(
     out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any
 ) -> Path:
-    """Write a random ``tiny-llada`` checkpoint in the real OLMo/LLaDA key layout (MODELS.md §5.2).
+    """Write a random ``tiny-llada`` checkpoint in the real OLMo/LLaDA key layout (docs/models.md §5.2).
 
     ``overrides`` are config.json fields (``weight_tying=True`` for the tied variant, ``n_kv_heads=2``, ...).
     """

@@ -1,16 +1,16 @@
 """LLaDA2.0-mini (``inclusionAI/LLaDA2.0-mini``, Bailing-MoE-v2): the pipeline-A teacher, on transformers' Glm4Moe.
 
-Spec: MODELS.md §3 (config, keys, routing, forward contract), ALGORITHMS.md §3.1. The reference
+Spec: docs/models.md §3 (config, keys, routing, forward contract), docs/method.md §3.1. The reference
 ``LLaDA2MoeModelLM`` does not import under transformers 5.24; its numerics are those of
-``transformers.Glm4MoeForCausalLM`` with ``is_causal=False`` (MODELS.md §2.3, fp32 diff ~1e-7):
+``transformers.Glm4MoeForCausalLM`` with ``is_causal=False`` (docs/models.md §2.3, fp32 diff ~1e-7):
 
-* routing (§3.3): fp32 router logits, sigmoid scores, ``expert_bias`` (Glm4Moe's
+* routing (docs/models.md §3.3): fp32 router logits, sigmoid scores, ``expert_bias`` (Glm4Moe's
   ``e_score_correction_bias``) added for *selection only*, group score = sum of the top-2 biased scores
   per group, ``topk_group`` groups kept, the rest set to ``-inf``, top-k, unbiased weights renormalised
   (whenever top_k > 1) and multiplied by ``routed_scaling_factor``, plus the unweighted shared experts;
   the router weight and bias stay fp32 whatever the model dtype (``_keep_in_fp32_modules_strict``);
 * the experts are one module holding fused ``[E, 2I, D]`` / ``[E, D, I]`` tensors, so the submodules
-  called do not depend on the routing (rank-invariant under ZeRO-3, MODELS.md §8.2-§8.3);
+  called do not depend on the routing (rank-invariant under ZeRO-3, docs/models.md §8.2-§8.3);
 * partial RoPE (``partial_rotary_factor``, half-split), QK-norm before RoPE, dense layers
   ``< first_k_dense_replace``.
 
@@ -64,12 +64,12 @@ __all__ = [
 
 FAMILY = "llada2_moe"
 MODEL_TYPES = ("llada2_moe",)
-#: Tokenizer strings of the mask token (MODELS.md §3.5: ``<|mask|>``, 156895 in LLaDA2.0-mini).
+#: Tokenizer strings of the mask token (docs/models.md §3.5: ``<|mask|>``, 156895 in LLaDA2.0-mini).
 MASK_TOKEN_STRINGS = ("<|mask|>",)
-#: The sparse block (router + fused experts + shared experts) to mark as a ZeRO-3 leaf (MODELS.md §8.3).
+#: The sparse block (router + fused experts + shared experts) to mark as a ZeRO-3 leaf (docs/models.md §8.3).
 ZERO3_LEAF_MODULES = ("Glm4MoeMoE",)
 
-#: ``LLaDA2MoeConfig`` class defaults (MODELS.md §3.1), used when config.json omits a field.
+#: ``LLaDA2MoeConfig`` class defaults (docs/models.md §3.1), used when config.json omits a field.
 _DEFAULTS: dict[str, Any] = {
     "vocab_size": 30592,
     "hidden_size": 1024,
@@ -371,7 +371,7 @@ def teacher_forward_hidden(
     attention_mask_BL: torch.Tensor | None = None,
     position_ids_BL: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bidirectional forward on one copy (ALGORITHMS.md §3.1): final-normed hidden ``[B, L, D]``, no LM head.
+    """Bidirectional forward on one copy (docs/method.md §3.1): final-normed hidden ``[B, L, D]``, no LM head.
 
     Args:
         input_ids_BL: ``[B, L]`` teacher ids, masked positions already set to the teacher's mask id.
@@ -394,7 +394,7 @@ def lm_head_weight(model: transformers.Glm4MoeForCausalLM) -> torch.Tensor:
 
 
 def tiny_llada2_moe_config(**overrides: Any) -> dict[str, Any]:
-    """The ``tiny-llada2-moe`` config.json of MODELS.md §10 (0.474 M parameters), with ``overrides`` applied."""
+    """The ``tiny-llada2-moe`` config.json of docs/models.md §10 (0.474 M parameters), with ``overrides`` applied."""
     unknown = sorted(set(overrides) - set(_TINY) - set(_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown LLaDA2 config field(s) {unknown}; known: {sorted(set(_TINY) | set(_DEFAULTS))}")
@@ -404,7 +404,7 @@ def tiny_llada2_moe_config(**overrides: Any) -> dict[str, Any]:
 def write_tiny_llada2_moe_checkpoint(
     out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any
 ) -> Path:
-    """Write a random ``tiny-llada2-moe`` checkpoint in the real LLaDA2 layout (keys of MODELS.md §3.2).
+    """Write a random ``tiny-llada2-moe`` checkpoint in the real LLaDA2 layout (keys of docs/models.md §3.2).
 
     ``expert_bias ~ N(0, 0.05)`` (non-zero, some negative). ``overrides`` are config.json fields.
     """

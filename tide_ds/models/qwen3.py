@@ -1,6 +1,6 @@
 """The BD3LM student: transformers' own Qwen3 classes, made bidirectional, run on ``[x_t ; x_0]``.
 
-Spec: ALGORITHMS.md §2.2-§2.5, MODELS.md §7. The reference registers the student as model type
+Spec: docs/method.md §2.2-§2.5, docs/models.md §7. The reference registers the student as model type
 ``a2d-qwen3`` ("A2D" = autoregressive-to-diffusion); its weights, config fields and layers are those of
 stock Qwen3, so ``transformers.Qwen3ForCausalLM`` with ``config.is_causal = False`` and an explicit 4-D
 mask (or a FlexAttention ``BlockMask``) computes the same thing. Checkpoints use the real Qwen3 key names;
@@ -79,7 +79,7 @@ def tiny_student_config(
     pad_token_id: int = 1000,
     bos_token_id: int | None = None,
 ) -> transformers.Qwen3Config:
-    """The ``tiny-qwen3-bd3lm`` test config of MODELS.md §10 (0.16 M parameters, tied head, head_dim != D/heads)."""
+    """The ``tiny-qwen3-bd3lm`` test config of docs/models.md §10 (0.16 M parameters, tied head, head_dim != D/heads)."""
     config = transformers.Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -239,7 +239,7 @@ def _log_kernel_choice(impl: str) -> None:
 
 
 class BD3LMStudent(torch.nn.Module):
-    """BD3LM forward of a Qwen3 student: hidden states of the noisy copy, attending per ALGORITHMS.md §2.3.
+    """BD3LM forward of a Qwen3 student: hidden states of the noisy copy, attending per docs/method.md §2.3.
 
     ``forward(x_t [B, L] long, x_0 [B, L] long) -> hidden [B, L, D]`` (final-normed, activation dtype).
     The LM head is not applied (the loss applies it to the rows it needs, via :attr:`lm_head_weight`).
@@ -308,7 +308,7 @@ class BD3LMStudent(torch.nn.Module):
         ids_B2L = torch.cat([x_t_BL, x_0_BL], dim=1)
         positions_12L = torch.arange(seq_len, device=device).repeat(2)[None]
         mask = self._mask(seq_len, device)
-        # A dict of per-layer-type masks bypasses transformers' own (causal) mask creation (MODELS.md §2.2).
+        # A dict of per-layer-type masks bypasses transformers' own (causal) mask creation (docs/models.md §2.2).
         masks = {layer_type: mask for layer_type in set(self.hf.config.layer_types)}
         out = self.hf.model(input_ids=ids_B2L, attention_mask=masks, position_ids=positions_12L, use_cache=False)
         return out.last_hidden_state[:, :seq_len]

@@ -1,4 +1,4 @@
-"""Teacher registry: family name -> loader, forward and tiny-checkpoint writer (MODELS.md §3-§6).
+"""Teacher registry: family name -> loader, forward and tiny-checkpoint writer (docs/models.md §3-§6).
 
 =============  ====================================  ============================  ==================
 family         checkpoint ``model_type``             native class                  attention
@@ -12,7 +12,7 @@ family         checkpoint ``model_type``             native class               
 Every loader returns the native model frozen (``eval()``, ``requires_grad_(False)``) with
 ``config.tide_teacher_family`` and ``config.mask_token_id`` (from config.json or the tokenizer files) set.
 The family's ``forward_hidden`` returns final hidden states, never logits; ``lm_head_weight`` gives the
-head for the rows the loss needs (ALGORITHMS.md §15 item 17).
+head for the rows the loss needs (docs/method.md §15 item 17).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class TeacherFamily:
         lm_head_weight: ``lm_head_weight(model) -> [V, D]``.
         write_tiny_checkpoint: ``write_tiny_checkpoint(out_dir, *, seed, shard=False, **config overrides)``.
         zero3_leaf_modules: class names to pass to ``deepspeed.utils.set_z3_leaf_modules`` before
-            ``deepspeed.initialize`` when the teacher is ZeRO-3 partitioned (MODELS.md §8.3).
+            ``deepspeed.initialize`` when the teacher is ZeRO-3 partitioned (docs/models.md §8.3).
     """
 
     name: str

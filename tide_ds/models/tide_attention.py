@@ -4,17 +4,17 @@ One backend name serves the student and the teachers (``--model.attn_implementat
 ``--teacher.attn_implementation=tide_bd3lm``). What the kernel must compute travels in the place of the
 attention mask, in one of three forms:
 
-* :class:`BD3LMMaskSpec`, the parameters of the BD3LM mask (ALGORITHMS.md §2.3): the student, and the
+* :class:`BD3LMMaskSpec`, the parameters of the BD3LM mask (docs/method.md §2.3): the student, and the
   WeDLM teacher when its batch has no padding. The mask is computed from indices inside the kernel and
   fully masked tiles are skipped; no mask tensor exists. It goes in as a dict of per-layer-type masks,
-  which bypasses transformers' mask creation (MODELS.md §2.2).
+  which bypasses transformers' mask creation (docs/models.md §2.2).
 * Key lengths, an integer tensor ``[B, 1, 1, 1]`` of real tokens per sequence (trailing padding): the
   bidirectional teachers (LLaDA, Dream, LLaDA2). Every transformers model hands a prepared 4-D mask
   through unchanged, and an integer dtype cannot be mistaken for a real mask, which is bool or float.
 * A dense 4-D bool/float mask: the padded WeDLM batch, BD3LM mask and key padding at once, which neither
   kernel mode expresses. It runs through transformers' SDPA with that mask, and says so once in the log.
 
-Without a GPU the kernels' PyTorch references run instead (DESIGN.md decision 6): the same maths from a
+Without a GPU the kernels' PyTorch references run instead (docs/design.md decision 6): the same maths from a
 dense mask, chosen by :func:`kernel_implementation` and logged once.
 """
 
@@ -55,7 +55,7 @@ class BD3LMMaskSpec:
 
 
 def kernel_implementation(device: torch.device) -> str:
-    """Triton kernels on GPUs; their PyTorch references elsewhere (DESIGN.md decision 6)."""
+    """Triton kernels on GPUs; their PyTorch references elsewhere (docs/design.md decision 6)."""
     return "triton" if device.type == "cuda" else "reference"
 
 

@@ -1,12 +1,12 @@
 """WeDLM-8B-Instruct (``tencent/WeDLM-8B-Instruct``): the pipeline-B teacher, on transformers' Qwen3.
 
-Spec: MODELS.md §4, ALGORITHMS.md §3.2-§3.4. WeDLM is a Qwen3-8B derivative (initialised from it, same
-module tree and key names [M: verify on the first real download, MODELS.md §11 item 4]), so it loads as
+Spec: docs/models.md §4, docs/method.md §3.2-§3.4. WeDLM is a Qwen3-8B derivative (initialised from it, same
+module tree and key names [M: verify on the first real download, docs/models.md §11 item 4]), so it loads as
 ``transformers.Qwen3ForCausalLM`` with identical keys. The model itself is causal; TIDE runs it on the
 BD3LM concatenation ``[x_0 ; x_t]`` (``concat_order="x0_xt"``) under the block-diffusion mask, with
 positions ``[0..L-1 ; 0..L-1]``, and reads the ``x_t`` half (unshifted: the hidden state at a masked
 position predicts that position's token). The explicit per-layer-type mask dict bypasses transformers'
-causal-mask creation (MODELS.md §2.2), so ``config.is_causal`` is left as saved.
+causal-mask creation (docs/models.md §2.2), so ``config.is_causal`` is left as saved.
 
 This file holds only what differs: config/model-type adapter, structural checks, the BD3LM mask with
 optional padding, and a tiny checkpoint writer.
@@ -148,7 +148,7 @@ def teacher_forward_hidden(
     attention_mask_BL: torch.Tensor | None = None,
     concat_order: str = "x0_xt",
 ) -> torch.Tensor:
-    """BD3LM teacher forward (ALGORITHMS.md §3.2-§3.3): hidden states of the ``x_t`` half ``[B, L, D]``.
+    """BD3LM teacher forward (docs/method.md §3.2-§3.3): hidden states of the ``x_t`` half ``[B, L, D]``.
 
     Runs ``[x_0 ; x_t]`` (``concat_order="x0_xt"``, the WeDLM default; ``"xt_x0"`` puts ``x_t`` first) with
     positions ``[0..L-1 ; 0..L-1]`` under the BD3LM mask of block size K, as an additive mask in the model
@@ -183,7 +183,7 @@ def teacher_forward_hidden(
     else:
         keep = dense_bd3lm_mask(seq_len, block_size, clean_first=clean_first, device=device)  # [1, 1, 2L, 2L]
         mask = to_additive(keep & padding_keep_mask(attention_mask_BL.to(device).repeat(1, 2)), dtype)
-    # A dict of per-layer-type masks bypasses Qwen3's own causal-mask creation (MODELS.md §2.2).
+    # A dict of per-layer-type masks bypasses Qwen3's own causal-mask creation (docs/models.md §2.2).
     masks = {layer_type: mask for layer_type in set(model.config.layer_types)}
     positions_12L = torch.arange(seq_len, device=device).repeat(2)[None]
     out = model.model(input_ids=ids_B2L, attention_mask=masks, position_ids=positions_12L, use_cache=False)
@@ -197,14 +197,14 @@ def lm_head_weight(model: transformers.Qwen3ForCausalLM) -> torch.Tensor:
 
 
 def tiny_wedlm_config(**overrides: Any) -> dict[str, Any]:
-    """The ``tiny-wedlm`` config.json of MODELS.md §10 (Qwen3 fields, untied, 0.230 M parameters)."""
+    """The ``tiny-wedlm`` config.json of docs/models.md §10 (Qwen3 fields, untied, 0.230 M parameters)."""
     return {**_TINY, **overrides}
 
 
 def write_tiny_wedlm_checkpoint(
     out_dir: str | os.PathLike, *, seed: int, shard: bool = False, **overrides: Any
 ) -> Path:
-    """Write a random ``tiny-wedlm`` checkpoint with Qwen3 key names (MODELS.md §4.2); ``overrides`` are config fields.
+    """Write a random ``tiny-wedlm`` checkpoint with Qwen3 key names (docs/models.md §4.2); ``overrides`` are config fields.
 
     With ``tie_word_embeddings`` true no ``lm_head.weight`` is written.
     """

@@ -1,4 +1,4 @@
-"""Block-diffusion (BD3LM) sampling from a trained student (spec ALGORITHMS.md §13.1)."""
+"""Block-diffusion (BD3LM) sampling from a trained student (docs/method.md §13.1)."""
 
 from tide_ds.sampling.denoisers import BD3LMDenoiser, FullCanvasDenoiser
 from tide_ds.sampling.sampler import (

@@ -1,4 +1,4 @@
-"""A preallocated key/value cache for block-diffusion decoding (spec §13.1 items 3a and 3e).
+"""A preallocated key/value cache for block-diffusion decoding (docs/method.md §13.1 items 3a and 3e).
 
 The reference keeps the clean prefix in a ``DynamicCache`` and deep-copies it before every denoising
 step, because each forward appends to it. Here every layer owns one buffer ``[B, H_kv, T, D_h]`` for

@@ -67,7 +67,7 @@ class BD3LMDenoiser:
 
     def _mask(self, keep: torch.Tensor):
         masks = keep if self.model.config._attn_implementation == "sdpa" else to_additive(keep, self.model.dtype)
-        # A dict of per-layer-type masks bypasses transformers' own causal mask creation (MODELS.md §2.2).
+        # A dict of per-layer-type masks bypasses transformers' own causal mask creation (docs/models.md §2.2).
         return {layer_type: masks for layer_type in set(self.model.config.layer_types)}
 
     def _hidden(self, canvas: torch.Tensor, q_start: int, q_end: int, *, cached: bool) -> torch.Tensor:

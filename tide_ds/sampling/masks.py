@@ -1,4 +1,4 @@
-"""Canvas layout for BD3LM sampling: left padding, logical positions, block-causal masks (spec §13.1 items 1-2).
+"""Canvas layout for BD3LM sampling: left padding, logical positions, block-causal masks (docs/method.md §13.1 items 1-2).
 
 The canvas ``[B, T]`` holds the left-padded prompts (width P, a multiple of the block size K) followed by
 the generated region. Block ``j`` is canvas columns ``[jK, (j+1)K)``, so generation starts on a block

@@ -1,6 +1,6 @@
 """The BD3LM sampler: block by block, a number of denoising steps per block, low-confidence remasking.
 
-Spec ALGORITHMS.md §13.1 (defaults §16.5). For each block of K positions after the left-padded prompts:
+docs/method.md §13.1 (defaults docs/method.md §16.5). For each block of K positions after the left-padded prompts:
 append K masks; at each step get the block's logits from the denoiser, propose a token for every position
 (argmax at temperature 0, else a Gumbel-max draw from ``softmax(z / temperature)`` after top-p
 filtering, in float64), and commit the ``k_i`` still-masked positions of highest confidence
@@ -17,7 +17,7 @@ Where we deviate from the reference, and why:
 * A sequence that is done leaves the batch (the reference keeps extending it until every sequence is done
   and trims afterwards): the same tokens, without the work.
 * Classifier-free guidance (``cfg_scale``), the Binomial transfer (``stochastic_transfer``) and the AR
-  logit shift are not implemented: the paper's protocol (§13.2) uses none of them.
+  logit shift are not implemented: the paper's protocol (docs/method.md §13.2) uses none of them.
 
 Legend: B batch, T canvas length, K block size, N positions of the current block, V vocab.
 """
@@ -38,7 +38,7 @@ REMASKING = ("low_confidence", "random")
 
 @dataclass(frozen=True, kw_only=True)
 class SamplerConfig:
-    """Sampler settings (spec §13.1 defaults; the evaluation protocol uses 256 new tokens and 256 steps)."""
+    """Sampler settings (docs/method.md §13.1 defaults; the evaluation protocol uses 256 new tokens and 256 steps)."""
 
     #: Tokens to generate per prompt.
     max_new_tokens: int = 128

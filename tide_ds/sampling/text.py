@@ -1,4 +1,4 @@
-"""Prompts in and text out: the student's chat template and the post-processing of spec §13.1 item 4 / §13.2.
+"""Prompts in and text out: the student's chat template and the post-processing of docs/method.md §13.1 item 4 / docs/method.md §13.2.
 
 A chat prompt is the Qwen3 template with the generation prompt and the empty think block of
 ``enable_thinking=False`` (``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``), optionally followed by

@@ -1,4 +1,4 @@
-"""The frozen teacher as a second DeepSpeed engine in the student's process (DESIGN.md decision 1).
+"""The frozen teacher as a second DeepSpeed engine in the student's process (docs/design.md decision 1).
 
 The engine has no optimizer. Its placement (``replicate | zero3 | zero3_offload | auto``) is decided by
 :mod:`tide_ds.teacher.placement`; under ZeRO-3 the checkpoint loads straight into partitions
@@ -120,7 +120,7 @@ class TeacherEngine:
 
         ``mask_token_id`` overrides the checkpoint's (config.json / tokenizer) when given; a checkpoint
         that declares a different one is an error. With ``vocab_limit``, the teacher's vocabulary must hold
-        the prefix and its mask token must lie outside it (spec §3.5).
+        the prefix and its mask token must lie outside it (docs/method.md §3.5).
         """
         import deepspeed
 
@@ -202,7 +202,7 @@ class TeacherEngine:
         self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, *,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """CompDemo (§8): pass 1 masks B (A is the demonstration), pass 2 masks A; rows of A from pass 2.
+        """CompDemo (docs/method.md §8): pass 1 masks B (A is the demonstration), pass 2 masks A; rows of A from pass 2.
 
         Both passes run as one forward over the two noised copies stacked on the batch axis ``[2B, L_t]``, so
         a partitioned teacher gathers its parameters once per micro-step, not twice; on every rank.
@@ -231,7 +231,7 @@ class TeacherEngine:
         self, clean_BL: torch.Tensor, mask_a_BL: torch.Tensor, mask_b_BL: torch.Tensor, rows_BN: torch.Tensor,
         rows_in_a_BN: torch.Tensor, *, attention_mask: torch.Tensor | None, as_hidden: bool,
     ) -> torch.Tensor:
-        """Token-level CompDemo (§8.1): pass 1 masks B, pass 2 masks A; rows in A take pass 2's rows.
+        """Token-level CompDemo (docs/method.md §8.1): pass 1 masks B, pass 2 masks A; rows in A take pass 2's rows.
 
         Both passes run as one forward over the two noised copies stacked on the batch axis ``[2B, L_t]`` (one
         parameter gather of a partitioned teacher per micro-step); the head is linear in the row, so merging
@@ -249,7 +249,7 @@ class TeacherEngine:
     ) -> torch.Tensor:
         """One pass with ``masked`` positions hidden: float32 logits ``[B, N, V']`` at teacher positions ``rows_BN``.
 
-        ``V'`` is the shared-vocabulary prefix given at build time (pipeline B, spec §3.2-§3.5).
+        ``V'`` is the shared-vocabulary prefix given at build time (pipeline B, docs/method.md §3.2-§3.5).
         """
         return self._rows(clean_BL, masked_BL, rows_BN, attention_mask=attention_mask, as_hidden=False)
 

@@ -1,4 +1,4 @@
-"""What the teacher returns: only what the losses need (spec ALGORITHMS.md §15 items 17, 18, 20).
+"""What the teacher returns: only what the losses need (docs/method.md §15 items 17, 18, 20).
 
 * ``target_logprobs``: ``log p_T(x_0[i])`` per teacher position, float32 ``[B, L_t]``, for the CALM family;
   the LM head runs only on the requested rows (CPU) or tile by tile over the rows (accelerators, no
@@ -9,8 +9,8 @@
   pipeline B hands to the fused token divergences (:mod:`tide_ds.losses.token_divergence`) together with
   the teacher's head, so that no ``[B, N, V']`` logits exist.
 
-CompDemo (§8): complementary splits at token and chunk level, two passes, merge. When CompDemo is on,
-every rank always runs both passes, whatever its data (DESIGN.md decision 2).
+CompDemo (docs/method.md §8): complementary splits at token and chunk level, two passes, merge. When CompDemo is on,
+every rank always runs both passes, whatever its data (docs/design.md decision 2).
 
 Legend: B batch, L_t teacher length, N rows, D hidden, V_t teacher vocabulary, C chunks.
 """
@@ -66,7 +66,7 @@ def complementary_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split masked items (tokens ``[B, L]`` or chunks ``[B, C]``) into disjoint ``(A, B)`` with ``A ∪ B = masked``.
 
-    ``A`` holds each masked item with probability ``demo_ratio`` (spec §8.1 step 1, §8.2); one uniform per
+    ``A`` holds each masked item with probability ``demo_ratio`` (docs/method.md §8.1 step 1, docs/method.md §8.2); one uniform per
     item from ``generator``, so the split is deterministic given it.
     """
     if not 0.0 < demo_ratio < 1.0:
@@ -84,7 +84,7 @@ def chunks_to_tokens(chunk_flags_BC: torch.Tensor, chunk_ids_BL: torch.Tensor) -
 
 
 def merge_passes(first_BX: torch.Tensor, second_BX: torch.Tensor, second_rows_BL: torch.Tensor) -> torch.Tensor:
-    """Pass 1 everywhere, overwritten by pass 2 on the rows masked in pass 2 (spec §8.1 step 4)."""
+    """Pass 1 everywhere, overwritten by pass 2 on the rows masked in pass 2 (docs/method.md §8.1 step 4)."""
     mask = second_rows_BL
     while mask.dim() < first_BX.dim():
         mask = mask.unsqueeze(-1)

@@ -19,7 +19,6 @@ import transformers
 
 from tide_ds import dist
 from tide_ds.models.adapter_glue import LoadPlan, instantiate
-from tide_ds.models.hf_weights import load_safetensors_checkpoint, meta_checkpoint
 
 logger = logging.getLogger(__name__)
 

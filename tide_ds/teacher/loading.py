@@ -121,7 +121,7 @@ def check_teacher_ids(plan: LoadPlan, *, mask_token_id: int | None, vocab_limit:
 
     ``mask_token_id`` (the recipe's) overrides the checkpoint's (config.json / tokenizer) when given; a
     checkpoint that declares another one is an error. With ``vocab_limit`` (pipeline B's shared prefix V'),
-    the teacher's vocabulary must hold the prefix and its mask token must lie outside it (spec §3.5).
+    the teacher's vocabulary must hold the prefix and its mask token must lie outside it (docs/method.md §3.5).
     """
     path = plan.path
     declared = getattr(plan.config, "mask_token_id", None)
@@ -154,7 +154,7 @@ def check_teacher_ids(plan: LoadPlan, *, mask_token_id: int | None, vocab_limit:
             raise ValueError(
                 f"the teacher's mask token id {mask} lies inside the shared vocabulary prefix "
                 f"distill.shared_vocab_size={vocab_limit}; the prefix must hold only tokens both tokenizers mean "
-                "the same way (spec §3.5): lower distill.shared_vocab_size"
+                "the same way (docs/method.md §3.5): lower distill.shared_vocab_size"
             )
     return int(mask)
 

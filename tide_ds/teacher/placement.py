@@ -3,7 +3,7 @@
 ``auto`` decides from the teacher's parameter bytes, the world size and the free memory of the device
 (the host for CPU runs), and says why. The baseline it improves on is TRL's rule ("stage 3 iff the
 student runs stage 3"): a 0.6B student under ZeRO-2 can still need a sharded 16B teacher, and a small
-teacher never needs the all-gathers of ZeRO-3 (spec ANCHORS.md §3).
+teacher never needs the all-gathers of ZeRO-3 (docs/anchors.md §3).
 """
 
 from __future__ import annotations

@@ -4,22 +4,22 @@
 the targets (a dataclass of :mod:`tide_ds.trainer.student`) go to the student engine as one keyword:
 
 - :class:`CEObjective` (``distill.preset=none``): per-token CE weights, no teacher.
-- :class:`ChunkObjective` (pipeline A, cross tokenizer, spec ALGORITHMS.md Appendix A): chunk-consistent masks
-  (§4.4), the teacher's target log-probs under no_grad (one pass, or CompDemo's two on every rank), summed
+- :class:`ChunkObjective` (pipeline A, cross tokenizer, docs/method.md Appendix A): chunk-consistent masks
+  (docs/method.md §4.4), the teacher's target log-probs under no_grad (one pass, or CompDemo's two on every rank), summed
   into teacher chunk log-likelihoods.
-- :class:`TokenObjective` (pipeline B, shared tokenizer, Appendix B): the teacher's final hidden states on the
-  student's masked rows, through the position pairs in aligned modes (§3.3), on the student's own ids otherwise
-  (§3.2), with a handle on the teacher's head: no ``[N, V']`` teacher logits exist (issue 17).
+- :class:`TokenObjective` (pipeline B, shared tokenizer, docs/method.md Appendix B): the teacher's final hidden states on the
+  student's masked rows, through the position pairs in aligned modes (docs/method.md §3.3), on the student's own ids otherwise
+  (docs/method.md §3.2), with a handle on the teacher's head: no ``[N, V']`` teacher logits exist (issue 17).
 
 Pipeline-A batch columns (from the offline preprocessing): ``input_ids, labels, student_chunk_ids [B, L]``,
 ``teacher_input_ids, teacher_attention_mask, teacher_chunk_ids [B, L_t]`` (chunk id -1 = no chunk).
 
-Pipeline B, aligned modes (§3.3): ``teacher_input_ids, teacher_attention_mask [B, L_t]``, position pairs
-``align_student, align_teacher [B, N]`` (-1 padded) and ``n_aligned [B]``. Non-aligned modes (§3.2) need
+Pipeline B, aligned modes (docs/method.md §3.3): ``teacher_input_ids, teacher_attention_mask [B, L_t]``, position pairs
+``align_student, align_teacher [B, N]`` (-1 padded) and ``n_aligned [B]``. Non-aligned modes (docs/method.md §3.2) need
 only ``input_ids, labels``: the teacher reads the student's own ids.
 
-TIDAL's per-sample weights are ``lambda_B`` (the teacher's share of the target, §7.2) and ``omega_B`` (the
-timestep weight, §7.3) in both pipelines.
+TIDAL's per-sample weights are ``lambda_B`` (the teacher's share of the target, docs/method.md §7.2) and ``omega_B`` (the
+timestep weight, docs/method.md §7.3) in both pipelines.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class _DistillObjective:
         self.tidal = tidal
 
     def demo_split(self, masked: torch.Tensor, *, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CompDemo's complementary split of ``masked`` (§8), from its own stream seeded per (seed, micro-step, rank)."""
+        """CompDemo's complementary split of ``masked`` (docs/method.md §8), from its own stream seeded per (seed, micro-step, rank)."""
         gen = make_generator(self.cfg.train.seed, step=micro_step, rank=self.rank, stream="demo", device=masked.device)
         return complementary_split(masked, demo_ratio=self.cfg.distill.demo_ratio, generator=gen)
 
@@ -125,7 +125,7 @@ class _DistillObjective:
 
 
 class ChunkObjective(_DistillObjective):
-    """Pipeline A: chunk-consistent masks, teacher target log-probs summed per chunk (§4-§8, Appendix A)."""
+    """Pipeline A: chunk-consistent masks, teacher target log-probs summed per chunk (docs/method.md §4-§8, Appendix A)."""
 
     def targets(self, batch: Batch, nb: NoisedBatch, *, step: int, micro_step: int) -> tuple[ChunkTargets, Terms]:
         device = nb.x_0.device
@@ -154,18 +154,18 @@ class ChunkObjective(_DistillObjective):
 
 
 def chunk_term(spec: ObjectiveSpec) -> LossTerm:
-    (term,) = spec.terms  # pipeline A modes hold exactly one chunk term (spec §9.1)
+    (term,) = spec.terms  # pipeline A modes hold exactly one chunk term (docs/method.md §9.1)
     return term
 
 
 # ---------------------------------------------------------------------------------------------
-# Pipeline B: shared tokenizer, token-level KL / reverse KL / TIDAL (spec §3.2, §3.3, §6, §7.3, §8.1)
+# Pipeline B: shared tokenizer, token-level KL / reverse KL / TIDAL (docs/method.md §3.2, §3.3, §6, §7.3, §8.1)
 
 _DIVERGENCE_KIND = {(TermKind.KL, False): "forward", (TermKind.KL, True): "reverse", (TermKind.TIDAL, False): "tidal"}
 
 
 def divergence_terms(spec: ObjectiveSpec, cfg: RunConfig) -> tuple[DivergenceTerm, ...]:
-    """The spec's token-level terms with their weights (§10: ``kl_weight`` for KL, ``tidal_weight`` for TIDAL)."""
+    """The spec's token-level terms with their weights (docs/method.md §10: ``kl_weight`` for KL, ``tidal_weight`` for TIDAL)."""
     weights = {"kl": cfg.distill.kl_weight, "tidal": cfg.distill.tidal_weight}
     return tuple(
         DivergenceTerm(term.name, _DIVERGENCE_KIND[(term.kind, term.reverse)], weights[term.weight_group])
@@ -192,7 +192,7 @@ def _scatter_pairs(flags_BN: torch.Tensor, positions_BN: torch.Tensor, valid_BN:
     """Teacher-position flags ``[B, length]`` from per-pair flags: a masked scatter (invalid pairs write nothing).
 
     The reference scattered invalid pairs (index 0, value False) into position 0, harmless only because
-    position 0 is a template token there (spec §3.3 step 2); here they go to a spare column that is dropped.
+    position 0 is a template token there (docs/method.md §3.3 step 2); here they go to a spare column that is dropped.
     """
     out = torch.zeros(flags_BN.shape[0], length + 1, dtype=torch.bool, device=flags_BN.device)
     index = torch.where(valid_BN, positions_BN.long().clamp(0, length - 1), torch.full_like(positions_BN.long(), length))
@@ -204,10 +204,10 @@ class TokenObjective(_DistillObjective):
     """Pipeline B: the teacher's hidden rows on the student's masked rows, and its head (``teacher.head_weight``,
     entered by the student module around the token terms: gathered under ZeRO-3 once per micro-step).
 
-    Aligned modes (§3.3): the student mask is propagated through the position pairs (``mu``), the teacher
+    Aligned modes (docs/method.md §3.3): the student mask is propagated through the position pairs (``mu``), the teacher
     reads its own template with the propagated mask, and the terms compare aligned-and-masked rows.
-    Non-aligned modes (§3.2): the teacher reads the student's ids with the student's mask, every masked
-    position is a row. CompDemo (§8.1) splits the student mask and maps both halves the same way.
+    Non-aligned modes (docs/method.md §3.2): the teacher reads the student's ids with the student's mask, every masked
+    position is a row. CompDemo (docs/method.md §8.1) splits the student mask and maps both halves the same way.
     """
 
     def targets(self, batch: Batch, nb: NoisedBatch, *, step: int, micro_step: int) -> tuple[TokenTargets, Terms]:

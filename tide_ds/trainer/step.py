@@ -1,4 +1,4 @@
-"""One training step (spec ALGORITHMS.md Appendix A and B): one micro-step loop for every objective.
+"""One training step (docs/method.md Appendix A and B): one micro-step loop for every objective.
 
 noise -> the objective's targets (teacher forward under no_grad, :mod:`tide_ds.trainer.objectives`) ->
 student BD3LM forward on [x_t ; x_0] and the named loss terms (:mod:`tide_ds.trainer.student`) ->

@@ -2,12 +2,12 @@
 
 ``engine(targets=...)`` calls :meth:`DiffusionCEModule.forward`: one BD3LM forward of the student on
 ``[x_t ; x_0]``, then the loss the targets ask for, through the fused LM-head losses (the LM head runs
-only on the x_t half, inside the loss; DESIGN.md decision 3):
+only on the x_t half, inside the loss; docs/design.md decision 3):
 
 - :class:`CETargets` (every objective's CE, the only term without a teacher): masked-diffusion CE;
-- :class:`ChunkTargets` (pipeline A, spec ALGORITHMS.md Appendix A): CE + CALM / Reverse CALM / chunk TIDAL,
+- :class:`ChunkTargets` (pipeline A, docs/method.md Appendix A): CE + CALM / Reverse CALM / chunk TIDAL,
   sharing one fused LM-head pass;
-- :class:`TokenTargets` (pipeline B, Appendix B): CE on the full sequence + KL / reverse KL / token TIDAL on
+- :class:`TokenTargets` (pipeline B, docs/method.md Appendix B): CE on the full sequence + KL / reverse KL / token TIDAL on
   the selected student rows against the teacher's hidden rows through the teacher's head (fused: no ``[N, V']``
   logits on either side, :mod:`tide_ds.losses.token_divergence`);
 - :class:`HeldoutTargets`: held-out evaluation (:meth:`DiffusionCEModule.heldout_loss`), the same on every module.
@@ -168,7 +168,7 @@ class ChunkDistillModule(DiffusionCEModule):
 
 
 class TokenDistillModule(DiffusionCEModule):
-    """Pipeline B: CE on the full student sequence (§3.3 step 7) through the fused CE, plus the token terms on
+    """Pipeline B: CE on the full student sequence (docs/method.md §3.3 step 7) through the fused CE, plus the token terms on
     the selected rows from both models' hidden rows and heads (each term with its weight, ``DivergenceTerm``;
     :func:`tide_ds.losses.token_divergence.token_divergences`)."""
 

@@ -40,7 +40,7 @@ DEMO_FORMAT = 1
 #: The worlds' cache directory under $TIDE_DS_CACHE.
 CACHE_SUBDIR = "demo"
 HELDOUT_FRACTION = 0.02
-#: The demo teacher: wider than MODELS.md's tiny test config so that it learns the corpus in minutes.
+#: The demo teacher: wider than docs/models.md's tiny test config so that it learns the corpus in minutes.
 TEACHER_CONFIG = dict(hidden_size=96, intermediate_size=192, moe_intermediate_size=48, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 #: The pipeline-B demo teacher (dense Qwen3/WeDLM): its LM head over the Qwen3 vocabulary dominates the cost.

@@ -4,9 +4,9 @@ The worlds need a teacher that knows its corpus. Where no real checkpoint is at 
 the teacher side of a preprocessed dataset (``teacher_input_ids``, padding never masked):
 
 * pipeline A: a tiny LLaDA2.0-style MoE (``Glm4MoeForCausalLM`` route, bidirectional) with the MDLM
-  objective of spec §1, written in the real LLaDA2 checkpoint layout (loads like LLaDA2.0-mini);
+  objective of docs/method.md §1, written in the real LLaDA2 checkpoint layout (loads like LLaDA2.0-mini);
 * pipeline B: a tiny WeDLM (Qwen3 architecture, the student's tokenizer) trained as a BD3LM on
-  ``[x_0 ; x_t]`` (WeDLM's ``x0_xt`` order, block-diffusion mask of spec §2.3), written with WeDLM's
+  ``[x_0 ; x_t]`` (WeDLM's ``x0_xt`` order, block-diffusion mask of docs/method.md §2.3), written with WeDLM's
   config and Qwen3 key names (loads like WeDLM-8B).
 
 Single process, plain PyTorch AdamW: the teacher is tiny, and this is preparation, not the method.
@@ -56,7 +56,7 @@ def _bidirectional_hidden(
 def _mdlm_loss(model: torch.nn.Module, ids_BL: torch.Tensor, attention_BL: torch.Tensor, *, mask_id: int,
                generator: torch.Generator, normalise: bool = True,
                forward: HiddenForward = _bidirectional_hidden) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked-diffusion CE of one batch (spec §1.3–§1.4): (loss, maskable count). ``forward(model, x_t, x_0, att)``
+    """Masked-diffusion CE of one batch (docs/method.md §1.3–§1.4): (loss, maskable count). ``forward(model, x_t, x_0, att)``
     gives the hidden states of the noisy copy."""
     schedule = get_schedule("linear")
     maskable = attention_BL.bool()
@@ -187,7 +187,7 @@ def pretrain_wedlm_teacher(
     """Train a tiny WeDLM teacher (BD3LM, ``x0_xt``) on the teacher tokens of a pipeline-B dataset; write it.
 
     The teacher side of a pipeline-B dataset is the WeDLM chat template in the student's own tokenizer,
-    EOS-padded to whole blocks (spec §11.3). Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per
+    EOS-padded to whole blocks (docs/method.md §11.3). Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per
     maskable teacher token); the checkpoint is written aside and moved into place when complete.
     """
     cfg_json = wedlm.tiny_wedlm_config(

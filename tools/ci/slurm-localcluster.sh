@@ -22,7 +22,7 @@
 #
 # Both emulated nodes share the host's hostname, /dev/shm, pids and file system (like nodes with a shared file
 # system); only their Slurm names and addresses differ. Every wait has a timeout; every daemon is stopped by the
-# pid it wrote, never by name. Recipe and pitfalls: ../shared/spec/INFRA_FEASIBILITY.md §1.
+# pid it wrote, never by name. Recipe and pitfalls: docs/infra.md §1.
 set -euo pipefail
 
 DIR=${SLURM_LC_DIR:-/tmp/tide-slurm-lc}
