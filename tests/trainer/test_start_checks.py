@@ -26,7 +26,7 @@ def test_run_refuses_a_bad_teacher_before_creating_the_run_dir(tmp_path, capsys,
     rc = main(["--world.name=code", f"--teacher.path={tmp_path / 'missing'}", f"--train.output_dir={out}"])
     err = capsys.readouterr().err.strip()
     # one line on every rank, before any process group, world or run directory
-    assert rc == 2 and err.startswith(f"tide-ds: error (rank {rank}): teacher.path=") and "\n" not in err
+    assert rc == 2 and err.startswith(f"tide-ds: configuration error (rank {rank}): teacher.path=") and "\n" not in err
     assert "is not a directory" in err
     assert not out.exists()  # nothing created: the same command runs once the path is fixed
 
@@ -40,8 +40,8 @@ def test_a_start_that_failed_before_its_first_checkpoint_runs_again(tmp_path):
     checkpoint.prepare_run_dir(cfg)  # the first start: config.yaml, an empty checkpoints/ ...
     (out / "train.log").write_text("the teacher load failed\n")  # ... and then it failed
     decision = checkpoint.prepare_run_dir(cfg)  # the same command again
-    assert decision.error is None and decision.moved_aside is not None
-    assert (Path(decision.moved_aside) / "train.log").read_text() == "the teacher load failed\n"  # kept, not deleted
+    assert decision.error is None  # started again in place (issue 16's rule: no checkpoint yet, nothing to keep apart)
+    assert (out / "train.log").read_text() == "the teacher load failed\n"  # nothing deleted
     (out / "checkpoints" / "step_00000001").mkdir(parents=True)
     (out / "checkpoints" / "step_00000001" / "trainer_state.json").write_text("{}")
     with pytest.raises(ValueError, match="already holds a run"):  # with a checkpoint: never moved unasked
