@@ -159,3 +159,21 @@ def test_dataset_and_weights_are_checked_before_start(run_main, capsys, tmp_path
     shard.write_bytes(shard.read_bytes()[:-100])
     err = _fails(run_main, capsys, tmp_path, f"--teacher.path={teacher}")
     assert f"teacher.path={str(teacher)!r}: {shard} (" in err and "is not a readable safetensors file" in err
+
+
+def test_a_slurm_job_log_folder_does_not_make_a_directory_foreign(tmp_path: Path) -> None:
+    """``submit.py``/``tide.sbatch`` write ``<run>/logs/<job>.log`` before the ranks start: the run starts there."""
+    out = tmp_path / "run"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "tide-7.log").write_text("[tide.sbatch] job 7 ...\n")
+    for resume in ("never", "auto"):
+        cfg = build_config(overrides=[f"--train.output_dir={out}", f"--train.resume={resume}"])
+        assert checkpoint.run_dir_error(cfg) is None
+    assert checkpoint.prepare_run_dir(cfg).moved_aside is None
+    assert (out / checkpoint.RUN_MARKER).is_file() and (out / "logs" / "tide-7.log").is_file()
+    # anything else beside the log folder is still the user's, named in the refusal
+    other = tmp_path / "other"
+    (other / "logs").mkdir(parents=True)
+    (other / "mine.txt").write_text("keep me\n")
+    error = checkpoint.run_dir_error(build_config(overrides=[f"--train.output_dir={other}"]))
+    assert error is not None and "it holds mine.txt." in error

@@ -99,8 +99,17 @@ def latest_verified_checkpoint(output_dir: str | Path) -> tuple[Path | None, dic
 RUN_MARKER = ".tide_ds_run"
 
 
+#: What a launcher puts into a run directory before tide-ds starts: the Slurm job's log folder (``submit.py``
+#: and ``tide.sbatch`` write ``<run>/logs/<job>.log`` from the job's first line); it does not make a run.
+LAUNCHER_ENTRIES = frozenset({"logs"})
+
+
+def _entries(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name not in LAUNCHER_ENTRIES]
+
+
 def _has_run_content(out: Path) -> bool:
-    return out.is_dir() and any(out.iterdir())
+    return out.is_dir() and bool(_entries(out))
 
 
 def _is_run(out: Path) -> bool:
@@ -109,7 +118,7 @@ def _is_run(out: Path) -> bool:
 
 
 def _listing(out: Path, n: int = 5) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in _entries(out))
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
