@@ -113,3 +113,30 @@ def scaled_forward_grads(ctx, grad_out: torch.Tensor, dtypes: tuple[torch.dtype,
             grad = grad if grad.dtype == dtype else grad.to(dtype)
         out.append(grad)
     return tuple(out)
+
+
+def accumulate_head_grads(
+    logits_nV: torch.Tensor,
+    lse_n: torch.Tensor,
+    targets_n: torch.Tensor,
+    scale_n: torch.Tensor,
+    h_nD: torch.Tensor,
+    weight_VD: torch.Tensor,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+    idx,
+) -> None:
+    """One logits tile's share of the gradients of ``sum_n scale_n * CE_n`` through an LM head, in place.
+
+    ``d CE / d logits = softmax - onehot``; the tile ``logits_nV`` is overwritten with it (times ``scale_n``)
+    so no second ``[n, V]`` buffer exists. ``grad_h[idx]`` receives ``probs @ W`` and ``grad_w`` accumulates
+    ``probs^T h``; either may be ``None`` when its input needs no gradient. A loss of the target log-prob
+    ``lp = -CE`` with upstream ``g`` passes ``scale_n = -g``.
+    """
+    probs = logits_nV.sub_(lse_n.unsqueeze(-1)).exp_()  # [n, V] softmax
+    probs.scatter_add_(-1, targets_n.unsqueeze(-1), -torch.ones_like(lse_n).unsqueeze(-1))
+    probs.mul_(scale_n.unsqueeze(-1))
+    if grad_h is not None:
+        grad_h[idx] = (probs @ weight_VD).to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w.addmm_(probs.t(), h_nD)

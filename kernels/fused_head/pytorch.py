@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tide_kernels.common import scaled_forward_grads
+from tide_kernels.common import accumulate_head_grads, scaled_forward_grads
 
 __all__ = [
     "FusedHeadLossFunction",
@@ -111,14 +111,8 @@ class FusedHeadLossFunction(torch.autograd.Function):
             targets_N = _safe_targets(targets_N, weight.shape[0])
             for idx in tiles:
                 h = hidden_ND[idx].to(acc)
-                probs = (h @ weight.t()).sub_(lse[idx].unsqueeze(-1)).exp_()  # [n, V] softmax
-                # d lp / d logits = onehot - softmax, times the upstream g of the row
-                probs.scatter_add_(-1, targets_N[idx].unsqueeze(-1), -torch.ones_like(lse[idx]).unsqueeze(-1))
-                probs.mul_(-g[idx].unsqueeze(-1))
-                if need_h:
-                    grad_h[idx] = (probs @ weight).to(grad_h.dtype)
-                if need_w:
-                    grad_w.addmm_(probs.t(), h)
+                # d lp / d logits = onehot - softmax = -(d CE / d logits), times the upstream g of the row
+                accumulate_head_grads(h @ weight.t(), lse[idx], targets_N[idx], -g[idx], h, weight, grad_h, grad_w, idx)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.grad_dtypes = (hidden_ND.dtype, weight_VD.dtype)
         names_out.extend(terms)

@@ -12,7 +12,7 @@ gradient. This plain-PyTorch path is also the reference of the Triton kernel of 
 from __future__ import annotations
 
 import torch
-from tide_kernels.common import scaled_forward_grads
+from tide_kernels.common import accumulate_head_grads, scaled_forward_grads
 from tide_kernels.fused_head import auto_chunk_rows
 
 
@@ -59,13 +59,7 @@ class FusedLinearCEFunction(torch.autograd.Function):
             nll_sum += (nll * (c != 0)).sum()
             if need_h or need_w:
                 # d/dlogits of c * CE = c * (softmax - onehot), computed in place on the tile.
-                probs = logits.sub_(lse.unsqueeze(-1)).exp_()
-                probs.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(nll).unsqueeze(-1))
-                probs.mul_(c.unsqueeze(-1))
-                if need_h:
-                    grad_h[idx] = (probs @ weight).to(grad_h.dtype)
-                if need_w:
-                    grad_w.addmm_(probs.t(), h)
+                accumulate_head_grads(logits, lse, y, c, h, weight, grad_h, grad_w, idx)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.grad_dtypes = (hidden_ND.dtype, weight_VD.dtype)
         ctx.mark_non_differentiable(nll_sum)

@@ -111,18 +111,9 @@ def fused_head_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``loss_fn`` of the student's target log-probs through the LM head, without ``[N, V]`` logits.
 
-    Args:
-        hidden_ND: final hidden states of the x_t half ``[N, D]``.
-        weight_VD: LM head weight ``[V, D]`` (tied embedding for tied students).
-        targets_N: clean ids ``[N]``.
-        rows_N: bool ``[N]``, rows any term needs (masked tokens); other rows get ``lp = 0`` and no gradient.
-        loss_fn: ``lp [N] float32 -> (scalar loss, {term name: scalar})``, differentiable in ``lp``; it must
-            be a pure function of ``lp`` (it is evaluated once, inside the forward pass).
-        chunk_rows: rows per logits tile of the reference path (0 = about 256 MiB); the kernels tile themselves.
-        implementation: ``auto``, ``pytorch`` or ``triton`` (see :func:`resolve_loss_implementation`).
-
-    Returns:
-        ``(loss, lp [N] detached, {term: detached scalar})``, float32 (float64 for float64 inputs).
+    Arguments and result as :func:`tide_kernels.fused_head.pytorch.fused_head_loss_pytorch` (the tiled
+    PyTorch path; ``chunk_rows`` applies to it only, the kernels tile themselves), plus ``implementation``:
+    ``auto``, ``pytorch`` or ``triton`` (see :func:`resolve_loss_implementation`).
     """
     if resolve_loss_implementation(implementation, hidden_ND.device) == "triton":
         return fused_head_loss_triton(hidden_ND, weight_VD, targets_N, rows_N, loss_fn)
