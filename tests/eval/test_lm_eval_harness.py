@@ -145,15 +145,34 @@ def test_python_api_scores_match_hand_computed(exported, tasks):
 
 
 def test_lm_eval_cli_scores_match_hand_computed(exported, tasks, tmp_path):
+    """The venv's own ``lm_eval`` console script: tide_bd3lm is found through the start-up hook that pip install
+    puts in site-packages (tide_ds_lm_eval.pth), without importing anything of tide_ds first."""
+    lm_eval_script = Path(sys.executable).parent / "lm_eval"
+    assert lm_eval_script.is_file(), f"{lm_eval_script} is missing: pip install -e '.[eval]'"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "tide_ds.eval.harness", "run", "--model", "tide_bd3lm",
+    cmd = [str(lm_eval_script), "--model", "tide_bd3lm",
            "--model_args", _model_args(exported), "--tasks", "tide_tiny_gen", "tide_tiny_mc",
            "--include_path", str(tasks), "--batch_size", "3", "--device", "cpu", "--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert "no model for this name found" not in proc.stderr, (
+        "lm_eval does not know tide_bd3lm: the start-up hook tide_ds_lm_eval.pth is not in site-packages; "
+        "reinstall with pip install -e '.[eval]'")
     assert proc.returncode == 0, proc.stderr[-4000:]
     [result_file] = list((tmp_path / "out").rglob("results*.json"))
     _check_scores(json.loads(result_file.read_text())["results"])
     assert "tide_tiny_gen" in proc.stdout and "exact_match" in proc.stdout  # lm-eval's own table
+
+
+def test_tide_ds_lm_eval_command_scores_match_hand_computed(exported, tasks, tmp_path):
+    """``tide-ds lm-eval run`` (python -m tide_ds.eval.harness): the same scores."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "tide_ds.cli", "lm-eval", "run", "--model", "tide_bd3lm",
+           "--model_args", _model_args(exported), "--tasks", "tide_tiny_mc",
+           "--include_path", str(tasks), "--batch_size", "3", "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [result_file] = list((tmp_path / "out").rglob("results*.json"))
+    assert json.loads(result_file.read_text())["results"]["tide_tiny_mc"]["acc,none"] == pytest.approx(2 / 3)
 
 
 class _Req:

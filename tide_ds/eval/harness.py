@@ -3,11 +3,16 @@
     tide-ds lm-eval run --model tide_bd3lm --model_args pretrained=HF_DIR,block_size=32,mc_num=32 --tasks ...
     python -m tide_ds.eval.harness run --model tide_bd3lm ...          (the same, without the console script)
 
-Registration: lm-eval 0.4.13 (the version pinned in the ``eval`` extra) looks models up in its own registry
-and has no plugin discovery, so the class registers itself when this module is imported. The two commands
-above import it and then run lm-eval's own command line (``lm_eval.__main__.cli_evaluate``: every option of
-``lm_eval`` works); from Python, ``import tide_ds.eval.harness`` before ``lm_eval.simple_evaluate(model=
-"tide_bd3lm", ...)``. A plain ``lm_eval --model tide_bd3lm`` does not know the name.
+Registration: lm-eval 0.4.13 (the version pinned in the ``eval`` extra, the newest on PyPI) has no plugin
+discovery for models. ``pip install`` of tide-ds (regular or editable) puts a start-up hook in site-packages
+(``tide_ds_lm_eval.pth``, :mod:`tide_ds.eval.lm_eval_startup`) that registers ``tide_bd3lm`` and
+``tide_teacher`` as lazy names as soon as lm-eval's registry is imported, so the plain command works:
+
+    lm_eval --model tide_bd3lm --model_args pretrained=HF_DIR,block_size=32,mc_num=32 --tasks ...
+
+Importing this module also registers the class (for a checkout that is not pip-installed: ``import
+tide_ds.eval.harness`` before ``lm_eval.simple_evaluate(model="tide_bd3lm", ...)``); the two commands at the
+top import it and then run lm-eval's own command line (``lm_eval.__main__.cli_evaluate``).
 
 Requests:
 
@@ -454,4 +459,6 @@ if __name__ == "__main__":
 
     sys.exit(_main())
 else:
+    import lm_eval.models  # noqa: F401  (lm-eval's own names: get_model imports them only into an empty registry)
+
     register_model(MODEL_NAME)(TideBD3LM)
