@@ -274,8 +274,10 @@ class TideBD3LM(DiffusionLM):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """lm-eval's own command line with ``tide_bd3lm`` registered (``tide-ds lm-eval`` runs this)."""
+    """lm-eval's own command line with ``tide_bd3lm`` and ``tide_teacher`` registered (``tide-ds lm-eval`` runs this)."""
     from lm_eval.__main__ import cli_evaluate
+
+    import tide_ds.eval.teacher_harness  # noqa: F401  (registers tide_teacher without the start-up hook too)
 
     if argv is not None:
         sys.argv = ["lm-eval", *argv]
