@@ -109,7 +109,9 @@ def test_nelbo_matches_hand_computation(teachers, family):
     assert [ll for ll, _ in lls] == pytest.approx([-v for v in want[:3]], rel=1e-4)
 
 
-def test_lm_eval_cli_multiple_choice_on_a_teacher(teachers, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one_process", "two_processes"])
+def test_lm_eval_cli_multiple_choice_on_a_teacher(teachers, tmp_path, nproc):
+    """The venv's ``lm_eval`` script, alone and under torchrun with 2 CPU processes (gloo): the same 2/3."""
     lm = TideTeacher(pretrained=str(teachers["llada"]), device="cpu", mc_num=MC_NUM, seed=SEED)
     labels = []
     for i, (context, choices) in enumerate(MC_DOCS):
@@ -136,13 +138,26 @@ metric_list:
     higher_is_better: true
 """)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "tide_teacher",
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "lm_eval")]
+    if nproc > 1:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(bin_dir / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(port), "--no-python", *cmd]
+    cmd += ["--model", "tide_teacher",
            "--model_args", f"pretrained={teachers['llada']},mc_num={MC_NUM},seed={SEED}", "--tasks", "tide_teacher_mc",
-           "--include_path", str(tmp_path), "--batch_size", "2", "--device", "cpu", "--output_path", str(tmp_path / "out")]
+           "--include_path", str(tmp_path), "--batch_size", "2", "--device", "cpu", "--output_path", str(tmp_path / "out"),
+           "--log_samples"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    [result_file] = list((tmp_path / "out").rglob("results*.json"))
+    [result_file] = list((tmp_path / "out").rglob("results*.json"))  # rank 0 writes it
     assert json.loads(result_file.read_text())["results"]["tide_teacher_mc"]["acc,none"] == pytest.approx(2 / 3)
+    [samples] = list((tmp_path / "out").rglob("samples_tide_teacher_mc_*.jsonl"))
+    assert sorted(json.loads(line)["doc_id"] for line in samples.read_text().splitlines()) == [0, 1, 2]
+    assert ("tide_teacher: data-parallel rank 1 of 2" in proc.stderr) == (nproc == 2)
 
 
 def test_generate_until_uses_the_masked_diffusion_sampler(teachers):
