@@ -23,16 +23,13 @@ lm_eval = pytest.importorskip("lm_eval", reason="needs the eval extra: pip insta
 from tide_ds.eval.harness import TideBD3LM, continuation_nelbo  # noqa: E402  (registers tide_bd3lm)
 
 sys.path.insert(0, str(Path(__file__).parent))
+from lm_eval_tasks import Req as _Req  # noqa: E402
+from lm_eval_tasks import free_port, write_mc_task  # noqa: E402
 from tiny_export import build_tiny_export  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 GEN_TOKENS, MC_NUM, SEED = 12, 6, 3
 QUESTIONS = ["The capital of France is", "def add(a, b):", "Q: What is 2 + 3? A:"]
-MC_DOCS = [
-    ("The sky is", ["blue", "green", "made of cheese"]),
-    ("Two plus two equals", ["four", "five"]),
-    ("Water boils at", ["100 degrees", "0 degrees", "a low price"]),
-]
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +76,7 @@ def tasks(loaded, tmp_path_factory):
     with open(d / "gen.jsonl", "w") as fh:
         for q, a in zip(QUESTIONS, answers):
             fh.write(json.dumps({"question": q, "answer": a}) + "\n")
-    labels = []
-    for i, (context, choices) in enumerate(MC_DOCS):
-        best = max(range(len(choices)), key=_choice_lls(loaded, context, choices).__getitem__)
-        labels.append(best if i < 2 else (best + 1) % len(choices))
-    with open(d / "mc.jsonl", "w") as fh:
-        for (context, choices), label in zip(MC_DOCS, labels):
-            fh.write(json.dumps({"question": context, "choices": choices, "label": label}) + "\n")
+    write_mc_task(d, "tide_tiny_mc", lambda context, choices: _choice_lls(loaded, context, choices))
     (d / "tide_tiny_gen.yaml").write_text(f"""\
 task: tide_tiny_gen
 dataset_path: json
@@ -102,22 +93,6 @@ generation_kwargs:
   do_sample: false
 metric_list:
   - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-""")
-    (d / "tide_tiny_mc.yaml").write_text(f"""\
-task: tide_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {d / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
     aggregation: mean
     higher_is_better: true
 """)
@@ -175,11 +150,6 @@ def test_tide_ds_lm_eval_command_scores_match_hand_computed(exported, tasks, tmp
     assert json.loads(result_file.read_text())["results"]["tide_tiny_mc"]["acc,none"] == pytest.approx(2 / 3)
 
 
-class _Req:
-    def __init__(self, *args):
-        self.args = args
-
-
 def test_elbo_is_deterministic_and_independent_of_batching(exported):
     lm = TideBD3LM(pretrained=str(exported), device="cpu", mc_num=4, seed=1, batch_size=1)
     reqs = [_Req("Hello", " world"), _Req("A longer context that spans blocks,", " and a continuation"),
@@ -232,11 +202,7 @@ def test_bad_model_args_fail_before_loading(exported):
 
 def test_two_processes_give_the_single_process_scores(exported, tasks, tmp_path):
     """lm-eval's data-parallel mode: torchrun with 2 CPU processes (gloo), each scoring its share of the requests."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "tide_ds.eval.harness", "run", "--model", "tide_bd3lm", "--model_args", _model_args(exported),

@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from lm_eval_tasks import MC_DOCS, Req, free_port, write_mc_task  # noqa: E402
+
 lm_eval = pytest.importorskip("lm_eval", reason="needs the eval extra: pip install -e '.[eval]'")
 
 from tide_ds.eval.diffusion_lm import request_seed  # noqa: E402
@@ -26,11 +29,6 @@ from tide_ds.eval.teacher_harness import TideTeacher, teacher_nelbo  # noqa: E40
 MC_NUM, SEED, EPS = 5, 11, 1e-3
 CORPUS = ("The sky is blue and the grass is green. Two plus two equals four. Water boils at one hundred degrees. "
           "A cat sat on the mat while the dog slept by the door. ") * 20
-MC_DOCS = [
-    ("The sky is", ["blue", "green", "made of cheese"]),
-    ("Two plus two equals", ["four", "five"]),
-    ("Water boils at", ["100 degrees", "0 degrees", "a low price"]),
-]
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +100,7 @@ def test_nelbo_matches_hand_computation(teachers, family):
     assert got == pytest.approx(want, rel=1e-4)
     assert len(set(round(v, 3) for v in want)) == len(want)  # distinct values: the check can fail
     # lm-eval's request path, batched (right padding hidden by key padding / whole blocks): the same numbers
-    class _Req:
-        def __init__(self, *args):
-            self.args = args
-    lls = lm.loglikelihood([_Req(MC_DOCS[0][0], " " + c) for c in MC_DOCS[0][1]])
+    lls = lm.loglikelihood([Req(MC_DOCS[0][0], " " + c) for c in MC_DOCS[0][1]])
     assert [ll for ll, _ in lls] == pytest.approx([-v for v in want[:3]], rel=1e-4)
 
 
@@ -113,40 +108,14 @@ def test_nelbo_matches_hand_computation(teachers, family):
 def test_lm_eval_cli_multiple_choice_on_a_teacher(teachers, tmp_path, nproc):
     """The venv's ``lm_eval`` script, alone and under torchrun with 2 CPU processes (gloo): the same 2/3."""
     lm = TideTeacher(pretrained=str(teachers["llada"]), device="cpu", mc_num=MC_NUM, seed=SEED)
-    labels = []
-    for i, (context, choices) in enumerate(MC_DOCS):
-        lls = [-_hand_nelbo(lm, list(c), list(y)) for c, y in _pairs(lm, context, choices)]
-        best = max(range(len(choices)), key=lls.__getitem__)
-        labels.append(best if i < 2 else (best + 1) % len(choices))  # 2 of 3 right
-    with open(tmp_path / "mc.jsonl", "w") as fh:
-        for (context, choices), label in zip(MC_DOCS, labels):
-            fh.write(json.dumps({"question": context, "choices": choices, "label": label}) + "\n")
-    (tmp_path / "teacher_mc.yaml").write_text(f"""\
-task: tide_teacher_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tmp_path / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""")
+    write_mc_task(tmp_path, "tide_teacher_mc", lambda context, choices: [
+        -_hand_nelbo(lm, list(c), list(y)) for c, y in _pairs(lm, context, choices)])
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "lm_eval")]
     if nproc > 1:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [str(bin_dir / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(port), "--no-python", *cmd]
+        cmd = [str(bin_dir / "torchrun"), "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
+               "--no-python", *cmd]
     cmd += ["--model", "tide_teacher",
            "--model_args", f"pretrained={teachers['llada']},mc_num={MC_NUM},seed={SEED}", "--tasks", "tide_teacher_mc",
            "--include_path", str(tmp_path), "--batch_size", "2", "--device", "cpu", "--output_path", str(tmp_path / "out"),
@@ -166,11 +135,8 @@ def test_generate_until_uses_the_masked_diffusion_sampler(teachers):
 
     lm = TideTeacher(pretrained=str(teachers["dream"]), device="cpu", seed=SEED, batch_size=2, block_length=4, steps=4)
 
-    class _Req:
-        def __init__(self, *args):
-            self.args = args
     prompts = ["The sky is", "Two plus two equals", "A cat"]
-    got = lm.generate_until([_Req(p, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}) for p in prompts])
+    got = lm.generate_until([Req(p, {"until": ["\n\n"], "max_gen_toks": 8, "do_sample": False}) for p in prompts])
     config = SamplerConfig(max_new_tokens=8, block_size=4, steps=4)
     unused = list(range(len(lm.tokenizer), lm.model.config.vocab_size))
     want = []
@@ -185,11 +151,8 @@ def test_generate_until_uses_the_masked_diffusion_sampler(teachers):
 def test_wedlm_generation_is_refused_by_name_and_bad_args_fail_first(teachers, tmp_path):
     lm = TideTeacher(pretrained=str(teachers["wedlm"]), device="cpu", block_length=4)
 
-    class _Req:
-        def __init__(self, *args):
-            self.args = args
     with pytest.raises(NotImplementedError, match="'wedlm' teacher family"):
-        lm.generate_until([_Req("The sky is", {"until": ["\n"]})])
+        lm.generate_until([Req("The sky is", {"until": ["\n"]})])
     with pytest.raises(ValueError, match="unknown model_args"):
         TideTeacher(pretrained=str(teachers["llada"]), mcnum=3)
     with pytest.raises(ValueError, match="no config.json"):

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 
 try:
     from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
 except ImportError as err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "tide_ds.eval's lm-eval model classes need lm-evaluation-harness; install it with "
         "pip install -e '.[eval]' (lm-eval==0.4.13)"
     ) from err
 
-__all__ = ["DiffusionLM", "as_bool", "mc_nelbo", "request_seed"]
+__all__ = ["DiffusionLM", "as_bool", "mc_nelbo", "register_model", "request_seed"]
 
 Pair = tuple[Sequence[int], Sequence[int]]
 

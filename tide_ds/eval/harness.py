@@ -51,15 +51,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tide_ds.eval.diffusion_lm import DiffusionLM, as_bool, mc_nelbo
-
-try:
-    from lm_eval.api.registry import register_model
-except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "tide_ds.eval.harness needs lm-evaluation-harness; install it with pip install -e '.[eval]' "
-        "(lm-eval==0.4.13)"
-    ) from err
+from tide_ds.eval.diffusion_lm import DiffusionLM, as_bool, mc_nelbo, register_model  # (it says how to install lm-eval)
 
 __all__ = ["TideBD3LM", "continuation_nelbo", "main"]
 

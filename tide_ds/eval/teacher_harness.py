@@ -29,14 +29,7 @@ from collections import defaultdict
 
 import torch
 
-from tide_ds.eval.diffusion_lm import DiffusionLM, mc_nelbo
-
-try:
-    from lm_eval.api.registry import register_model
-except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "tide_ds.eval.teacher_harness needs lm-evaluation-harness; install it with pip install -e '.[eval]'"
-    ) from err
+from tide_ds.eval.diffusion_lm import DiffusionLM, mc_nelbo, register_model  # (it says how to install lm-eval)
 
 __all__ = ["TideTeacher", "teacher_nelbo"]
 
