@@ -102,6 +102,10 @@ def test_nelbo_matches_hand_computation(teachers, family):
     # lm-eval's request path, batched (right padding hidden by key padding / whole blocks): the same numbers
     lls = lm.loglikelihood([Req(MC_DOCS[0][0], " " + c) for c in MC_DOCS[0][1]])
     assert [ll for ll, _ in lls] == pytest.approx([-v for v in want[:3]], rel=1e-4)
+    # loglikelihood_rolling: one window (the text fits), the whole text given only the EOS before it
+    text = "A cat sat on the mat."
+    [rolling] = lm.loglikelihood_rolling([Req(text)])
+    assert rolling == pytest.approx(-_hand_nelbo(lm, [lm.tokenizer.eos_token_id], lm._encode(text)), rel=1e-4)
 
 
 @pytest.mark.parametrize("nproc", [1, 2], ids=["one_process", "two_processes"])
