@@ -55,7 +55,7 @@ def _teacher(root: Path, family: str, tokenizer_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def teachers(tokenizer_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("teachers")
-    return {f: _teacher(root, f, tokenizer_dir) for f in ("llada", "dream", "wedlm")}
+    return {f: _teacher(root, f, tokenizer_dir) for f in ("llada2_moe", "llada", "dream", "wedlm")}
 
 
 def _hand_nelbo(lm: TideTeacher, ctx: list[int], y: list[int]) -> float:
@@ -87,7 +87,7 @@ def _pairs(lm, context, choices):
     return [lm._pair_tokens(context, " " + c) for c in choices]
 
 
-@pytest.mark.parametrize("family", ["llada", "dream", "wedlm"])
+@pytest.mark.parametrize("family", ["llada2_moe", "llada", "dream", "wedlm"])
 def test_nelbo_matches_hand_computation(teachers, family):
     lm = TideTeacher(pretrained=str(teachers[family]), device="cpu", mc_num=MC_NUM, seed=SEED, batch_size=3,
                      block_length=4)
