@@ -1,6 +1,48 @@
 """tide-ds: DeepSpeed-based cross-architecture distillation of diffusion language models (TIDE)."""
 
-from setuptools import find_packages, setup
+from pathlib import Path
+
+from setuptools import Command, find_packages, setup
+from setuptools.command.build import build
+
+LM_EVAL_PTH = "tide_ds_lm_eval.pth"
+LM_EVAL_HOOK = "_tide_ds_lm_eval.py"  # a copy of tide_ds/eval/lm_eval_startup.py
+
+
+class build_lm_eval_hook(Command):
+    """Put tide_ds_lm_eval.pth and _tide_ds_lm_eval.py at the top of site-packages, so that a plain
+    ``lm_eval --model tide_bd3lm`` finds the model (tide_ds/eval/lm_eval_startup.py says how).
+
+    A wheel gets them from build_lib. An editable wheel (pip install -e, PEP 660) ignores build_lib, and
+    setuptools' editable_wheel points ``install.install_lib`` at the folder it packs: they go there. Either
+    way the wheel's RECORD lists them, so pip uninstall removes them.
+    """
+
+    description = "write the lm-eval start-up hook (.pth) of tide-ds"
+    user_options: list = []
+
+    def initialize_options(self) -> None:
+        self.build_lib = None
+        self.editable_mode = False
+        self._outputs: list[str] = []
+
+    def finalize_options(self) -> None:
+        self.set_undefined_options("build", ("build_lib", "build_lib"))
+
+    def run(self) -> None:
+        target = Path(self.get_finalized_command("install").install_lib if self.editable_mode else self.build_lib)
+        target.mkdir(parents=True, exist_ok=True)
+        source = Path(__file__).resolve().parent / "tide_ds" / "eval" / "lm_eval_startup.py"
+        (target / LM_EVAL_HOOK).write_text(source.read_text())
+        (target / LM_EVAL_PTH).write_text(f"import {Path(LM_EVAL_HOOK).stem}; {Path(LM_EVAL_HOOK).stem}.install()\n")
+        self._outputs = [str(target / LM_EVAL_HOOK), str(target / LM_EVAL_PTH)]
+
+    def get_outputs(self) -> list[str]:
+        return self._outputs
+
+
+class build_with_lm_eval_hook(build):
+    sub_commands = [*build.sub_commands, ("build_lm_eval_hook", None)]
 
 setup(
     name="tide-ds",
@@ -30,6 +72,7 @@ setup(
         "ninja>=1.11",  # DeepSpeed JIT-builds its CPU comm op
     ],
     entry_points={"console_scripts": ["tide-ds=tide_ds.cli:main"]},
+    cmdclass={"build": build_with_lm_eval_hook, "build_lm_eval_hook": build_lm_eval_hook},
     extras_require={
         "test": ["pytest>=8.0", "hypothesis>=6.100", "ruff==0.17.5"],  # ruff: tests/test_lint.py
         # lm-evaluation-harness model class tide_bd3lm (tide_ds.eval.harness); pinned: the registry API it uses

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "plan": ("tide_ds.plan.__main__", "main", "plan a run's memory and parallelism (python -m tide_ds.plan)"),
     "generate": ("tide_ds.generate", "main", "sample from a trained student (python -m tide_ds.generate)"),
     "eval": ("tide_ds.eval.__main__", "main", "HumanEval / MBPP / GSM8K / held-out NLL, or --suite paper (python -m tide_ds.eval)"),
-    "lm-eval": ("tide_ds.eval.harness", "main", "lm-evaluation-harness with the tide_bd3lm model (needs the eval extra)"),
+    "lm-eval": ("tide_ds.eval.harness", "main", "lm-evaluation-harness with the tide_bd3lm and tide_teacher models (eval extra)"),
     "export": ("tide_ds.export", "main", "export a checkpoint as a Hugging Face directory (python -m tide_ds.export)"),
     "tokenizer": ("tide_ds.data.tokenizers", "_main", "build the Qwen3 tokenizer with its mask token (python -m tide_ds.data.tokenizers)"),
 }

@@ -124,6 +124,9 @@ def test_paper_suite_runs_what_is_available_and_lists_the_rest(exported, tmp_pat
     assert sorted(result["missing"]) == ["BBH", "HellaSwag", "MATH", "MMLU", "MMLU-Pro"]
     for name in result["missing"]:
         assert any(line.startswith(f"missing {name}: ") for line in table)
+    bbh = next(line for line in table if line.startswith("missing BBH: "))  # the exact --data-dir layout to fix it
+    assert f"HF_HOME={empty_cache} " in bbh and "get_task_dict(['bbh_cot_fewshot'], TaskManager())" in bbh
+    assert f"{empty_cache}/hub/datasets--SaylorTwift--bbh" in bbh and f"--data-dir {empty_cache}" in bbh
     ours = next(line for line in table if line.startswith("this checkpoint")).split()
     assert ours[2:][ours[2:].index("missing")] == "missing" and ours[-1] == "(3/8)"
     assert all(result["benchmarks"][n]["n"] == LIMIT for n in ("GSM8K", "HumanEval", "MBPP"))

@@ -23,16 +23,13 @@ lm_eval = pytest.importorskip("lm_eval", reason="needs the eval extra: pip insta
 from tide_ds.eval.harness import TideBD3LM, continuation_nelbo  # noqa: E402  (registers tide_bd3lm)
 
 sys.path.insert(0, str(Path(__file__).parent))
+from lm_eval_tasks import Req as _Req  # noqa: E402
+from lm_eval_tasks import free_port, write_mc_task  # noqa: E402
 from tiny_export import build_tiny_export  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 GEN_TOKENS, MC_NUM, SEED = 12, 6, 3
 QUESTIONS = ["The capital of France is", "def add(a, b):", "Q: What is 2 + 3? A:"]
-MC_DOCS = [
-    ("The sky is", ["blue", "green", "made of cheese"]),
-    ("Two plus two equals", ["four", "five"]),
-    ("Water boils at", ["100 degrees", "0 degrees", "a low price"]),
-]
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +76,7 @@ def tasks(loaded, tmp_path_factory):
     with open(d / "gen.jsonl", "w") as fh:
         for q, a in zip(QUESTIONS, answers):
             fh.write(json.dumps({"question": q, "answer": a}) + "\n")
-    labels = []
-    for i, (context, choices) in enumerate(MC_DOCS):
-        best = max(range(len(choices)), key=_choice_lls(loaded, context, choices).__getitem__)
-        labels.append(best if i < 2 else (best + 1) % len(choices))
-    with open(d / "mc.jsonl", "w") as fh:
-        for (context, choices), label in zip(MC_DOCS, labels):
-            fh.write(json.dumps({"question": context, "choices": choices, "label": label}) + "\n")
+    write_mc_task(d, "tide_tiny_mc", lambda context, choices: _choice_lls(loaded, context, choices))
     (d / "tide_tiny_gen.yaml").write_text(f"""\
 task: tide_tiny_gen
 dataset_path: json
@@ -102,22 +93,6 @@ generation_kwargs:
   do_sample: false
 metric_list:
   - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-""")
-    (d / "tide_tiny_mc.yaml").write_text(f"""\
-task: tide_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {d / 'mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
     aggregation: mean
     higher_is_better: true
 """)
@@ -145,20 +120,34 @@ def test_python_api_scores_match_hand_computed(exported, tasks):
 
 
 def test_lm_eval_cli_scores_match_hand_computed(exported, tasks, tmp_path):
+    """The venv's own ``lm_eval`` console script: tide_bd3lm is found through the start-up hook that pip install
+    puts in site-packages (tide_ds_lm_eval.pth), without importing anything of tide_ds first."""
+    lm_eval_script = Path(sys.executable).parent / "lm_eval"
+    assert lm_eval_script.is_file(), f"{lm_eval_script} is missing: pip install -e '.[eval]'"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "tide_ds.eval.harness", "run", "--model", "tide_bd3lm",
+    cmd = [str(lm_eval_script), "--model", "tide_bd3lm",
            "--model_args", _model_args(exported), "--tasks", "tide_tiny_gen", "tide_tiny_mc",
            "--include_path", str(tasks), "--batch_size", "3", "--device", "cpu", "--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert "no model for this name found" not in proc.stderr, (
+        "lm_eval does not know tide_bd3lm: the start-up hook tide_ds_lm_eval.pth is not in site-packages; "
+        "reinstall with pip install -e '.[eval]'")
     assert proc.returncode == 0, proc.stderr[-4000:]
     [result_file] = list((tmp_path / "out").rglob("results*.json"))
     _check_scores(json.loads(result_file.read_text())["results"])
     assert "tide_tiny_gen" in proc.stdout and "exact_match" in proc.stdout  # lm-eval's own table
 
 
-class _Req:
-    def __init__(self, *args):
-        self.args = args
+def test_tide_ds_lm_eval_command_scores_match_hand_computed(exported, tasks, tmp_path):
+    """``tide-ds lm-eval run`` (python -m tide_ds.eval.harness): the same scores."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "tide_ds.cli", "lm-eval", "run", "--model", "tide_bd3lm",
+           "--model_args", _model_args(exported), "--tasks", "tide_tiny_mc",
+           "--include_path", str(tasks), "--batch_size", "3", "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [result_file] = list((tmp_path / "out").rglob("results*.json"))
+    assert json.loads(result_file.read_text())["results"]["tide_tiny_mc"]["acc,none"] == pytest.approx(2 / 3)
 
 
 def test_elbo_is_deterministic_and_independent_of_batching(exported):
@@ -213,11 +202,7 @@ def test_bad_model_args_fail_before_loading(exported):
 
 def test_two_processes_give_the_single_process_scores(exported, tasks, tmp_path):
     """lm-eval's data-parallel mode: torchrun with 2 CPU processes (gloo), each scoring its share of the requests."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "tide_ds.eval.harness", "run", "--model", "tide_bd3lm", "--model_args", _model_args(exported),

@@ -9,8 +9,10 @@ maps each one to what runs it here:
 * MATH, BBH, MMLU-Pro, HellaSwag, MMLU: lm-evaluation-harness tasks through the ``tide_bd3lm`` model
   class (:mod:`tide_ds.eval.harness`). No PyPI wheel ships their data (BBH and MMLU-Pro nowhere on PyPI),
   so they read the Hugging Face datasets cache given by ``--data-dir`` (used as ``HF_HOME``, offline);
-  fill it once on a machine with internet access, e.g. ``HF_HOME=DIR python -c "import datasets;
-  datasets.load_dataset('cais/mmlu', 'all')"`` for each dataset listed in :data:`BENCHMARKS`.
+  fill it once on a machine with internet access by loading each task as the suite does (:func:`data_dir_fix`
+  prints the exact command for a missing one): ``HF_HOME=DIR python -c "from lm_eval.tasks import TaskManager,
+  get_task_dict; get_task_dict(['mmlu_generative'], TaskManager())"``, which writes
+  ``DIR/hub/datasets--cais--mmlu`` and ``DIR/datasets/``.
 
 Differences from the paper's harness (a fork of lm-eval with tasks upstream lacks): MMLU runs upstream's
 ``mmlu_generative`` (the paper: ``mmlu_generative_dream``) and HellaSwag upstream's multiple-choice
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 logger = logging.getLogger("tide_ds.eval")
 
-__all__ = ["BENCHMARKS", "PAPER_ROWS", "format_paper_table", "run_paper_suite"]
+__all__ = ["BENCHMARKS", "PAPER_ROWS", "data_dir_fix", "format_paper_table", "run_paper_suite"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,16 @@ def _lm_eval_probe(bench: Benchmark, task_manager) -> str | None:
     return None
 
 
+def data_dir_fix(bench: Benchmark, data_dir: str | None) -> str:
+    """How to put ``bench``'s data where ``--data-dir`` reads it: the exact command and the folders it writes."""
+    where = os.path.abspath(data_dir) if data_dir else "DIR"
+    folders = ", ".join(f"{where}/hub/datasets--{d.replace('/', '--')}" for d in bench.datasets)
+    fill = (f"HF_HOME={where} HF_DATASETS_OFFLINE=0 HF_HUB_OFFLINE=0 python -c \"from lm_eval.tasks import "
+            f"TaskManager, get_task_dict; get_task_dict(['{bench.task}'], TaskManager())\"")
+    return (f"to fix: on a machine with internet run {fill} (it writes {folders} and {where}/datasets/), "
+            f"copy {where} here and pass --data-dir {where}")
+
+
 def _lm_eval_value(results: dict, bench: Benchmark) -> tuple[float, int | None]:
     row = results["results"][bench.task]
     value = row.get(bench.metric)
@@ -125,7 +137,8 @@ def run_paper_suite(loaded, *, args, block_size: int) -> dict:
         reason = _lm_eval_probe(bench, task_manager)
         if reason is not None:
             where = f"--data-dir {args.data_dir}" if args.data_dir else "no --data-dir given"
-            out["missing"][bench.name] = f"cannot load {bench.task} (data: {', '.join(bench.datasets)}; {where}): {reason}"
+            out["missing"][bench.name] = (f"cannot load {bench.task} (data: {', '.join(bench.datasets)}; {where}): "
+                                          f"{reason}; {data_dir_fix(bench, args.data_dir)}")
             continue
         if lm is None:
             lm = TideBD3LM(pretrained=loaded, batch_size=args.batch_size, block_size=block_size, seed=args.seed,
