@@ -47,7 +47,7 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tide_ds" / "torch_extensions"))
     return env
 
@@ -245,10 +245,13 @@ def test_a_recipe_whose_top_level_is_a_list_is_a_config_error(tmp_path) -> None:
 
 
 def _run_py(tmp_path: Path, *args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    """One ``python launch/run.py`` process (no launcher), killed at ``timeout``."""
+    """One ``python launch/run.py`` process as a 1-rank job (the launcher's variables, no launcher), killed at
+    ``timeout``."""
+    env = {**_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
     start = time.time()
     try:
-        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *args], cwd=tmp_path, env=_env(),
+        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"still running after {timeout:.0f} s (the check came after the work): {str(err.stdout)[-2000:]}")
@@ -263,8 +266,11 @@ def test_an_existing_run_is_refused_before_deepspeed_starts(tmp_path) -> None:
     (out / ".tide_ds_run").write_text("{}\n")
     proc, _ = _run_py(tmp_path, f"--train.output_dir={out}", *_tiny())
     text = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and "already holds a run" in text, text[-3000:]
-    assert "Initializing TorchBackend" not in text and "Traceback" not in text, text[-3000:]
+    assert "already holds a run" in text, text[-3000:]
+    before = text[: text.index("already holds a run")]
+    # nothing of DeepSpeed's start (its comm op, the accelerator) or of the trainer's came before the refusal
+    assert not any(s in before for s in ("shm_comm_op", "Setting accelerator", "LM-head losses")), text[-3000:]
+    assert proc.returncode == 2 and "Traceback" not in text, text[-3000:]
 
 
 def test_an_empty_train_split_is_named_before_any_work(tmp_path) -> None:
