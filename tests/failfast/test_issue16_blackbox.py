@@ -76,12 +76,28 @@ def _launch(out: Path, *extra: str, timeout: float = 300) -> tuple[subprocess.Co
 
 
 @pytest.fixture(scope="module")
-def two_checkpoints(tmp_path_factory) -> Path:
+def first_run(tmp_path_factory) -> tuple[Path, str]:
+    """A 2-rank run with two checkpoints, and its output."""
     out = tmp_path_factory.mktemp("bb") / "run"
     proc, _ = _launch(out, "--train.max_steps=2", "--train.save_every=1")
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
-    return out
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(first_run) -> Path:
+    return first_run[0]
+
+
+@pytest.mark.slow
+def test_lines_every_rank_printed_appear_once(first_run) -> None:
+    """Item 9, log noise: DeepSpeed's accelerator notice comes from the launcher (printed before any rank starts),
+    never again from a rank; the LM-head line and a library FutureWarning at most once per job."""
+    text = first_run[1]
+    ranks = text[text.rindex("spawned with command"):]  # everything after the launcher started the ranks
+    assert ranks.count("Setting accelerator to CPU") == 0, ranks[:3000]
+    assert text.count("LM-head losses") <= 1 and text.count("FutureWarning") <= 1, text[-6000:]
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
