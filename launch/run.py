@@ -73,9 +73,9 @@ def _job(cfg, argv: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    from tide_ds.log import quiet_deepspeed
+    from tide_ds.log import quiet_ranks
 
-    quiet_deepspeed()  # before anything imports DeepSpeed: its accelerator notice once per job, not once per rank
+    quiet_ranks()  # before the options and DeepSpeed: notices every rank would print alike, once per job
     from tide_ds import failfast
     from tide_ds.config import build_config, option_table
 

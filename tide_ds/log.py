@@ -24,12 +24,17 @@ class _DeepSpeedOnce(logging.Filter):
         return "LOCAL_RANK" not in os.environ and int(os.environ.get("RANK", "0")) == 0
 
 
-def quiet_deepspeed() -> None:
-    """Install the filter before DeepSpeed is imported (its logger is ``logging.getLogger("DeepSpeed")``, created
-    on import; the notice is logged during the import). Idempotent."""
+def quiet_ranks() -> None:
+    """What every rank would print alike, printed once per job: installs the filter on DeepSpeed's logger before
+    DeepSpeed is imported (its logger is ``logging.getLogger("DeepSpeed")``, created on import; the notice is
+    logged during the import), and leaves deprecation notices (ours, such as a renamed option, and the
+    libraries') to rank 0 from the first line on, before the options are parsed. Idempotent."""
     ds_logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DeepSpeedOnce) for f in ds_logger.filters):
         ds_logger.addFilter(_DeepSpeedOnce())
+    if int(os.environ.get("RANK", "0")):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def setup_logging(rank: int | None = None) -> None:
