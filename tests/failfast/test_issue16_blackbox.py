@@ -175,6 +175,16 @@ def test_resume_auto_refuses_a_directory_that_is_not_a_run(tmp_path) -> None:
     assert (mine / "config.yaml").read_text() == "my: own config\n"
 
 
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again(tmp_path) -> None:
+    """Item 7's last case: the first start created the run directory, then failed before a checkpoint; the same
+    command must start again instead of refusing the directory it left."""
+    from tide_ds.trainer import checkpoint
+
+    cfg = build_config(overrides=[f"--train.output_dir={tmp_path / 'run'}"])
+    checkpoint.prepare_run_dir(cfg)  # the first start (then it failed: no checkpoint)
+    assert checkpoint.prepare_run_dir(cfg).resume_from is None  # the same command again
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Item 5: divergence, strict JSON, non-finite options
 
