@@ -5,8 +5,9 @@ With no arguments it runs the embedded demo recipe (the defaults of ``tide_ds.co
 (``tide_ds.worlds``: an instruction corpus of the Python standard library and a small pretrained teacher,
 built once and cached), then TIDE-Cross into a tiny BD3LM student with the real Qwen3 tokenizer.
 
-The path of one run: ``main`` (options, then ``tide_ds.validate.before_start`` and ``tide_ds.plan.prepare_run``:
-every check that needs no process group and reads no weight, before anything is created) ->
+The path of one run: ``main`` (options, then ``tide_ds.plan.prepare_run``: the one pass of start checks of
+``tide_ds.plan.checks.validate_run``, everything that needs no process group and reads no weight, in the
+order of issue 16, before anything is created) ->
 ``tide_ds.worlds.prepare_world`` (paths for an empty ``data.dataset``) ->
 ``tide_ds.trainer.loop.train`` (build the run, then step) -> ``tide_ds.trainer.step.train_step`` (one
 optimizer step: the objective's targets, the student's losses, backward, step) -> ``report_world``; all
@@ -62,7 +63,7 @@ def _job(cfg, argv: list[str]):
     dataset = cfg.data.dataset
     cfg, world = prepare_world(cfg)  # an empty data.dataset: build (or reuse) the world of world.name
     if world is not None or cfg.data.dataset != dataset:  # the world's dataset and teacher, checked the same way
-        cfg = _prepare_run(cfg)
+        cfg = _prepare_run(cfg, world_built=True)
     result = train(cfg)
     if world is not None:
         base_cfg = baseline_config(cfg, world)  # --world.baseline=true and none recorded: train it now
@@ -72,7 +73,10 @@ def _job(cfg, argv: list[str]):
 
 
 def main(argv: list[str]) -> int:
-    from tide_ds import failfast, validate
+    from tide_ds.log import quiet_ranks
+
+    quiet_ranks()  # before the options and DeepSpeed: notices every rank would print alike, once per job
+    from tide_ds import failfast
     from tide_ds.config import build_config, option_table
 
     try:
@@ -83,17 +87,14 @@ def main(argv: list[str]) -> int:
         if "--help-options" in flags:
             print(option_table())
             return 0
-        cfg = build_config(recipe=recipe, overrides=overrides)
-        if "--print-config" not in flags:
-            validate.before_start(cfg)  # engine JSON, output directory, dataset, weights: before any work
-    except ConfigError as err:  # every rank parses the same argv: one line naming the rank, once per job
-        return failfast.report(err, label="configuration error")
-    if "--print-config" in flags:
-        print(cfg.to_yaml(), end="")
-        return 0
-    try:  # every weight-free check (tide_ds.plan.checks) before a process group, a world or a run directory
+        cfg = build_config(recipe=recipe, overrides=overrides)  # the config and recipe
+        if "--print-config" in flags:
+            print(cfg.to_yaml(), end="")
+            return 0
+        # the rest of the one pass (tide_ds.plan.checks.validate_run): engine JSON, output directory, dataset,
+        # teacher and student files, ids; before a process group, a world or a run directory
         cfg = _prepare_run(cfg)
-    except ConfigError as err:  # every rank checks the same files: one line naming the rank, once per job
+    except ConfigError as err:  # every rank checks the same argv and files: one line naming the rank, once per job
         return failfast.report(err, label="configuration error")
 
     from tide_ds.trainer.loop import shutdown
@@ -112,14 +113,16 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _prepare_run(cfg):
-    """The weight-free checks of :mod:`tide_ds.plan.checks` (rank-local reads of config.json files, headers,
-    tokenizer files and the dataset's first rows); ``cfg`` with the derived accumulation and step count."""
+def _prepare_run(cfg, *, world_built: bool = False):
+    """The start checks of :func:`tide_ds.plan.checks.validate_run` (rank-local reads of the engine JSON, the
+    output directory, config.json files, headers, tokenizer files and the dataset's first rows); ``cfg`` with the
+    derived accumulation and step count. ``world_built``: only what a world built is checked again."""
     import torch
 
     from tide_ds.plan import prepare_run
 
-    return prepare_run(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), on_gpu=torch.cuda.is_available())
+    return prepare_run(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), on_gpu=torch.cuda.is_available(),
+                       world_built=world_built)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def run_py(monkeypatch, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(loop, "init_distributed", lambda *a, **kw: None)
-    monkeypatch.setattr(module, "_prepare_run", lambda cfg: cfg)  # the weight-free checks: tests/trainer/test_start_checks.py
+    monkeypatch.setattr(module, "_prepare_run", lambda cfg, **kw: cfg)  # the weight-free checks: tests/trainer/test_start_checks.py
     monkeypatch.setattr(loop, "shutdown", lambda: None)
     monkeypatch.setattr(tide_log, "setup_logging", lambda: None)  # no handler on this test's captured stderr
     monkeypatch.setattr(worlds, "prepare_world", lambda cfg: (cfg, None))
@@ -132,7 +132,7 @@ def test_checks_run_before_the_world_and_again_on_what_it_built(run_py, monkeypa
 
     seen = []
 
-    def prepare_run(cfg):
+    def prepare_run(cfg, **kw):
         seen.append(("checks", cfg.data.dataset))
         return cfg
 
@@ -148,8 +148,5 @@ def test_checks_run_before_the_world_and_again_on_what_it_built(run_py, monkeypa
     assert run_py.main(["--world.name=code", "--distill.preset=none", "--train.progress_bar=false"]) == 0
     assert seen == [("checks", ""), ("world", ""), ("checks", "/built"), ("train", "/built")]
     seen.clear()
-    from tide_ds import validate
-
-    monkeypatch.setattr(validate, "before_start", lambda cfg: None)  # /d does not exist: only the order is tested here
     assert run_py.main([*ARGS, "--data.dataset=/d"]) == 0  # a named dataset: checked once, no world
     assert seen == [("checks", "/d"), ("world", "/d"), ("train", "/d")]

@@ -10,6 +10,32 @@ import warnings
 _configured = False
 _warned: set[str] = set()
 
+#: DeepSpeed's own lines that every process of a job prints alike (issue 16, log noise).
+ACCELERATOR_MESSAGE = "Setting accelerator to CPU"
+
+
+class _DeepSpeedOnce(logging.Filter):
+    """On DeepSpeed's logger: the accelerator notice, which the ``deepspeed`` launcher has already printed for the
+    job (a process it started has ``LOCAL_RANK``), is dropped on every rank; without a launcher rank 0 keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(ACCELERATOR_MESSAGE):
+            return True
+        return "LOCAL_RANK" not in os.environ and int(os.environ.get("RANK", "0")) == 0
+
+
+def quiet_ranks() -> None:
+    """What every rank would print alike, printed once per job: installs the filter on DeepSpeed's logger before
+    DeepSpeed is imported (its logger is ``logging.getLogger("DeepSpeed")``, created on import; the notice is
+    logged during the import), and leaves deprecation notices (ours, such as a renamed option, and the
+    libraries') to rank 0 from the first line on, before the options are parsed. Idempotent."""
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DeepSpeedOnce) for f in ds_logger.filters):
+        ds_logger.addFilter(_DeepSpeedOnce())
+    if int(os.environ.get("RANK", "0")):
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
 
 def setup_logging(rank: int | None = None) -> None:
     """Configure the root ``tide_ds`` logger once for this process."""

@@ -1,8 +1,8 @@
-"""Checks that run before any expensive work (issue 16): numbers that make no sense, engine JSON typos.
+"""Two checks of the start-check pass (issue 16): numbers that make no sense, engine JSON typos.
 
-``reject_non_finite`` is called by ``RunConfig.__post_init__``; ``check_ds_config`` by
-``tide_ds.trainer.engine.load_ds_json``; :func:`before_start` (``launch/run.py``, before DeepSpeed or any
-data work) runs the engine JSON and run-directory checks without creating anything.
+``reject_non_finite`` is called by ``RunConfig.__post_init__`` (the config step); ``check_ds_config`` by
+``tide_ds.trainer.engine.load_ds_json`` (the engine JSON step). The one pass that runs every start check in
+order, before DeepSpeed or any data work, is :func:`tide_ds.plan.checks.validate_run`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 from typing import Any
 
 from tide_ds.errors import ConfigError
@@ -76,74 +75,3 @@ def check_ds_config(data: dict, path: str) -> None:
     if not isinstance(zero, dict):
         raise ConfigError(f"train.ds_config={path!r}: zero_optimization must be a JSON object, got {type(zero).__name__}")
     _unknown(zero, DS_ZERO, "in zero_optimization", path)
-
-
-def check_dataset(cfg: Any) -> None:
-    """A saved dataset (a non-empty ``data.dataset``; empty = a world): it loads, has both splits, neither empty."""
-    if not cfg.data.dataset:  # the world of world.name is built (or reused) later (tide_ds.worlds.prepare_world)
-        return
-    from pathlib import Path
-
-    path = Path(cfg.data.dataset)
-    if not path.exists():
-        raise ConfigError(
-            f"data.dataset={cfg.data.dataset!r} is not an existing dataset directory; give one saved with datasets' "
-            "save_to_disk, or leave it empty and launch through launch/run.py, which builds the world of world.name"
-        )
-    import json
-
-    import datasets
-
-    if (path / "dataset_dict.json").is_file():  # an empty split has no data file; datasets fails on it obscurely
-        for name in json.loads((path / "dataset_dict.json").read_text()).get("splits", []):
-            state = path / name / "state.json"
-            if state.is_file() and not json.loads(state.read_text()).get("_data_files"):
-                raise ConfigError(f"split {name!r} of data.dataset={str(path)!r} is empty (no rows); preprocess with "
-                                 "more rows or another --heldout-fraction")
-    try:
-        splits = datasets.load_from_disk(str(path))
-    except Exception as err:  # noqa: BLE001 -- any reason it does not load is the user's to fix
-        raise ConfigError(f"data.dataset={str(path)!r} could not be loaded with datasets.load_from_disk: {err}") from None
-    if not isinstance(splits, datasets.DatasetDict):
-        raise ConfigError(f"data.dataset={str(path)!r} is a single split; tide-ds needs a DatasetDict with "
-                         f"{cfg.data.train_split!r} and {cfg.data.eval_split!r} (python -m tide_ds.data.preprocess writes one)")
-    for option, name in (("data.train_split", cfg.data.train_split), ("data.eval_split", cfg.data.eval_split)):
-        if name not in splits:
-            raise ConfigError(f"{option}={name!r} is not a split of {path}; splits: {list(splits)}")
-        if len(splits[name]) == 0:
-            raise ConfigError(f"{option}={name!r}: the split of {path} is empty; preprocess with more rows or another "
-                             "--heldout-fraction")
-
-
-def check_weights(cfg: Any) -> None:
-    """Student and teacher checkpoint directories: config.json and readable safetensors headers, each file named."""
-    from pathlib import Path
-
-    from tide_ds.models.hf_weights import check_checkpoint_files
-
-    for option, value in (("model.path", cfg.model.path), ("teacher.path", cfg.teacher.path)):
-        if not value:
-            continue
-        path = Path(value)
-        if not path.is_dir():
-            raise ConfigError(f"{option}={value!r} is not a directory")
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{option}={value!r} has no config.json (a Hugging Face checkpoint directory is expected)")
-        try:
-            check_checkpoint_files(path)
-        except (ValueError, FileNotFoundError, KeyError) as err:  # ConfigError is a ValueError
-            raise ConfigError(f"{option}={value!r}: {err}") from None
-
-
-def before_start(cfg: Any) -> None:
-    """Every check that needs no process group, in order: engine JSON, output directory, dataset, weights."""
-    from tide_ds.trainer import checkpoint
-    from tide_ds.trainer.engine import load_ds_json
-
-    load_ds_json(cfg.train.ds_config)
-    if int(os.environ.get("RANK", "0")) == 0:  # rank 0 may already be creating it on a fast start: it alone judges
-        error = checkpoint.run_dir_error(cfg)
-        if error:
-            raise ConfigError(error)
-    check_dataset(cfg)
-    check_weights(cfg)

@@ -34,7 +34,7 @@ def test_triton_on_cpu_without_interpreter_is_a_config_error(monkeypatch):
 
 @pytest.mark.any_device
 def test_choice_is_logged_once(caplog):
-    dispatch._log_choice.cache_clear()
+    dispatch._logged_choices.clear()
     with caplog.at_level(logging.INFO, logger=dispatch.__name__):
         for _ in range(3):
             dispatch.resolve_loss_implementation("auto", torch.device("cpu"))

@@ -69,8 +69,19 @@ def test_default_run_is_the_tide_demo_with_baseline_report(tmp_path):
     base_log = base.stdout + base.stderr
     assert ("no TIDE run with this world and 2 ranks to compare yet: deepspeed --num_gpus 2 launch/run.py "
             in base_log and f"--distill.preset=tide_cross --train.output_dir={tmp_path / 'none'}-tide" in base_log)
+    _assert_lines_once(log)
     world = json.loads(next((cache / "demo").glob("teacher-*/tide_ds_pretrain.json")).read_text())
     assert world["steps"] == 20 and world["heldout_nll"] < world["heldout_nll_before"]
+
+
+def _assert_lines_once(log: str) -> None:
+    """Issue 16's log noise: DeepSpeed's accelerator notice comes from the launcher (which prints it before any
+    rank starts), never again from a rank; the LM-head line and each deprecation notice at most once per job."""
+    ranks = log[log.rindex("spawned with command"):]  # everything after the launcher started the ranks
+    assert ranks.count("Setting accelerator to CPU") == 0, ranks[:3000]
+    assert log.count("LM-head losses") <= 1, log[-6000:]
+    warned = [line for line in log.splitlines() if "FutureWarning" in line]
+    assert len(warned) == len(set(warned)), warned  # each deprecation notice once, not once per rank
 
 
 def test_world_baseline_true_trains_the_missing_baseline_and_reports_against_it(tmp_path):

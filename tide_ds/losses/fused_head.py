@@ -64,8 +64,15 @@ def _warn_deprecated(old: str, new: str) -> None:
     logger.warning(message)
 
 
-@functools.cache
+_logged_choices: set[tuple[str, str]] = set()
+
+
 def _log_choice(choice: str, resolved: str, device_type: str) -> None:
+    """Once per implementation and device: the trainer resolves ``auto`` and then calls again with the resolved
+    name, which is the same choice (issue 16: the line was printed twice)."""
+    if (resolved, device_type) in _logged_choices:
+        return
+    _logged_choices.add((resolved, device_type))
     logger.info(
         "LM-head losses (student loss, teacher log-probs): %s implementation (model.loss_implementation=%s, device %s)",
         resolved, choice, device_type,

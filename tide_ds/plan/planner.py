@@ -42,10 +42,8 @@ class Plan:
         return not self.problems
 
 
-def _engine_settings(cfg: RunConfig) -> tuple[int, bool]:
-    from tide_ds.trainer.engine import load_ds_json
-
-    zero = load_ds_json(cfg.train.ds_config).get("zero_optimization", {})
+def _engine_settings(engine: dict) -> tuple[int, bool]:
+    zero = engine.get("zero_optimization", {})  # the engine JSON as the start checks read it
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") == "cpu"
     return int(zero.get("stage", 0)), offload
 
@@ -53,7 +51,7 @@ def _engine_settings(cfg: RunConfig) -> tuple[int, bool]:
 def make_plan(cfg: RunConfig, cluster: Cluster) -> Plan:
     """Check ``cfg`` (no weights read) and size it on ``cluster``; ``plan.problems`` says why it does not fit."""
     facts = validate_run(cfg, world_size=cluster.world_size, on_gpu=True)
-    stage, offload = _engine_settings(cfg)
+    stage, offload = _engine_settings(facts.engine)
     plan = Plan(cfg=cfg, cluster=cluster, facts=facts, zero_stage=stage)
     s, micro, L = facts.student, facts.micro_batch_size, cfg.data.seq_len
     local = min(cluster.world_size, cluster.gpus_per_node)
