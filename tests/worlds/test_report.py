@@ -94,10 +94,11 @@ def test_world_baseline_asks_for_the_baseline_only_when_none_is_recorded(world) 
     from tide_ds.worlds import baseline_config, comparison_key
     from tide_ds.worlds.instruct import record_result
 
-    cfg = build_config(overrides=["--train.max_steps=150", "--distill.preset=tide_cross", "--distill.comp_demo=true"])
-    assert baseline_config(cfg, world) is None  # off by default
     cfg = build_config(overrides=["--train.max_steps=150", "--distill.preset=tide_cross", "--distill.comp_demo=true",
-                                  "--world.baseline=true", "--train.resume=auto"])
+                                  "--world.baseline=false"])
+    assert baseline_config(cfg, world) is None  # asked not to
+    cfg = build_config(overrides=["--train.max_steps=150", "--distill.preset=tide_cross", "--distill.comp_demo=true",
+                                  "--train.resume=auto"])  # on by default
     Path("runs/demo-none").mkdir(parents=True)
     base = baseline_config(cfg, world)
     assert base.distill.preset == "none" and base.distill.mode == "" and base.distill.comp_demo is None
