@@ -65,9 +65,10 @@ def _local_init() -> type:
 
 
 def load_partitioned(
-    plan: LoadPlan, *, ds_config: dict, attn_implementation: str, dtype: torch.dtype
+    plan: LoadPlan, *, ds_config: dict, attn_implementation: str, dtype: torch.dtype, concurrency: int = 0
 ) -> transformers.PreTrainedModel:
-    """Build the native model under ``zero.Init`` and stream the checkpoint into its partitions."""
+    """Build the native model under ``zero.Init`` (all ranks), then read each rank's partitions, ``concurrency``
+    ranks of a node at a time (:mod:`tide_ds.teacher.turns`; 0 = all)."""
 
     # The dtype comes from the config's bf16 section: DeepSpeed 0.19's zero.Init ignores an explicit
     # dtype=torch.float32 on accelerators without fp16 (CPU) and builds bf16 parameters instead.
@@ -82,12 +83,13 @@ def load_partitioned(
     expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}  # persistent buffers too
     from tide_ds.teacher.loading import load_into
     from tide_ds.teacher.reader import Target
+    from tide_ds.teacher.turns import in_turns
 
     targets = {name: _partition_target(p) for name, p in params.items()}
     targets.update({name: Target(b.view(-1)) for name, b in buffers.items()})
     shapes = {name: tuple(p.ds_shape) for name, p in params.items()} | {k: tuple(b.shape) for k, b in buffers.items()}
     with torch.no_grad():
-        read = load_into(plan, targets, shapes, expected=expected)
+        read = in_turns(lambda: load_into(plan, targets, shapes, expected=expected), concurrency=concurrency)
     logger.info("read %.1f MiB of %s into this rank's ZeRO-3 partitions", read / 2**20, plan.path)
     return model.eval().requires_grad_(False)
 

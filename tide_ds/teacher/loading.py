@@ -23,6 +23,7 @@ import transformers
 from tide_ds.models.adapter_glue import LoadPlan, instantiate
 from tide_ds.models.hf_weights import meta_checkpoint, tensor_locations
 from tide_ds.teacher.reader import READ_BUFFER_BYTES, Reader, Target, fill, plan_copies
+from tide_ds.teacher.turns import in_turns
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +177,13 @@ def load_into(plan: LoadPlan, targets: dict[str, Target], shapes: dict[str, tupl
 
 
 def load_replica(
-    plan: LoadPlan, *, attn_implementation: str, dtype: torch.dtype, device: torch.device
+    plan: LoadPlan, *, attn_implementation: str, dtype: torch.dtype, device: torch.device, concurrency: int = 0
 ) -> transformers.PreTrainedModel:
     """A frozen replica on ``device``, each parameter read from the checkpoint straight into its storage.
 
     Host memory beyond the parameters: none when they live in host memory in the checkpoint's dtype, else one
-    read buffer (:data:`~tide_ds.teacher.reader.READ_BUFFER_BYTES`).
+    read buffer (:data:`~tide_ds.teacher.reader.READ_BUFFER_BYTES`). ``concurrency``: ranks of a node reading at
+    once (:mod:`tide_ds.teacher.turns`; 0 = all).
     """
     # Built uninitialised where it lives: each page is written once, by the read that fills it.
     with torch.device(device):
@@ -191,5 +193,6 @@ def load_replica(
     expected = {k for k in dict(model.state_dict()) if not (tied and k == "lm_head.weight")}
     with torch.no_grad():
         targets = {k: Target(t.detach().view(-1)) for k, t in tensors.items()}
-        load_into(plan, targets, {k: tuple(t.shape) for k, t in tensors.items()}, expected=expected)
+        shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+        in_turns(lambda: load_into(plan, targets, shapes, expected=expected), concurrency=concurrency)
     return model.eval().requires_grad_(False)
