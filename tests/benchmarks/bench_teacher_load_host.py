@@ -27,6 +27,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,32 +35,25 @@ sys.path.insert(0, str(ROOT / "tests" / "plan"))
 LAYERS = 2
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def worker(family: str, how: str, dtype_name: str, ckpt: str) -> dict:
     import torch
 
     from tide_ds.models.adapter_glue import materialize
     from tide_ds.models.teachers import get_family
-    from tide_ds.teacher.load import peak_rss_reset
+    from tide_ds.teacher.load import current_rss_bytes, peak_rss_bytes, peak_rss_reset
     from tide_ds.teacher.loading import load_replica, teacher_footprint
 
     dtype = getattr(torch, dtype_name)
     plan = get_family(family).plan(ckpt)
     fp = teacher_footprint(plan, dtype=dtype)
-    baseline = _status("VmRSS")
+    baseline = current_rss_bytes()
     peak_rss_reset()
-    reset_ok = _status("VmHWM") <= baseline + 2**20
+    reset_ok = peak_rss_bytes() <= baseline + 2**20
     if how == "materialize":
         model = materialize(plan, attn_implementation="sdpa", dtype=dtype)
     else:
         model = load_replica(plan, attn_implementation="sdpa", dtype=dtype, device=torch.device("cpu"))
-    peak, after = _status("VmHWM"), _status("VmRSS")
+    peak, after = peak_rss_bytes(), current_rss_bytes()
     nonzero = sum(int(p.count_nonzero()) for p in model.parameters())  # sparse files: every weight reads as zero
     return {"family": family, "how": how, "dtype": dtype_name, "layers": LAYERS, "vocab": fp.vocab,
             "hidden": fp.hidden, "param_bytes": fp.param_bytes, "stored_bytes": fp.stored_bytes,
@@ -112,12 +106,24 @@ def main() -> None:
         for family, ckpt in build(Path(tmp)).items():
             rows += [run_case(family, how, dtype, ckpt) for how, dtype in cases]
     mib = 2**20
-    print(f"{'family':<11} {'load':<13} {'dtype':<9} {'teacher MiB':>11} {'baseline MiB':>12} {'peak +MiB':>9} "
-          f"{'kept +MiB':>9} {'ratio':>6}")
+    print_table(rows, [("family", 11, lambda r: r["family"]), ("load", 13, lambda r: r["how"]),
+                       ("dtype", 9, lambda r: r["dtype"]), ("teacher MiB", 11, lambda r: f"{r['param_bytes'] / mib:.0f}"),
+                       ("baseline MiB", 12, lambda r: f"{r['baseline_rss'] / mib:.0f}"),
+                       ("peak +MiB", 9, lambda r: f"{r['peak_increase'] / mib:.0f}"),
+                       ("kept +MiB", 9, lambda r: f"{r['kept_increase'] / mib:.0f}"),
+                       ("ratio", 6, lambda r: f"{r['ratio']:.3f}")])
+    write_record(args.out, rows, measure="VmHWM - VmRSS after imports and plan, fresh process per row")
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, int, Callable[[dict], str]]]) -> None:
+    """One fixed-width line per row: ``columns`` are (header, width, cell)."""
+    print(" ".join(f"{h:>{w}}" for h, w, _ in columns))
     for r in rows:
-        print(f"{r['family']:<11} {r['how']:<13} {r['dtype']:<9} {r['param_bytes'] / mib:>11.0f} "
-              f"{r['baseline_rss'] / mib:>12.0f} {r['peak_increase'] / mib:>9.0f} {r['kept_increase'] / mib:>9.0f} "
-              f"{r['ratio']:>6.3f}")
+        print(" ".join(f"{cell(r):>{w}}" for _, w, cell in columns))
+
+
+def write_record(out: str, rows: list[dict], **extra: str) -> None:
+    """The benchmark's JSON: date, commit, torch, machine, ``extra`` and the rows."""
     import datetime
     import platform
 
@@ -125,10 +131,8 @@ def main() -> None:
 
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     record = {"date": datetime.date.today().isoformat(), "git": sha, "torch": torch.__version__,
-              "machine": platform.machine(), "measure": "VmHWM - VmRSS after imports and plan, fresh process per row",
-              "rows": rows}
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-
+              "machine": platform.machine(), **extra, "rows": rows}
+    Path(out).write_text(json.dumps(record, indent=1) + "\n")
 
 if __name__ == "__main__":
     main()

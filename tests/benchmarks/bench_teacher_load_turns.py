@@ -33,18 +33,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "plan"))
+sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+from bench_teacher_load_host import print_table, write_record  # noqa: E402
+
 CASES = (("replicate", 0), ("replicate", 1), ("zero3", 0))
 
 
 def _io() -> dict[str, int]:
     return {k: int(v) for k, v in (line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())}
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def worker(ckpt: str, placement: str, concurrency: str, out: str) -> None:
@@ -53,7 +49,7 @@ def worker(ckpt: str, placement: str, concurrency: str, out: str) -> None:
 
     from tide_ds import dist
     from tide_ds.models.teachers import get_family
-    from tide_ds.teacher.load import load_partitioned, peak_rss_reset
+    from tide_ds.teacher.load import current_rss_bytes, load_partitioned, peak_rss_bytes, peak_rss_reset
     from tide_ds.teacher.loading import load_replica, teacher_footprint
     from tide_ds.teacher.placement import teacher_ds_config
 
@@ -62,7 +58,7 @@ def worker(ckpt: str, placement: str, concurrency: str, out: str) -> None:
     fp = teacher_footprint(plan, dtype=torch.bfloat16)
     ds = teacher_ds_config(placement, hidden_size=fp.hidden, bf16=True, largest_unit_params=fp.largest_unit_params)
     dist.barrier()
-    baseline, io0 = _status("VmRSS"), _io()
+    baseline, io0 = current_rss_bytes(), _io()
     peak_rss_reset()
     start = time.time()
     if placement == "replicate":
@@ -76,7 +72,7 @@ def worker(ckpt: str, placement: str, concurrency: str, out: str) -> None:
     kept = sum(p.ds_tensor.numel() * 2 if hasattr(p, "ds_tensor") else p.numel() * p.element_size()
                for p in {id(p): p for p in model.parameters()}.values())
     record = {"rank": dist.rank(), "param_bytes": fp.param_bytes, "kept_bytes": kept, "baseline_rss": baseline,
-              "peak_increase": _status("VmHWM") - baseline, "rchar": io1["rchar"] - io0["rchar"],
+              "peak_increase": peak_rss_bytes() - baseline, "rchar": io1["rchar"] - io0["rchar"],
               "read_bytes": io1["read_bytes"] - io0["read_bytes"], "start": start, "end": end}
     Path(out, f"rank{dist.rank()}.json").write_text(json.dumps(record))
     dist.barrier()
@@ -147,20 +143,15 @@ def main() -> None:
         ckpt = build(Path(tmp))
         rows = [run_case(ckpt, placement, c, Path(tmp)) for placement, c in CASES]
     mib = 2**20
-    print(f"{'placement':<10} {'concurrency':>11} {'teacher MiB':>11} {'node peak +MiB':>14} {'node kept MiB':>13} "
-          f"{'node rchar MiB':>14} {'node disk MiB':>13} {'wall s':>7}")
-    for r in rows:
-        print(f"{r['placement']:<10} {r['load_concurrency']:>11} {r['param_bytes'] / mib:>11.0f} "
-              f"{r['node_peak_increase'] / mib:>14.0f} {r['node_kept_bytes'] / mib:>13.0f} {r['node_rchar'] / mib:>14.0f} "
-              f"{r['node_read_bytes'] / mib:>13.0f} {r['wall_s']:>7.2f}")
-    import datetime
-
-    import torch
-
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    Path(args.out).write_text(json.dumps({"date": datetime.date.today().isoformat(), "git": sha,
-                                          "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
-
+    print_table(rows, [("placement", 10, lambda r: r["placement"]),
+                       ("concurrency", 11, lambda r: str(r["load_concurrency"])),
+                       ("teacher MiB", 11, lambda r: f"{r['param_bytes'] / mib:.0f}"),
+                       ("node peak +MiB", 14, lambda r: f"{r['node_peak_increase'] / mib:.0f}"),
+                       ("node kept MiB", 13, lambda r: f"{r['node_kept_bytes'] / mib:.0f}"),
+                       ("node rchar MiB", 14, lambda r: f"{r['node_rchar'] / mib:.0f}"),
+                       ("node disk MiB", 13, lambda r: f"{r['node_read_bytes'] / mib:.0f}"),
+                       ("wall s", 7, lambda r: f"{r['wall_s']:.2f}")])
+    write_record(args.out, rows, measure="per rank: VmHWM - VmRSS after imports and plan, /proc/self/io deltas")
 
 if __name__ == "__main__":
     main()

@@ -7,8 +7,9 @@
 * :func:`load_replica` allocates the model once, uninitialised, where it will live (the device) and reads
   every checkpoint tensor (or expert slab) straight into its parameter (:mod:`tide_ds.teacher.reader`).
   Peak host memory is one 64 MiB read buffer on a GPU, and the replica itself (plus that buffer when a
-  dtype is converted) on the CPU: measured 1.00x the teacher's bytes at the real widths of LLaDA2.0-mini and
-  WeDLM-8B (bench_results/teacher_load_host.json), against 2.9x for checkpoint + converted copy + model.
+  dtype is converted) on the CPU: measured 1.001x the teacher's bytes in bf16 and 1.012x in fp32 at the real
+  widths of LLaDA2.0-mini and WeDLM-8B (bench_results/teacher_load_host.json), against 2.5x (LLaDA2) and
+  2.0x (WeDLM) for checkpoint + converted copy + model.
 """
 
 from __future__ import annotations
