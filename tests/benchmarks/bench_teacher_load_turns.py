@@ -14,7 +14,9 @@ peaks, rchar and read_bytes, and the wall time from the first start to the last 
 
 * ``replicate``, ``teacher.load_concurrency=0``: both ranks read at once;
 * ``replicate``, ``teacher.load_concurrency=1``: rank 1 waits for rank 0;
-* ``zero3``: each rank reads only its own half (partitions), at once.
+* ``zero3``: each rank reads only its own half (partitions), at once; and again on the real-width LLaDA2
+  checkpoint of ``bench_teacher_load_host.py`` (sparse: dense layer 0 + one 256-expert MoE layer,
+  vocabulary 157,184), where a rank's peak is compared with its 1.4 GiB partition.
 
 Not a timed test.
 """
@@ -142,6 +144,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build(Path(tmp))
         rows = [run_case(ckpt, placement, c, Path(tmp)) for placement, c in CASES]
+        from bench_teacher_load_host import build as build_real_width
+
+        real = build_real_width(Path(tmp) / "real")["llada2_moe"]  # sparse: the partitions' memory, not the disk
+        rows.append({**run_case(real, "zero3", 0, Path(tmp) / "real"), "checkpoint": "LLaDA2 real widths, sparse"})
     mib = 2**20
     print_table(rows, [("placement", 10, lambda r: r["placement"]),
                        ("concurrency", 11, lambda r: str(r["load_concurrency"])),
