@@ -229,4 +229,5 @@ def build_teacher(cfg: RunConfig, *, device: torch.device) -> TeacherEngine:
         mask_token_id=None if t.mask_token_id < 0 else t.mask_token_id,
         loss_implementation=resolve_loss_implementation(cfg.model.loss_implementation, device),
         device=device,
+        load_concurrency=t.load_concurrency,
     )

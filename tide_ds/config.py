@@ -278,9 +278,17 @@ class TeacherArgs:
         "The teacher's mask token id; -1 reads it from the checkpoint (config.json or tokenizer), which is then "
         "checked.",
     )
+    load_concurrency: int = option(
+        0,
+        "Ranks of a node reading the teacher checkpoint at once (the others wait their turn); 0 = all at once. "
+        "Each wave must finish within train.dist_timeout_minutes.",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self, "teacher")
+        if self.load_concurrency < 0:
+            raise ConfigError(
+                f"teacher.load_concurrency={self.load_concurrency} must be >= 0 (0 = every rank of a node at once)")
         if self.mask_token_id < -1:
             raise ConfigError(f"teacher.mask_token_id={self.mask_token_id} must be -1 (from the checkpoint) or an id >= 0")
 

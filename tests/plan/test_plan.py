@@ -68,9 +68,17 @@ def test_per_rank_numbers_match_hand_arithmetic(world):
     assert parts["student model states (ZeRO-2)"] == 2 * p + int(18 * p / 8)
     per_token = 5 * 1024 + 4 * 16 * 128 + 4 * 8 * 128 + 5 * 3072
     assert parts["student activations"] == 8 * 1024 * 28 * per_token * 2
-    # host while loading onto a GPU: the largest group (an MoE layer with its expert_bias) as read, bf16, plus
-    # its converted copy at the run dtype's 2 bytes per element
-    assert rows["zero3"].host_load_rank == rows["replicate"].host_load_rank == 2 * 2 * (819_466_496 + 256)
+    # host while loading onto a GPU: each tensor is read through one 64 MiB buffer, nothing else is staged;
+    # an offloaded partition stays on the host as well; a node's 8 ranks read at once (load_concurrency=0)
+    buffer = 64 * 2**20
+    assert fp.load_buffer_bytes == buffer
+    assert rows["zero3"].host_load_rank == rows["replicate"].host_load_rank == buffer
+    assert rows["replicate"].host_load_node == 8 * buffer
+    assert rows["zero3_offload"].host_load_rank == math.ceil(fp.param_bytes / 8) + buffer
+    assert rows["zero3_offload"].host_load_node == 8 * math.ceil(fp.param_bytes / 8) + 8 * buffer
+    turns = _plan(world, "A", ranks=8, gib=24, extra=("--teacher.load_concurrency=2",))
+    offload = next(r for r in turns.teacher_rows if r.kind == "zero3_offload")
+    assert offload.host_load_node == 8 * math.ceil(fp.param_bytes / 8) + 2 * buffer  # two buffers live at once
 
 
 @pytest.mark.parametrize("ranks,gib,kind,fits", [

@@ -16,6 +16,7 @@ from tide_ds import dist
 from tide_ds.models.teachers import get_family
 from tide_ds.teacher.engine import TeacherEngine, TeacherModule
 from tide_ds.teacher.forward import complementary_split
+from tide_ds.teacher.turns import local_rank_and_size
 
 
 def main() -> None:
@@ -33,7 +34,9 @@ def main() -> None:
     attention = torch.ones(2, 32, dtype=torch.long)
     attention[1, 24:] = 0
 
-    teacher = TeacherEngine.build(ckpt, family=family, placement=placement, block_size=8)
+    # the replica is read in turns (teacher.load_concurrency=1: rank 1 after rank 0), the partitions at once
+    teacher = TeacherEngine.build(ckpt, family=family, placement=placement, block_size=8,
+                                  load_concurrency=1 if placement == "replicate" else 0)
     lp = teacher.target_logprobs(clean, masked, attention_mask=attention)
     a, b = complementary_split(masked, demo_ratio=0.5, generator=torch.Generator().manual_seed(7 + rank))
     lp_demo = teacher.comp_demo_target_logprobs(clean, a, b, attention_mask=attention)
@@ -75,6 +78,7 @@ def main() -> None:
         "student_losses": student_losses,
         "param_bytes": teacher.report.param_bytes,
         "peak_rss_increase": teacher.report.peak_rss_increase,
+        "local_rank_and_size": list(local_rank_and_size()),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy()

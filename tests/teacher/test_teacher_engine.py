@@ -50,6 +50,7 @@ def test_two_ranks_match_unsharded_teacher_without_hang(checkpoints, tmp_path, f
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
         assert r["placement"] == placement and r["finite"]
+        assert r["local_rank_and_size"] == [r["rank"], 2]  # the launcher's node-local rank and size, for the turns
         assert r["lp_max_diff"] <= 1e-6 and r["demo_max_diff"] <= 1e-6, r
     assert ranks[0]["masked"] > 0 and ranks[0]["lp_nonzero_rows"] == ranks[0]["masked"]
     assert ranks[1]["masked"] == 0 and ranks[1]["lp_nonzero_rows"] == 0  # no masked token, same passes, no hang

@@ -324,6 +324,9 @@ class LoadPlan:
         convert: checkpoint tensors -> ``(native tensors, native key -> checkpoint key)``; works on any subset
             that holds whole decoder layers.
         tied_head: ``(config field, head key, embedding key)`` when the head is tied, else ``None``.
+        slab: for checkpoint tensors that ``convert`` would stack into a fused native tensor (per-expert weights
+            of an MoE layer), ``key -> (native key, index)``: the tensor is the slab ``native[index]``, so that a
+            streaming load (``tide_ds.teacher.reader``) fills it in place; ``None`` for every other key.
     """
 
     path: Path
@@ -331,6 +334,7 @@ class LoadPlan:
     config: transformers.PretrainedConfig
     convert: Callable[[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor], dict[str, str]]]
     tied_head: tuple[str, str, str] | None = None
+    slab: Callable[[str], tuple[str, tuple[int | slice, ...]] | None] | None = None
 
     def drop_tied_head(self, state: dict[str, torch.Tensor]) -> None:
         if self.tied_head is not None:

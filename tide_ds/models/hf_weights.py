@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ __all__ = [
     "list_checkpoint_keys",
     "load_safetensors_checkpoint",
     "save_safetensors_checkpoint",
+    "tensor_locations",
 ]
 
 logger = logging.getLogger(__name__)
@@ -270,10 +273,24 @@ _ST_DTYPES = {
 }
 
 
-def meta_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint as a ``meta`` tensor (shape and dtype from the headers, no data read)."""
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's data lies: ``file`` bytes ``[offset, offset + numel * dtype.itemsize)``, C order."""
+
+    file: Path
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def tensor_locations(path: str | os.PathLike) -> dict[str, TensorLocation]:
+    """Every tensor of the checkpoint in directory ``path`` located in its file, from the headers alone."""
     p, weight_map = _locate(path)
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, TensorLocation] = {}
     for name in sorted(_file_of(p, weight_map)):
         with open(p / name, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
@@ -281,5 +298,13 @@ def meta_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            out[key] = torch.empty(info["shape"], dtype=_ST_DTYPES.get(info["dtype"], torch.float32), device="meta")
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ConfigError(f"{p / name}: tensor {key} has dtype {info['dtype']}, which tide-ds does not read")
+            out[key] = TensorLocation(p / name, 8 + size + int(info["data_offsets"][0]), dtype, tuple(info["shape"]))
     return dict(sorted(out.items()))
+
+
+def meta_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as a ``meta`` tensor (shape and dtype from the headers, no data read)."""
+    return {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensor_locations(path).items()}

@@ -50,6 +50,7 @@ __all__ = [
     "MODEL_TYPES",
     "ZERO3_LEAF_MODULES",
     "convert_llada2_state_dict",
+    "llada2_expert_slab",
     "export_llada2_state_dict",
     "save_llada2_moe_checkpoint",
     "glm4moe_config",
@@ -332,6 +333,28 @@ def convert_llada2_state_dict(
     return native, source
 
 
+def llada2_expert_slab(key: str, fields: dict[str, Any]) -> tuple[str, tuple[int | slice, ...]] | None:
+    """Where one per-expert checkpoint tensor lies in the fused tensors of :func:`convert_llada2_state_dict`.
+
+    ``model.layers.{i}.mlp.experts.{e}.gate_proj.weight`` is ``gate_up_proj[e, :I]``, ``up_proj`` is
+    ``gate_up_proj[e, I:]`` and ``down_proj`` is ``down_proj[e]``; ``None`` for any other key (and for the
+    dropped multi-token-prediction layers).
+    """
+    m = re.match(r"^model\.layers\.(\d+)\.(.+)$", key)
+    if m is None or int(m.group(1)) >= fields["num_hidden_layers"]:
+        return None
+    e = _EXPERT_KEY.match(m.group(2))
+    if e is None:
+        return None
+    prefix, expert = f"model.layers.{m.group(1)}.mlp.experts.", int(e.group(1))
+    width = fields["moe_intermediate_size"] or fields["hidden_size"]  # as glm4moe_config
+    return {
+        "gate_proj": (f"{prefix}gate_up_proj", (expert, slice(0, width))),
+        "up_proj": (f"{prefix}gate_up_proj", (expert, slice(width, 2 * width))),
+        "down_proj": (f"{prefix}down_proj", (expert,)),
+    }[e.group(2)]
+
+
 def plan_llada2_moe(path: str | os.PathLike) -> LoadPlan:
     """Check a local LLaDA2 checkpoint (config.json against the tensor shapes) and plan its load."""
     p, raw = read_config_json(path)
@@ -346,6 +369,7 @@ def plan_llada2_moe(path: str | os.PathLike) -> LoadPlan:
         config=config,
         convert=lambda state: convert_llada2_state_dict(state, fields),
         tied_head=tied,
+        slab=lambda key: llada2_expert_slab(key, fields),
     )
 
 

@@ -103,10 +103,18 @@ class TeacherRow:
         return self.gpu_resident + self.gathered_unit
 
 
-def teacher_rows(fp: Footprint, *, cluster: Cluster, forwards_per_step: int) -> list[TeacherRow]:
-    """The teacher under each placement (ranks of a node load at the same time); a ZeRO-3 forward gathers
-    every parameter once, so a rank receives ``teacher bytes x (world - 1) / world`` per forward."""
+def teacher_rows(fp: Footprint, *, cluster: Cluster, forwards_per_step: int, load_concurrency: int = 0
+                 ) -> list[TeacherRow]:
+    """The teacher under each placement; a ZeRO-3 forward gathers every parameter once, so a rank receives
+    ``teacher bytes x (world - 1) / world`` per forward.
+
+    Host memory of a node while loading: what each local rank keeps on the host (the offloaded partition)
+    plus one read buffer per rank reading at once (``load_concurrency``, 0 = all local ranks;
+    :mod:`tide_ds.teacher.turns`).
+    """
     w = cluster.world_size
+    local = min(w, cluster.gpus_per_node)
+    loading = local if load_concurrency <= 0 else min(load_concurrency, local)
     partition = -(-fp.param_bytes // w)
     gathered = fp.param_bytes * (w - 1) // w  # what a rank receives in one full gather
     rows = []
@@ -119,7 +127,7 @@ def teacher_rows(fp: Footprint, *, cluster: Cluster, forwards_per_step: int) -> 
             gpu_resident={"replicate": fp.param_bytes, "zero3": partition, "zero3_offload": 0}[kind],
             gathered_unit=fp.largest_unit_bytes if sharded else 0,
             host_load_rank=host,
-            host_load_node=host * min(w, cluster.gpus_per_node),
+            host_load_node=(host - fp.load_buffer_bytes) * local + fp.load_buffer_bytes * loading,
             allgather_per_step=gathered * forwards_per_step if sharded else 0,
             host_to_device_per_step=partition * forwards_per_step if kind == "zero3_offload" else 0,
         ))

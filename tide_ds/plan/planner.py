@@ -74,7 +74,8 @@ def make_plan(cfg: RunConfig, cluster: Cluster) -> Plan:
         spec = cfg.distill.objective
         passes = 2 if spec.comp_demo else 1  # CompDemo's passes run as one forward over a [2B, L_t] batch
         plan.teacher_rows = mem.teacher_rows(t.footprint, cluster=cluster,
-                                             forwards_per_step=facts.gradient_accumulation_steps)
+                                             forwards_per_step=facts.gradient_accumulation_steps,
+                                             load_concurrency=cfg.teacher.load_concurrency)
         host_share = max(0, cluster.host_bytes_per_node - states_host) // local
         try:
             decision = decide_placement(
@@ -105,7 +106,7 @@ def make_plan(cfg: RunConfig, cluster: Cluster) -> Plan:
                 f"fp32 [{micro}, <= {L}, {cfg.distill.shared_vocab_size}]" + (" x 3 (CompDemo)" if spec.comp_demo else ""),
             ))
         plan.host_parts.append((f"teacher load ({decision.kind}), {local} ranks", row.host_load_node,
-                                "one group read + converted per rank"))
+                                "one 64 MiB read buffer per rank reading at once (teacher.load_concurrency)"))
     if plan.gpu_total > cluster.gpu_bytes:
         parts = ", ".join(f"{name} {b / GIB:.2f}" for name, b, _ in plan.gpu_parts)
         plan.problems.append(

@@ -115,12 +115,14 @@ class TeacherEngine:
         mask_token_id: int | None = None,
         loss_implementation: str = "pytorch",
         device: torch.device | None = None,
+        load_concurrency: int = 0,
     ) -> TeacherEngine:
         """Load the teacher at ``path`` as a frozen engine; ``vocab_limit`` is pipeline B's shared prefix V'.
 
         ``mask_token_id`` overrides the checkpoint's (config.json / tokenizer) when given; a checkpoint
         that declares a different one is an error. With ``vocab_limit``, the teacher's vocabulary must hold
-        the prefix and its mask token must lie outside it (docs/method.md §3.5).
+        the prefix and its mask token must lie outside it (docs/method.md §3.5). ``load_concurrency``: ranks of
+        a node reading the checkpoint at once (:mod:`tide_ds.teacher.turns`; 0 = all).
         """
         import deepspeed
 
@@ -152,9 +154,11 @@ class TeacherEngine:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         if decision.kind == "replicate":
-            model = load_replica(plan, attn_implementation=attn_implementation, dtype=dtype, device=device)
+            model = load_replica(plan, attn_implementation=attn_implementation, dtype=dtype, device=device,
+                                 concurrency=load_concurrency)
         else:
-            model = load_partitioned(plan, ds_config=ds, attn_implementation=attn_implementation, dtype=dtype)
+            model = load_partitioned(plan, ds_config=ds, attn_implementation=attn_implementation, dtype=dtype,
+                                     concurrency=load_concurrency)
             if fam.zero3_leaf_modules:
                 deepspeed.utils.set_z3_leaf_modules(model, list(fam.zero3_leaf_modules))
         peak = (

@@ -4,8 +4,9 @@ Partitioned loading never holds the whole teacher on any rank. The model is buil
 ``deepspeed.zero.Init`` (each rank allocates only its partition of every parameter), then the
 checkpoint is streamed one group at a time (the top-level tensors, then one decoder layer after the
 other): the group's tensors are read from the safetensors files, converted to the native layout by the
-family's :class:`~tide_ds.models.adapter_glue.LoadPlan`, and each rank copies only its own slice of every
-flattened parameter into ``param.ds_tensor``. Peak memory per rank is its partition plus one group.
+family's :class:`~tide_ds.models.adapter_glue.LoadPlan`, and each rank reads only the byte ranges of its own
+slice of every flattened parameter, straight into ``param.ds_tensor`` (:mod:`tide_ds.teacher.reader`). Peak
+memory per rank is its partition plus one read buffer, and a rank reads 1/world of the checkpoint.
 """
 
 from __future__ import annotations
@@ -37,16 +38,13 @@ def checkpoint_groups(keys: list[str]) -> list[list[str]]:
     return ([top] if top else []) + [layers[i] for i in sorted(layers)]
 
 
-def _partition_slice(param: torch.nn.Parameter, full: torch.Tensor) -> None:
-    """Copy this rank's slice of ``full`` (flattened) into the ZeRO-3 partition of ``param``."""
+def _partition_target(param: torch.nn.Parameter):
+    """This rank's ZeRO-3 partition of ``param``: a window of the flattened parameter."""
+    from tide_ds.teacher.reader import Target
+
     part = param.ds_tensor
     rank = dist.rank() if param.ds_process_group is None else torch.distributed.get_rank(group=param.ds_process_group)
-    n = part.numel()
-    flat = full.reshape(-1)
-    start = rank * n
-    count = max(0, min(n, flat.numel() - start))
-    if count:
-        part.data[:count].copy_(flat[start : start + count].to(part.dtype))
+    return Target(part.data.view(-1), rank * part.numel())
 
 
 def _local_init() -> type:
@@ -67,9 +65,10 @@ def _local_init() -> type:
 
 
 def load_partitioned(
-    plan: LoadPlan, *, ds_config: dict, attn_implementation: str, dtype: torch.dtype
+    plan: LoadPlan, *, ds_config: dict, attn_implementation: str, dtype: torch.dtype, concurrency: int = 0
 ) -> transformers.PreTrainedModel:
-    """Build the native model under ``zero.Init`` and stream the checkpoint into its partitions."""
+    """Build the native model under ``zero.Init`` (all ranks), then read each rank's partitions, ``concurrency``
+    ranks of a node at a time (:mod:`tide_ds.teacher.turns`; 0 = all)."""
 
     # The dtype comes from the config's bf16 section: DeepSpeed 0.19's zero.Init ignores an explicit
     # dtype=torch.float32 on accelerators without fp16 (CPU) and builds bf16 parameters instead.
@@ -81,31 +80,17 @@ def load_partitioned(
     params = dict(model.named_parameters(remove_duplicate=True))
     buffers = dict(model.named_buffers())
     tied = plan.config.tie_word_embeddings
-    expected = {k for k in params if not (tied and k == "lm_head.weight")}
-    loaded: set[str] = set()
-    from tide_ds.teacher.loading import stream_groups
+    expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}  # persistent buffers too
+    from tide_ds.teacher.loading import load_into
+    from tide_ds.teacher.reader import Target
+    from tide_ds.teacher.turns import in_turns
 
-    for native, source in stream_groups(plan):  # one group read and converted at a time
-        for name, tensor in native.items():
-            where = source.get(name, name)
-            if name in params:
-                param = params[name]
-                if tuple(tensor.shape) != tuple(param.ds_shape):
-                    raise ValueError(
-                        f"{plan.path}: {where} has shape {tuple(tensor.shape)}, the model expects "
-                        f"{tuple(param.ds_shape)}; config.json and the weights disagree"
-                    )
-                _partition_slice(param, tensor)
-            elif name in buffers:
-                buffers[name].copy_(tensor.to(buffers[name].dtype))
-            else:
-                raise ValueError(f"{plan.path}: unexpected tensor {where} for {plan.native_class.__name__}")
-            loaded.add(name)
-        del native
-    missing = sorted(expected - loaded)
-    if missing:
-        raise ValueError(f"{plan.path}: {len(missing)} parameter(s) missing from the checkpoint, e.g. {missing[:4]}")
-    logger.info("streamed %d tensors of %s into ZeRO-3 partitions", len(loaded), plan.path)
+    targets = {name: _partition_target(p) for name, p in params.items()}
+    targets.update({name: Target(b.view(-1)) for name, b in buffers.items()})
+    shapes = {name: tuple(p.ds_shape) for name, p in params.items()} | {k: tuple(b.shape) for k, b in buffers.items()}
+    with torch.no_grad():
+        read = in_turns(lambda: load_into(plan, targets, shapes, expected=expected), concurrency=concurrency)
+    logger.info("read %.1f MiB of %s into this rank's ZeRO-3 partitions", read / 2**20, plan.path)
     return model.eval().requires_grad_(False)
 
 

@@ -52,9 +52,9 @@ def free_memory_bytes(device: torch.device, *, local_world_size: int) -> int:
 def host_load_bytes(kind: str, *, param_bytes: int, world_size: int, read_buffer_bytes: int, on_cpu: bool) -> int:
     """Peak host memory of one rank while the teacher loads (:mod:`tide_ds.teacher.loading`, ``load_partitioned``).
 
-    Every placement streams the checkpoint one group at a time: ``read_buffer_bytes`` is the largest group
-    as read plus its converted copy. What the rank keeps on the host comes on top: the replica when the
-    run is on the CPU, the partition when it is on the CPU or offloaded.
+    Every placement reads the checkpoint straight into the parameters (:mod:`tide_ds.teacher.reader`), through
+    at most one ``read_buffer_bytes`` host buffer. What the rank keeps on the host comes on top: the replica
+    when the run is on the CPU, the partition when it is on the CPU or offloaded.
     """
     kept = 0
     if kind == "replicate" and on_cpu:
@@ -90,7 +90,7 @@ def decide_placement(
         largest_group_bytes: the largest unit ZeRO-3 gathers at once (one decoder layer; for an MoE layer all
             its experts; or the embedding).
         host_free_bytes: host memory one rank may use while loading (``None``: not checked).
-        read_buffer_bytes: the largest loading group as read from the checkpoint plus its converted copy.
+        read_buffer_bytes: the host buffer a load reads through (``Footprint.load_buffer_bytes``).
         on_cpu: the run has no accelerator (a replica then lives in host memory).
     """
     check_placement(requested)
