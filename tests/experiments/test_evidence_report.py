@@ -79,8 +79,13 @@ def test_mean_std_and_paired_delta():
     d = report.paired_delta({1: 9.9, 2: 9.88, 3: 9.92, 4: 1.0}, {1: 10.0, 2: 10.0, 3: 10.0})
     assert d.n == 3 and d.mean == pytest.approx(-0.1) and d.std == pytest.approx(0.02)
     assert d.t == pytest.approx(-0.1 / (0.02 / math.sqrt(3))) and d.resolved
+    # its 95% t-interval: -0.1 ± t_2 * 0.02 / sqrt(3) = -0.1 ± 4.303 * 0.011547 = [-0.14969, -0.05031]
+    assert d.ci95 == pytest.approx((-0.149688, -0.050312), abs=1e-5)
+    assert d.to_json()["ci95"] == pytest.approx([-0.149688, -0.050312], abs=1e-5)
     noisy = report.paired_delta({1: 9.9, 2: 10.1, 3: 9.95}, {1: 10.0, 2: 10.0, 3: 10.0})
     assert not noisy.resolved
+    lo, hi = noisy.ci95
+    assert lo < 0 < hi  # an unresolved difference: the interval holds 0
     assert report.paired_delta({1: 9.0}, {1: 10.0, 2: 10.0}) is None  # one common seed: no test
 
 
@@ -141,7 +146,8 @@ def test_direction_verdicts(tmp_path):
     text = report.direction_table(rows, labels=LABELS)
     tiny = {**rows[0], "delta": {"mean": -2.1e-6, "std": 3e-7, "n": 3, "t": -12.1, "resolved": True}}
     assert "| -2.1e-06 ± 3.0e-07 (n=3, t=-12.10) |" in report.direction_table([tiny], labels=LABELS)
-    assert "| good vs none | lower | s | -0.1000 ± 0.0100 (n=3, t=-17.32) | agrees |" in text
+    # differences -0.1, -0.09, -0.11: 95% t-interval -0.1 ± 4.303 * 0.01 / sqrt(3) = [-0.1248, -0.0752]
+    assert "| good vs none | lower | s | -0.1000 ± 0.0100 [-0.1248, -0.0752] (n=3, t=-17.32) | agrees |" in text
 
 
 def test_write_report_json_and_markdown(tmp_path):
