@@ -36,6 +36,7 @@ training, not of the teacher's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import logging
@@ -129,7 +130,24 @@ for _v in [
             "CE + token TIDAL + CompDemo, every training sample", setting="full"),
 ]:
     VARIANTS[_v.key] = _v
-EVIDENCE_VARIANTS = [*DEFAULT_VARIANTS, "A/none@full", "A/tide_cross@full", "B/none@full", "B/tide_shared@full"]
+#: B/none is left out: in the evidence world the student side of both pipelines' datasets is the same (checked
+#: when the world is loaded, :func:`ensure_evidence_worlds`), so it would repeat A/none to the last digit; pipeline
+#: B's variants are compared with A/none instead (:func:`baseline_of`).
+EVIDENCE_VARIANTS = [k for k in DEFAULT_VARIANTS if k != "B/none"] + ["A/none@full", "A/tide_cross@full",
+                                                                      "B/tide_shared@full"]
+
+
+def baseline_of(key: str, planned: set[str], worlds: dict[str, World]) -> str | None:
+    """The no-distillation run ``key`` is compared with: its pipeline's, else (pipeline B, when both pipelines'
+    student data are identical) pipeline A's of the same data setting; None when neither is planned."""
+    variant = VARIANTS[key]
+    if variant.baseline in planned:
+        return variant.baseline
+    other = variant.baseline.replace("B/", "A/", 1)
+    world = worlds.get(variant.world_key)
+    if variant.pipeline == "B" and other in planned and world is not None and world.same_student_data_as_a:
+        return other
+    return None
 
 #: The paper's direction of effects (docs/method.md §9.3, averages over 8 benchmarks; higher accuracy = lower NLL
 #: expected) and the method's claims for the ablations (docs/method.md §7.2, §8; no number in docs/method.md §9.3).
@@ -209,6 +227,7 @@ class World:
     heldout_tokens: int = 0  # the students' held-out response tokens and their UTF-8 bytes (evidence world)
     heldout_bytes: int = 0
     train_samples: int = 0
+    same_student_data_as_a: bool = False  # pipeline B only: its student columns equal pipeline A's
 
 
 @dataclass
@@ -235,6 +254,7 @@ def ensure_evidence_worlds(world_keys: list[str], root: str | Path) -> dict[str,
     logger.info("ensuring the evidence world under %s (built once: tokenizers, datasets, two teachers)", root)
     ew = build_evidence_world(root)
     worlds = {}
+    student_cols = ["input_ids", "labels"]
     for key in world_keys:
         pipeline, _, setting = key.partition("@")
         dataset = ew.dataset(pipeline, setting or "limited")
@@ -244,7 +264,11 @@ def ensure_evidence_worlds(world_keys: list[str], root: str | Path) -> dict[str,
             teacher_nll=float(teacher["nll_per_token"]), student_vocab=ew.student_vocab_size,
             student_tokenizer=str(ew.student_tokenizer), teacher_bits_per_byte=float(teacher["bits_per_byte"]),
             heldout_tokens=int(ew.heldout["tokens"]), heldout_bytes=int(ew.heldout["bytes"]),
-            train_samples=len(datasets.load_from_disk(str(dataset))["train"]))
+            train_samples=len(datasets.load_from_disk(str(dataset))["train"]),
+            same_student_data_as_a=pipeline == "B" and all(
+                datasets.load_from_disk(str(dataset))[split].select_columns(student_cols)[:]
+                == datasets.load_from_disk(str(ew.dataset("A", setting or "limited")))[split].select_columns(
+                    student_cols)[:] for split in ("train", "heldout")))
     return worlds
 
 
@@ -493,10 +517,17 @@ def write_report(out: Path, *, plan: Plan, jobs: list[RunJob], results: list[rep
     """Write results.json, results.md and (with matplotlib) evidence.png into ``out``; return the JSON."""
     out.mkdir(parents=True, exist_ok=True)
     labels = {k: VARIANTS[k].label for k in plan.variants}
-    baselines = {k: VARIANTS[k].baseline for k in plan.variants if VARIANTS[k].baseline in labels}
+    baselines = {k: b for k in plan.variants if (b := baseline_of(k, set(labels), worlds)) is not None}
     summaries = report.summarize(results, labels=labels, references=baselines)
     bpb = bits_per_byte_summary(summaries, worlds)
-    expectations = [e for e in EXPECTATIONS if e.variant in labels and e.reference in labels]
+    def stand_in(ref: str) -> str:  # B/none is A/none where both pipelines' student data are the same
+        if ref in labels or not ref.startswith("B/none"):
+            return ref
+        world, other = worlds.get(VARIANTS[ref].world_key), ref.replace("B/", "A/", 1)
+        return other if world is not None and world.same_student_data_as_a and other in labels else ref
+
+    expectations = [dataclasses.replace(e, reference=stand_in(e.reference)) for e in EXPECTATIONS]
+    expectations = [e for e in expectations if e.variant in labels and e.reference in labels]
     directions = report.check_direction(summaries, expectations)
     finished = [r for r in results if r.finished]
     data = {
@@ -520,6 +551,34 @@ def write_report(out: Path, *, plan: Plan, jobs: list[RunJob], results: list[rep
         report.plot(by_pipeline, out / "evidence.png",
                     title=f"tide-ds evidence: {plan.steps} steps, seeds {list(plan.seeds)}, commit {meta['git']['commit'][:10]}")
     return data
+
+
+def task_measures(jobs: list[RunJob], results: list[report.RunResult], world_root: Path, n: int) -> dict:
+    """The task measure (:mod:`tide_ds.experiments.task`) of every finished run, cached per run; per variant the
+    mean over seeds of exact match, parse rate and similarity of the generated bodies of ``n`` held-out prompts."""
+    from tide_ds.experiments import task
+    from tide_ds.worlds.evidence import EvidenceSpec, build_evidence_world
+
+    spec = EvidenceSpec()
+    pairs = task.heldout_prompts(build_evidence_world(world_root, spec).root / "corpus.jsonl",
+                                 heldout_fraction=spec.heldout_fraction, n=n)
+    per_variant: dict[str, dict] = {}
+    for job, result in zip(jobs, results):
+        if not result.finished:
+            continue
+        try:
+            scores = task.measure_run(job.run_dir, pairs)
+        except Exception as err:  # a run whose student cannot be loaded is reported, never dropped silently
+            logger.warning("task measure of %s seed %d failed: %s", job.variant.key, job.seed, err)
+            continue
+        logger.info("task %s seed %d: exact %.3f, parses %.3f, similarity %.3f", job.variant.key, job.seed,
+                    scores["exact"], scores["parses"], scores["similarity"])
+        entry = per_variant.setdefault(job.variant.key, {"by_seed": {}})
+        entry["by_seed"][str(job.seed)] = {m: scores[m] for m in ("exact", "parses", "similarity")}
+    for entry in per_variant.values():
+        for m in ("exact", "parses", "similarity"):
+            entry[m] = sum(v[m] for v in entry["by_seed"].values()) / len(entry["by_seed"])
+    return {"prompts": len(pairs), "max_new_tokens": 64, "variants": per_variant}
 
 
 def bits_per_byte_summary(summaries: list[report.VariantSummary], worlds: dict[str, World]) -> dict[str, dict]:
@@ -547,6 +606,8 @@ def world_checks(summaries: list[report.VariantSummary], worlds: dict[str, World
     out = {}
     for key, w in worlds.items():
         none = f"{w.pipeline}/none" + ("@full" if key.endswith("@full") else "")
+        if none not in means and w.same_student_data_as_a:
+            none = none.replace("B/", "A/", 1)
         full_ref = references.get(w.pipeline + "@full") or references.get(key)
         if means.get(none) is None or w.teacher_bits_per_byte is None or none not in bpb or not full_ref:
             continue
@@ -625,6 +686,18 @@ def markdown(data: dict, summaries: list[report.VariantSummary], directions: lis
                     "prompt and response, not only the response: not directly comparable")
             lines += ["", f"Teacher (`{Path(w['teacher']).name}`): held-out NLL {w['teacher_nll']:.4f} ({unit})."]
         lines.append("")
+    task = data.get("task")
+    if task and task.get("variants"):
+        lines += ["## Task measure: writing the held-out functions' bodies", "",
+                  f"The final student of each finished run writes the body of the first {task['prompts']} held-out "
+                  f"functions (prompt: signature + docstring; the project's BD3LM sampler, greedy, "
+                  f"{task['max_new_tokens']} new tokens). Exact match: the body equals the real one; parses: header + "
+                  "body is valid Python; similarity: difflib ratio against the real body (0-1). Mean over seeds.", "",
+                  "| variant | exact match | parses | similarity | seeds |", "|---|---|---|---|---|"]
+        for key, entry in task["variants"].items():
+            lines.append(f"| {labels.get(key, key)} | {entry['exact']:.3f} | {entry['parses']:.3f} | "
+                         f"{entry['similarity']:.3f} | {len(entry['by_seed'])} |")
+        lines.append("")
     lines += ["## Direction of effects against the paper", "", report.direction_table(directions, labels=labels), ""]
     return "\n".join(lines)
 
@@ -657,6 +730,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default: half the steps)")
     p.add_argument("--log-every", type=int, default=5, help="steps between training records")
     p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: half the steps)")
+    p.add_argument("--task-prompts", type=int, default=None,
+                   help="held-out prompts whose bodies each finished student writes for the task measure "
+                        "(tide_ds/experiments/task.py; default: 32 with --world=evidence, 0 = off)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and each run's state; run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs there are; run nothing")
     p.add_argument("--no-plot", action="store_true", help="skip evidence.png (no matplotlib needed)")
@@ -744,6 +820,10 @@ def main(argv: list[str] | None = None) -> int:
                 runner.stop()
                 raise
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    task_prompts = args.task_prompts if args.task_prompts is not None else (32 if plan.world == "evidence" else 0)
+    if task_prompts and plan.world == "evidence":
+        meta["task"] = task_measures(jobs, [results[id(j)] for j in jobs], Path(args.world_root).absolute(),
+                                     task_prompts)
     data = write_report(out, plan=plan, jobs=jobs, results=[results[id(j)] for j in jobs], worlds=worlds, meta=meta,
                         with_plot=not args.no_plot, references=references)
     logger.info("%d/%d runs finished; report in %s", data["runs_finished"], data["runs_planned"], out)
