@@ -244,3 +244,33 @@ def test_runner_skips_a_finished_run_and_one_locked_by_another_invocation(tmp_pa
     with open(tmp_path / "runs" / ".locks" / "A-none-seed2.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert runner.run(locked).status == "missing"
+
+
+def test_evidence_world_plan_args_and_baselines(tmp_path):
+    """--world=evidence: the evidence recipe, the world's tokenizer and dataset per data setting, B's shared vocabulary,
+    and pipeline B compared with A's no-distillation run when both pipelines' student data are identical."""
+    variants = ("A/none", "A/tide_cross", "B/kl", "A/none@full", "B/tide_shared@full")
+    plan = evidence.Plan(variants=variants, seeds=(1,), steps=10, micro_batch_size=4, ranks_per_run=1, eval_samples=0,
+                         eval_every=5, log_every=5, save_every=5, world="evidence")
+    common = dict(teacher_nll=3.0, student_vocab=2006, student_tokenizer="/w/student-tokenizer", heldout_tokens=10,
+                  heldout_bytes=30)
+    worlds = {"A": evidence.World("A", "/w/a-limited", "/w/teacher-a", **common),
+              "A@full": evidence.World("A", "/w/a-full", "/w/teacher-a", **common),
+              "B": evidence.World("B", "/w/b-limited", "/w/teacher-b", same_student_data_as_a=True, **common),
+              "B@full": evidence.World("B", "/w/b-full", "/w/teacher-b", same_student_data_as_a=True, **common)}
+    jobs = {j.variant.key: j for j in evidence.plan_jobs(plan, worlds, tmp_path)}
+    assert "--recipe=launch/recipes/evidence.yaml" in jobs["A/none"].args
+    assert "--data.dataset=/w/a-limited" in jobs["A/none"].args and "--data.dataset=/w/a-full" in jobs["A/none@full"].args
+    assert "--model.tokenizer=/w/student-tokenizer" in jobs["B/kl"].args
+    assert "--distill.shared_vocab_size=2006" in jobs["B/kl"].args and "--teacher.path=/w/teacher-b" in jobs["B/kl"].args
+    assert not any(a.startswith("--distill.shared_vocab_size") for a in jobs["A/tide_cross"].args)
+    assert jobs["A/none@full"].run_dir == tmp_path / "A" / "none@full" / "seed1"
+    planned = set(variants)
+    assert evidence.baseline_of("B/kl", planned, worlds) == "A/none"
+    assert evidence.baseline_of("B/tide_shared@full", planned, worlds) == "A/none@full"
+    assert evidence.baseline_of("A/tide_cross", planned, worlds) == "A/none"
+    different = {**worlds, "B": evidence.World("B", "/w/b-limited", "/w/teacher-b", **common)}
+    assert evidence.baseline_of("B/kl", planned, different) is None  # other student data: no stand-in
+    with pytest.raises(ValueError, match="only in --world=evidence"):
+        evidence.Plan(variants=("A/none@full",), seeds=(1,), steps=1, micro_batch_size=1, ranks_per_run=1,
+                      eval_samples=0, eval_every=0, log_every=1, save_every=0)

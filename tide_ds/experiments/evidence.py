@@ -31,6 +31,17 @@ way to keep both cores busy.
 The runs pin the world (``--data.dataset`` and ``--teacher.path``, built at ``world.seed``) and vary only
 the student's seed: initial weights, data order and noise. Seeds thus measure the variance of the student's
 training, not of the teacher's.
+
+``--world=evidence`` (issue 18) runs the same comparison in the evidence world of :mod:`tide_ds.worlds.evidence`
+(built once under ``--world-root``): a student with a small SentencePiece tokenizer (``launch/recipes/evidence.yaml``)
+trained on a limited fraction of the training samples, teachers that are larger and pretrained on every training
+sample plus the training files' source (pipeline A with a tokenizer of its own), seeds 1-5 and 200 steps by
+default, plus a second data setting with every training sample (``@full`` variants: no distillation and each
+pipeline's native preset). ``B/none`` is not run there: both pipelines' student data are identical (checked), so
+pipeline B is compared with ``A/none``. The report adds bits per byte (teacher and students, on the held-out
+responses), the world's conditions (the no-distillation student >= 1 nat below the unigram reference, the teacher
+>= 25% fewer bits per byte than that student), 95% t-intervals of the paired deltas and a task measure
+(:mod:`tide_ds.experiments.task`: the students write the bodies of held-out functions).
 """
 
 from __future__ import annotations
