@@ -239,6 +239,7 @@ class World:
     heldout_bytes: int = 0
     train_samples: int = 0
     same_student_data_as_a: bool = False  # pipeline B only: its student columns equal pipeline A's
+    shared_vocab_size: int = 0  # pipeline B of the evidence world: the ids before the mask token (same meaning)
 
 
 @dataclass
@@ -260,10 +261,16 @@ def ensure_evidence_worlds(world_keys: list[str], root: str | Path) -> dict[str,
     data setting (``A``, ``B``: the limited student data; ``A@full``, ``B@full``: all of it)."""
     import datasets
 
+    from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
     from tide_ds.worlds.evidence import build_evidence_world
 
     logger.info("ensuring the evidence world under %s (built once: tokenizers, datasets, two teachers)", root)
     ew = build_evidence_world(root)
+    # pipeline B shares every student id but the mask token (the last special): the shared prefix ends before it
+    mask_id = resolve_special_ids(load_tokenizer(ew.student_tokenizer)).mask_id
+    if mask_id != ew.student_vocab_size - 1:
+        raise ValueError(f"the evidence world's student mask token has id {mask_id}, not the last "
+                         f"({ew.student_vocab_size - 1}): the shared prefix of pipeline B cannot exclude it")
     worlds = {}
     student_cols = ["input_ids", "labels"]
     for key in world_keys:
@@ -275,7 +282,7 @@ def ensure_evidence_worlds(world_keys: list[str], root: str | Path) -> dict[str,
             teacher_nll=float(teacher["nll_per_token"]), student_vocab=ew.student_vocab_size,
             student_tokenizer=str(ew.student_tokenizer), teacher_bits_per_byte=float(teacher["bits_per_byte"]),
             heldout_tokens=int(ew.heldout["tokens"]), heldout_bytes=int(ew.heldout["bytes"]),
-            train_samples=len(datasets.load_from_disk(str(dataset))["train"]),
+            train_samples=len(datasets.load_from_disk(str(dataset))["train"]), shared_vocab_size=mask_id,
             same_student_data_as_a=pipeline == "B" and all(
                 datasets.load_from_disk(str(dataset))[split].select_columns(student_cols)[:]
                 == datasets.load_from_disk(str(ew.dataset("A", setting or "limited")))[split].select_columns(
@@ -351,7 +358,7 @@ def run_args(variant: Variant, seed: int, plan: Plan, world: World) -> list[str]
     if world.student_tokenizer:
         args.insert(2, f"--model.tokenizer={world.student_tokenizer}")
         if variant.pipeline == "B":
-            args.append(f"--distill.shared_vocab_size={world.student_vocab}")
+            args.append(f"--distill.shared_vocab_size={world.shared_vocab_size or world.student_vocab}")
     return args
 
 
