@@ -32,7 +32,7 @@ def test_student_bits_per_byte_in_the_report():
     # seed 1: 3.0 nats x 300 tokens / (ln 2 x 900 bytes) = 1.442695
     assert bpb["A/none"]["by_seed"]["1"] == pytest.approx(1.442695, abs=1e-6)
     assert bpb["A/none"]["mean"] == pytest.approx(3.15 * 300 / (math.log(2) * 900))
-    refs = {"A": {"unigram_nll": 4.5}}
+    refs = {"A@full": {"unigram_nll": 4.5}}  # the unigram of all training responses
     check = evidence.world_checks([s], {"A": world}, refs, bpb)["A"]
     assert check["student_minus_unigram"] == pytest.approx(-1.35) and check["student_beats_unigram_by_1_nat"]
     assert check["teacher_fewer_bits_fraction"] == pytest.approx(1 - 1.0 / bpb["A/none"]["mean"])

@@ -240,6 +240,7 @@ class World:
     train_samples: int = 0
     same_student_data_as_a: bool = False  # pipeline B only: its student columns equal pipeline A's
     shared_vocab_size: int = 0  # pipeline B of the evidence world: the ids before the mask token (same meaning)
+    full_dataset: str = ""  # the evidence world: the pipeline's dataset with every training sample
 
 
 @dataclass
@@ -283,6 +284,7 @@ def ensure_evidence_worlds(world_keys: list[str], root: str | Path) -> dict[str,
             student_tokenizer=str(ew.student_tokenizer), teacher_bits_per_byte=float(teacher["bits_per_byte"]),
             heldout_tokens=int(ew.heldout["tokens"]), heldout_bytes=int(ew.heldout["bytes"]),
             train_samples=len(datasets.load_from_disk(str(dataset))["train"]), shared_vocab_size=mask_id,
+            full_dataset=str(ew.dataset(pipeline, "full")),
             same_student_data_as_a=pipeline == "B" and all(
                 datasets.load_from_disk(str(dataset))[split].select_columns(student_cols)[:]
                 == datasets.load_from_disk(str(ew.dataset("A", setting or "limited")))[split].select_columns(
@@ -626,7 +628,7 @@ def world_checks(summaries: list[report.VariantSummary], worlds: dict[str, World
         none = f"{w.pipeline}/none" + ("@full" if key.endswith("@full") else "")
         if none not in means and w.same_student_data_as_a:
             none = none.replace("B/", "A/", 1)
-        full_ref = references.get(w.pipeline + "@full") or references.get(key)
+        full_ref = references.get(w.pipeline + "@full")  # the unigram of all training responses
         if means.get(none) is None or w.teacher_bits_per_byte is None or none not in bpb or not full_ref:
             continue
         gap = means[none] - full_ref["unigram_nll"]
@@ -795,6 +797,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         worlds = ensure_worlds(plan.pipelines)
     references = {p: context_free_references(w.dataset, vocab_size=w.student_vocab) for p, w in worlds.items()}
+    for w in list(worlds.values()):  # the evidence world's conditions use the unigram of all training responses
+        if w.full_dataset and f"{w.pipeline}@full" not in references:
+            references[f"{w.pipeline}@full"] = context_free_references(w.full_dataset, vocab_size=w.student_vocab)
     jobs = plan_jobs(plan, worlds, runs_dir)
     try:
         for job in jobs:
