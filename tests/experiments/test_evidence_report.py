@@ -79,8 +79,13 @@ def test_mean_std_and_paired_delta():
     d = report.paired_delta({1: 9.9, 2: 9.88, 3: 9.92, 4: 1.0}, {1: 10.0, 2: 10.0, 3: 10.0})
     assert d.n == 3 and d.mean == pytest.approx(-0.1) and d.std == pytest.approx(0.02)
     assert d.t == pytest.approx(-0.1 / (0.02 / math.sqrt(3))) and d.resolved
+    # its 95% t-interval: -0.1 ± t_2 * 0.02 / sqrt(3) = -0.1 ± 4.303 * 0.011547 = [-0.14969, -0.05031]
+    assert d.ci95 == pytest.approx((-0.149688, -0.050312), abs=1e-5)
+    assert d.to_json()["ci95"] == pytest.approx([-0.149688, -0.050312], abs=1e-5)
     noisy = report.paired_delta({1: 9.9, 2: 10.1, 3: 9.95}, {1: 10.0, 2: 10.0, 3: 10.0})
     assert not noisy.resolved
+    lo, hi = noisy.ci95
+    assert lo < 0 < hi  # an unresolved difference: the interval holds 0
     assert report.paired_delta({1: 9.0}, {1: 10.0, 2: 10.0}) is None  # one common seed: no test
 
 
@@ -141,7 +146,8 @@ def test_direction_verdicts(tmp_path):
     text = report.direction_table(rows, labels=LABELS)
     tiny = {**rows[0], "delta": {"mean": -2.1e-6, "std": 3e-7, "n": 3, "t": -12.1, "resolved": True}}
     assert "| -2.1e-06 ± 3.0e-07 (n=3, t=-12.10) |" in report.direction_table([tiny], labels=LABELS)
-    assert "| good vs none | lower | s | -0.1000 ± 0.0100 (n=3, t=-17.32) | agrees |" in text
+    # differences -0.1, -0.09, -0.11: 95% t-interval -0.1 ± 4.303 * 0.01 / sqrt(3) = [-0.1248, -0.0752]
+    assert "| good vs none | lower | s | -0.1000 ± 0.0100 [-0.1248, -0.0752] (n=3, t=-17.32) | agrees |" in text
 
 
 def test_write_report_json_and_markdown(tmp_path):
@@ -238,3 +244,33 @@ def test_runner_skips_a_finished_run_and_one_locked_by_another_invocation(tmp_pa
     with open(tmp_path / "runs" / ".locks" / "A-none-seed2.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert runner.run(locked).status == "missing"
+
+
+def test_evidence_world_plan_args_and_baselines(tmp_path):
+    """--world=evidence: the evidence recipe, the world's tokenizer and dataset per data setting, B's shared vocabulary,
+    and pipeline B compared with A's no-distillation run when both pipelines' student data are identical."""
+    variants = ("A/none", "A/tide_cross", "B/kl", "A/none@full", "B/tide_shared@full")
+    plan = evidence.Plan(variants=variants, seeds=(1,), steps=10, micro_batch_size=4, ranks_per_run=1, eval_samples=0,
+                         eval_every=5, log_every=5, save_every=5, world="evidence")
+    common = dict(teacher_nll=3.0, student_vocab=2006, student_tokenizer="/w/student-tokenizer", heldout_tokens=10,
+                  heldout_bytes=30, shared_vocab_size=2005)
+    worlds = {"A": evidence.World("A", "/w/a-limited", "/w/teacher-a", **common),
+              "A@full": evidence.World("A", "/w/a-full", "/w/teacher-a", **common),
+              "B": evidence.World("B", "/w/b-limited", "/w/teacher-b", same_student_data_as_a=True, **common),
+              "B@full": evidence.World("B", "/w/b-full", "/w/teacher-b", same_student_data_as_a=True, **common)}
+    jobs = {j.variant.key: j for j in evidence.plan_jobs(plan, worlds, tmp_path)}
+    assert "--recipe=launch/recipes/evidence.yaml" in jobs["A/none"].args
+    assert "--data.dataset=/w/a-limited" in jobs["A/none"].args and "--data.dataset=/w/a-full" in jobs["A/none@full"].args
+    assert "--model.tokenizer=/w/student-tokenizer" in jobs["B/kl"].args
+    assert "--distill.shared_vocab_size=2005" in jobs["B/kl"].args  # every id but the mask token and "--teacher.path=/w/teacher-b" in jobs["B/kl"].args
+    assert not any(a.startswith("--distill.shared_vocab_size") for a in jobs["A/tide_cross"].args)
+    assert jobs["A/none@full"].run_dir == tmp_path / "A" / "none@full" / "seed1"
+    planned = set(variants)
+    assert evidence.baseline_of("B/kl", planned, worlds) == "A/none"
+    assert evidence.baseline_of("B/tide_shared@full", planned, worlds) == "A/none@full"
+    assert evidence.baseline_of("A/tide_cross", planned, worlds) == "A/none"
+    different = {**worlds, "B": evidence.World("B", "/w/b-limited", "/w/teacher-b", **common)}
+    assert evidence.baseline_of("B/kl", planned, different) is None  # other student data: no stand-in
+    with pytest.raises(ValueError, match="only in --world=evidence"):
+        evidence.Plan(variants=("A/none@full",), seeds=(1,), steps=1, micro_batch_size=1, ranks_per_run=1,
+                      eval_samples=0, eval_every=0, log_every=1, save_every=0)

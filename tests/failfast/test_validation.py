@@ -177,3 +177,17 @@ def test_a_slurm_job_log_folder_does_not_make_a_directory_foreign(tmp_path: Path
     (other / "mine.txt").write_text("keep me\n")
     error = checkpoint.run_dir_error(build_config(overrides=[f"--train.output_dir={other}"]))
     assert error is not None and "it holds mine.txt." in error
+
+
+def test_the_evidence_runners_files_do_not_make_a_directory_foreign(tmp_path: Path) -> None:
+    """``python -m tide_ds.experiments.evidence`` writes its run spec and log into the run directory before the
+    trainer starts (and its exit record after): the run starts there (issue 18)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("evidence_run.json", "train.log", "evidence_exit.json"):
+        (out / name).write_text("{}\n")
+    cfg = build_config(overrides=[f"--train.output_dir={out}", "--train.resume=auto"])
+    assert checkpoint.run_dir_error(cfg) is None
+    (out / "notes.txt").write_text("mine\n")
+    error = checkpoint.run_dir_error(cfg)
+    assert error is not None and "it holds notes.txt." in error

@@ -31,14 +31,27 @@ way to keep both cores busy.
 The runs pin the world (``--data.dataset`` and ``--teacher.path``, built at ``world.seed``) and vary only
 the student's seed: initial weights, data order and noise. Seeds thus measure the variance of the student's
 training, not of the teacher's.
+
+``--world=evidence`` (issue 18) runs the same comparison in the evidence world of :mod:`tide_ds.worlds.evidence`
+(built once under ``--world-root``): a student with a small SentencePiece tokenizer (``launch/recipes/evidence.yaml``)
+trained on a limited fraction of the training samples, teachers that are larger and pretrained on every training
+sample plus the training files' source (pipeline A with a tokenizer of its own), seeds 1-5 and 200 steps by
+default, plus a second data setting with every training sample (``@full`` variants: no distillation and each
+pipeline's native preset). ``B/none`` is not run there: both pipelines' student data are identical (checked), so
+pipeline B is compared with ``A/none``. The report adds bits per byte (teacher and students, on the held-out
+responses), the world's conditions (the no-distillation student >= 1 nat below the unigram reference, the teacher
+>= 25% fewer bits per byte than that student), 95% t-intervals of the paired deltas and a task measure
+(:mod:`tide_ds.experiments.task`: the students write the bodies of held-out functions).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -59,6 +72,11 @@ logger = logging.getLogger("tide_ds.experiments.evidence")  # not __name__: unde
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"A": "launch/recipes/demo.yaml", "B": "launch/recipes/demo_b.yaml"}
+#: The evidence world's student (both pipelines; the world, tokenizer and teacher come as options).
+EVIDENCE_RECIPE = "launch/recipes/evidence.yaml"
+WORLDS = ("demo", "evidence")
+#: Steps of an evidence-world run (the default of --steps with --world=evidence).
+EVIDENCE_STEPS = 200
 SPEC_FILE = "evidence_run.json"
 RUN_LOG = "train.log"
 
@@ -71,10 +89,20 @@ class Variant:
     label: str
     objective: str
     extra: tuple[str, ...] = ()
+    setting: str = "limited"  # the evidence world's student data: "limited" (a fraction) or "full"
 
     @property
     def key(self) -> str:
-        return f"{self.pipeline}/{self.name}"
+        return f"{self.pipeline}/{self.name}" + ("@full" if self.setting == "full" else "")
+
+    @property
+    def world_key(self) -> str:
+        """The world (dataset, teacher) this variant trains in: the pipeline, and the data setting."""
+        return self.pipeline + ("@full" if self.setting == "full" else "")
+
+    @property
+    def baseline(self) -> str:
+        return f"{self.pipeline}/none" + ("@full" if self.setting == "full" else "")
 
 
 #: Every variant the experiment knows; DEFAULT_VARIANTS is the plan of the issue.
@@ -102,6 +130,35 @@ VARIANTS = {v.key: v for v in [
             "as TIDE-Shared, `comp_demo=false`", ("--distill.comp_demo=false",)),
 ]}
 DEFAULT_VARIANTS = [k for k in VARIANTS if k != "B/tide_cross"]
+#: The evidence world's second setting: the student sees all training samples (no distillation and each
+#: pipeline's native preset), so the table shows whether distillation's effect shrinks with more data.
+for _v in [
+    Variant("A", "none", "none", "A: no distillation, all data", "CE only, every training sample", setting="full"),
+    Variant("A", "tide_cross", "tide_cross", "A: TIDE-Cross, all data", "CE + Reverse CALM, every training sample",
+            setting="full"),
+    Variant("B", "none", "none", "B: no distillation, all data", "CE only, every training sample", setting="full"),
+    Variant("B", "tide_shared", "tide_shared", "B: TIDE-Shared, all data",
+            "CE + token TIDAL + CompDemo, every training sample", setting="full"),
+]:
+    VARIANTS[_v.key] = _v
+#: B/none is left out: in the evidence world the student side of both pipelines' datasets is the same (checked
+#: when the world is loaded, :func:`ensure_evidence_worlds`), so it would repeat A/none to the last digit; pipeline
+#: B's variants are compared with A/none instead (:func:`baseline_of`).
+EVIDENCE_VARIANTS = [k for k in DEFAULT_VARIANTS if k != "B/none"] + ["A/none@full", "A/tide_cross@full",
+                                                                      "B/tide_shared@full"]
+
+
+def baseline_of(key: str, planned: set[str], worlds: dict[str, World]) -> str | None:
+    """The no-distillation run ``key`` is compared with: its pipeline's, else (pipeline B, when both pipelines'
+    student data are identical) pipeline A's of the same data setting; None when neither is planned."""
+    variant = VARIANTS[key]
+    if variant.baseline in planned:
+        return variant.baseline
+    other = variant.baseline.replace("B/", "A/", 1)
+    world = worlds.get(variant.world_key)
+    if variant.pipeline == "B" and other in planned and world is not None and world.same_student_data_as_a:
+        return other
+    return None
 
 #: The paper's direction of effects (docs/method.md §9.3, averages over 8 benchmarks; higher accuracy = lower NLL
 #: expected) and the method's claims for the ablations (docs/method.md §7.2, §8; no number in docs/method.md §9.3).
@@ -123,6 +180,8 @@ EXPECTATIONS = [
     report.Expectation("A/tide_shared", "A/tide_shared-no_compdemo", "lower", "method claim (docs/method.md §8)"),
     report.Expectation("B/tide_shared", "B/tide_shared-no_timestep_axis", "lower", "method claim (docs/method.md §7.2)"),
     report.Expectation("B/tide_shared", "B/tide_shared-no_compdemo", "lower", "method claim (docs/method.md §8)"),
+    report.Expectation("A/tide_cross@full", "A/none@full", "lower", "docs/method.md §9.3 (all student data)"),
+    report.Expectation("B/tide_shared@full", "B/none@full", "lower", "docs/method.md §9.3 (all student data)"),
 ]
 
 
@@ -139,11 +198,16 @@ class Plan:
     eval_every: int
     log_every: int
     save_every: int
+    world: str = "demo"
 
     def __post_init__(self) -> None:
+        if self.world not in WORLDS:
+            raise ValueError(f"--world={self.world!r} must be one of {list(WORLDS)}")
         for key in self.variants:
             if key not in VARIANTS:
                 raise ValueError(f"unknown variant {key!r}; choose from {sorted(VARIANTS)}")
+            if VARIANTS[key].setting == "full" and self.world != "evidence":
+                raise ValueError(f"variant {key!r} (all student data) exists only in --world=evidence")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds={list(self.seeds)} must name one or more distinct seeds")
         for name in ("steps", "micro_batch_size", "ranks_per_run", "log_every"):
@@ -157,6 +221,10 @@ class Plan:
     def pipelines(self) -> list[str]:
         return sorted({VARIANTS[k].pipeline for k in self.variants})
 
+    @property
+    def world_keys(self) -> list[str]:
+        return sorted({VARIANTS[k].world_key for k in self.variants})
+
 
 @dataclass(frozen=True)
 class World:
@@ -165,6 +233,14 @@ class World:
     teacher: str
     teacher_nll: float
     student_vocab: int = 0  # entries of the student's tokenizer
+    student_tokenizer: str = ""  # the evidence world's (empty: the recipe's Qwen3 tokenizer)
+    teacher_bits_per_byte: float | None = None  # on the held-out responses (the evidence world)
+    heldout_tokens: int = 0  # the students' held-out response tokens and their UTF-8 bytes (evidence world)
+    heldout_bytes: int = 0
+    train_samples: int = 0
+    same_student_data_as_a: bool = False  # pipeline B only: its student columns equal pipeline A's
+    shared_vocab_size: int = 0  # pipeline B of the evidence world: the ids before the mask token (same meaning)
+    full_dataset: str = ""  # the evidence world: the pipeline's dataset with every training sample
 
 
 @dataclass
@@ -179,6 +255,41 @@ class RunJob:
 
 # ---------------------------------------------------------------------------------------------------------
 # Worlds and runs
+
+
+def ensure_evidence_worlds(world_keys: list[str], root: str | Path) -> dict[str, World]:
+    """Build (or reuse) the evidence world (:mod:`tide_ds.worlds.evidence`) and describe it per pipeline and
+    data setting (``A``, ``B``: the limited student data; ``A@full``, ``B@full``: all of it)."""
+    import datasets
+
+    from tide_ds.data.tokenizers import load_tokenizer, resolve_special_ids
+    from tide_ds.worlds.evidence import build_evidence_world
+
+    logger.info("ensuring the evidence world under %s (built once: tokenizers, datasets, two teachers)", root)
+    ew = build_evidence_world(root)
+    # pipeline B shares every student id but the mask token (the last special): the shared prefix ends before it
+    mask_id = resolve_special_ids(load_tokenizer(ew.student_tokenizer)).mask_id
+    if mask_id != ew.student_vocab_size - 1:
+        raise ValueError(f"the evidence world's student mask token has id {mask_id}, not the last "
+                         f"({ew.student_vocab_size - 1}): the shared prefix of pipeline B cannot exclude it")
+    worlds = {}
+    student_cols = ["input_ids", "labels"]
+    for key in world_keys:
+        pipeline, _, setting = key.partition("@")
+        dataset = ew.dataset(pipeline, setting or "limited")
+        teacher = ew.teacher[pipeline]
+        worlds[key] = World(
+            pipeline=pipeline, dataset=str(dataset), teacher=str(ew.teacher_a if pipeline == "A" else ew.teacher_b),
+            teacher_nll=float(teacher["nll_per_token"]), student_vocab=ew.student_vocab_size,
+            student_tokenizer=str(ew.student_tokenizer), teacher_bits_per_byte=float(teacher["bits_per_byte"]),
+            heldout_tokens=int(ew.heldout["tokens"]), heldout_bytes=int(ew.heldout["bytes"]),
+            train_samples=len(datasets.load_from_disk(str(dataset))["train"]), shared_vocab_size=mask_id,
+            full_dataset=str(ew.dataset(pipeline, "full")),
+            same_student_data_as_a=pipeline == "B" and all(
+                datasets.load_from_disk(str(dataset))[split].select_columns(student_cols)[:]
+                == datasets.load_from_disk(str(ew.dataset("A", setting or "limited")))[split].select_columns(
+                    student_cols)[:] for split in ("train", "heldout")))
+    return worlds
 
 
 def ensure_worlds(pipelines: list[str]) -> dict[str, World]:
@@ -226,8 +337,9 @@ def context_free_references(dataset_dir: str | Path, *, vocab_size: int, smoothi
 
 def run_args(variant: Variant, seed: int, plan: Plan, world: World) -> list[str]:
     """The ``launch/run.py`` arguments of one run, without its output directory and resume flag."""
+    recipe = EVIDENCE_RECIPE if plan.world == "evidence" else RECIPES[variant.pipeline]
     args = [
-        f"--recipe={RECIPES[variant.pipeline]}",  # relative: runs start in ROOT, and a runs dir moves between checkouts
+        f"--recipe={recipe}",  # relative: runs start in ROOT, and a runs dir moves between checkouts
         f"--data.dataset={world.dataset}",
         f"--distill.pipeline={variant.pipeline}",
         f"--distill.preset={variant.preset}",
@@ -245,6 +357,10 @@ def run_args(variant: Variant, seed: int, plan: Plan, world: World) -> list[str]
     ]
     if variant.preset != "none":
         args.insert(2, f"--teacher.path={world.teacher}")
+    if world.student_tokenizer:
+        args.insert(2, f"--model.tokenizer={world.student_tokenizer}")
+        if variant.pipeline == "B":
+            args.append(f"--distill.shared_vocab_size={world.shared_vocab_size or world.student_vocab}")
     return args
 
 
@@ -254,8 +370,8 @@ def plan_jobs(plan: Plan, worlds: dict[str, World], runs_dir: Path) -> list[RunJ
     for seed in plan.seeds:
         for key in plan.variants:
             variant = VARIANTS[key]
-            run_dir = runs_dir / variant.pipeline / variant.name / f"seed{seed}"
-            jobs.append(RunJob(variant, seed, run_dir, run_args(variant, seed, plan, worlds[variant.pipeline])))
+            run_dir = runs_dir / variant.pipeline / (variant.name + ("@full" if variant.setting == "full" else "")) / f"seed{seed}"
+            jobs.append(RunJob(variant, seed, run_dir, run_args(variant, seed, plan, worlds[variant.world_key])))
     return jobs
 
 
@@ -331,7 +447,7 @@ class Runner:
             return self.collect(job)
         locks = job.run_dir.parents[2] / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{job.variant.pipeline}-{job.variant.name}-seed{job.seed}.lock", "w") as lock:
+        with open(locks / f"{job.variant.key.replace('/', '-')}-seed{job.seed}.lock", "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -421,9 +537,17 @@ def write_report(out: Path, *, plan: Plan, jobs: list[RunJob], results: list[rep
     """Write results.json, results.md and (with matplotlib) evidence.png into ``out``; return the JSON."""
     out.mkdir(parents=True, exist_ok=True)
     labels = {k: VARIANTS[k].label for k in plan.variants}
-    baselines = {k: f"{VARIANTS[k].pipeline}/none" for k in plan.variants if f"{VARIANTS[k].pipeline}/none" in labels}
+    baselines = {k: b for k in plan.variants if (b := baseline_of(k, set(labels), worlds)) is not None}
     summaries = report.summarize(results, labels=labels, references=baselines)
-    expectations = [e for e in EXPECTATIONS if e.variant in labels and e.reference in labels]
+    bpb = bits_per_byte_summary(summaries, worlds)
+    def stand_in(ref: str) -> str:  # B/none is A/none where both pipelines' student data are the same
+        if ref in labels or not ref.startswith("B/none"):
+            return ref
+        world, other = worlds.get(VARIANTS[ref].world_key), ref.replace("B/", "A/", 1)
+        return other if world is not None and world.same_student_data_as_a and other in labels else ref
+
+    expectations = [dataclasses.replace(e, reference=stand_in(e.reference)) for e in EXPECTATIONS]
+    expectations = [e for e in expectations if e.variant in labels and e.reference in labels]
     directions = report.check_direction(summaries, expectations)
     finished = [r for r in results if r.finished]
     data = {
@@ -435,6 +559,8 @@ def write_report(out: Path, *, plan: Plan, jobs: list[RunJob], results: list[rep
         "total_wall_s_of_runs": round(sum(r.wall_s or 0 for r in results), 1),
         "total_cpu_s_of_runs": round(sum(r.cpu_s or 0 for r in results), 1),
         "summary": [s.to_json() for s in summaries],
+        "bits_per_byte": bpb,
+        "world_checks": world_checks(summaries, worlds, references or {}, bpb),
         "directions": directions,
         "runs": [r.to_json() for r in results],
     }
@@ -445,6 +571,73 @@ def write_report(out: Path, *, plan: Plan, jobs: list[RunJob], results: list[rep
         report.plot(by_pipeline, out / "evidence.png",
                     title=f"tide-ds evidence: {plan.steps} steps, seeds {list(plan.seeds)}, commit {meta['git']['commit'][:10]}")
     return data
+
+
+def task_measures(jobs: list[RunJob], results: list[report.RunResult], world_root: Path, n: int) -> dict:
+    """The task measure (:mod:`tide_ds.experiments.task`) of every finished run, cached per run; per variant the
+    mean over seeds of exact match, parse rate and similarity of the generated bodies of ``n`` held-out prompts."""
+    from tide_ds.experiments import task
+    from tide_ds.worlds.evidence import EvidenceSpec, build_evidence_world
+
+    spec = EvidenceSpec()
+    pairs = task.heldout_prompts(build_evidence_world(world_root, spec).root / "corpus.jsonl",
+                                 heldout_fraction=spec.heldout_fraction, n=n)
+    per_variant: dict[str, dict] = {}
+    for job, result in zip(jobs, results):
+        if not result.finished:
+            continue
+        try:
+            scores = task.measure_run(job.run_dir, pairs)
+        except Exception as err:  # a run whose student cannot be loaded is reported, never dropped silently
+            logger.warning("task measure of %s seed %d failed: %s", job.variant.key, job.seed, err)
+            continue
+        logger.info("task %s seed %d: exact %.3f, parses %.3f, similarity %.3f", job.variant.key, job.seed,
+                    scores["exact"], scores["parses"], scores["similarity"])
+        entry = per_variant.setdefault(job.variant.key, {"by_seed": {}})
+        entry["by_seed"][str(job.seed)] = {m: scores[m] for m in ("exact", "parses", "similarity")}
+    for entry in per_variant.values():
+        for m in ("exact", "parses", "similarity"):
+            entry[m] = sum(v[m] for v in entry["by_seed"].values()) / len(entry["by_seed"])
+    return {"prompts": len(pairs), "max_new_tokens": 64, "variants": per_variant}
+
+
+def bits_per_byte_summary(summaries: list[report.VariantSummary], worlds: dict[str, World]) -> dict[str, dict]:
+    """Per variant of the evidence world: held-out bits per byte by seed, mean and std (NLL per token x held-out
+    response tokens / (ln 2 x their UTF-8 bytes)); empty for the demo worlds (no byte counts)."""
+    from tide_ds.worlds.evidence import bits_per_byte
+
+    out = {}
+    for s in summaries:
+        w = worlds.get(VARIANTS[s.variant].world_key)
+        if w is None or not w.heldout_bytes or not s.values:
+            continue
+        by_seed = {seed: bits_per_byte(v * w.heldout_tokens, w.heldout_bytes) for seed, v in sorted(s.values.items())}
+        mean, std = report.mean_std(by_seed.values())
+        out[s.variant] = {"by_seed": {str(k): v for k, v in by_seed.items()}, "mean": mean, "std": std}
+    return out
+
+
+def world_checks(summaries: list[report.VariantSummary], worlds: dict[str, World], references: dict,
+                 bpb: dict[str, dict]) -> dict[str, dict]:
+    """The evidence world's conditions (issue 18), per world key with a no-distillation run: the student ends
+    >= 1 nat per token below the unigram reference of all training responses, and the teacher has >= 25% fewer
+    bits per byte than that student on the held-out responses."""
+    means = {s.variant: s.mean for s in summaries}
+    out = {}
+    for key, w in worlds.items():
+        none = f"{w.pipeline}/none" + ("@full" if key.endswith("@full") else "")
+        if none not in means and w.same_student_data_as_a:
+            none = none.replace("B/", "A/", 1)
+        full_ref = references.get(w.pipeline + "@full")  # the unigram of all training responses
+        if means.get(none) is None or w.teacher_bits_per_byte is None or none not in bpb or not full_ref:
+            continue
+        gap = means[none] - full_ref["unigram_nll"]
+        saving = 1.0 - w.teacher_bits_per_byte / bpb[none]["mean"]
+        out[key] = {"student_none_nll": means[none], "unigram_nll_all_training": full_ref["unigram_nll"],
+                    "student_minus_unigram": gap, "student_beats_unigram_by_1_nat": gap <= -1.0,
+                    "student_none_bits_per_byte": bpb[none]["mean"], "teacher_bits_per_byte": w.teacher_bits_per_byte,
+                    "teacher_fewer_bits_fraction": saving, "teacher_25pct_better": saving >= 0.25}
+    return out
 
 
 def markdown(data: dict, summaries: list[report.VariantSummary], directions: list[dict], labels: dict[str, str]) -> str:
@@ -470,23 +663,60 @@ def markdown(data: dict, summaries: list[report.VariantSummary], directions: lis
         "95% critical value.",
         "",
     ]
-    for pipeline in sorted({s.variant.split("/")[0] for s in summaries}):
+    evidence = plan.get("world") == "evidence"
+    for pipeline in sorted({VARIANTS[s.variant].world_key for s in summaries}):
         w = data["worlds"].get(pipeline)
-        sub = [s for s in summaries if s.variant.startswith(pipeline + "/")]
-        lines += [f"## Pipeline {pipeline}", ""]
+        sub = [s for s in summaries if VARIANTS[s.variant].world_key == pipeline]
+        title = pipeline.replace("@full", ", all training samples")
+        if evidence and "@" not in pipeline and w:
+            title += f", limited student data ({w['train_samples']} training samples)"
+        elif evidence and w:
+            title += f" ({w['train_samples']})"
+        lines += [f"## Pipeline {title}", ""]
         lines.append(report.variant_table(sub, describe={k: VARIANTS[k].objective for k in labels}))
+        bpb = data.get("bits_per_byte", {})
+        if w and w.get("heldout_bytes") and any(s.variant in bpb for s in sub):
+            lines += ["", f"Bits per byte on the held-out responses ({w['heldout_tokens']} student tokens, "
+                      f"{w['heldout_bytes']} UTF-8 bytes; NLL x tokens / (ln 2 x bytes)): " + "; ".join(
+                          f"{labels[s.variant]} {bpb[s.variant]['mean']:.4f}"
+                          + (f" ± {bpb[s.variant]['std']:.4f}" if not math.isnan(bpb[s.variant]['std']) else "")
+                          for s in sub if s.variant in bpb) + "."]
         ref = data["references"].get(pipeline)
         if ref:
             lines += ["", f"Context-free reference points on the same {ref['heldout_maskable_tokens']} held-out response "
                       f"tokens ({ref['heldout_samples']} samples): uniform over the tokenizer {ref['uniform_nll']:.4f}, "
                       f"unigram of the training responses {ref['unigram_nll']:.4f} (a context-free predictor's ELBO "
                       "equals its cross-entropy)."]
-        if w:
+        check = data.get("world_checks", {}).get(pipeline)
+        if check:
+            lines += ["", f"World conditions: the no-distillation student's NLL is {check['student_minus_unigram']:+.4f} "
+                      f"nats per token from the unigram of all training responses ({check['unigram_nll_all_training']:.4f}; "
+                      f"needs <= -1: {'met' if check['student_beats_unigram_by_1_nat'] else 'NOT met'}); the teacher's "
+                      f"{check['teacher_bits_per_byte']:.4f} bits per byte are {check['teacher_fewer_bits_fraction']:.1%} "
+                      f"fewer than that student's {check['student_none_bits_per_byte']:.4f} (needs >= 25%: "
+                      f"{'met' if check['teacher_25pct_better'] else 'NOT met'})."]
+        if w and w.get("teacher_bits_per_byte") is not None:
+            lines += ["", f"Teacher (`{Path(w['teacher']).name}`): {w['teacher_bits_per_byte']:.4f} bits per byte on the "
+                      f"held-out responses (its masked-diffusion ELBO with only response positions masked, prompt "
+                      f"visible; {w['teacher_nll']:.4f} nats per teacher token)."]
+        elif w:
             unit = ("per token of the teacher's own SentencePiece tokenizer, over every non-pad token, prompt and "
                     "response: not comparable with the student's numbers" if pipeline == "A" else
                     "per token of the shared Qwen3 tokenizer, but over every non-pad token of the WeDLM chat format, "
                     "prompt and response, not only the response: not directly comparable")
             lines += ["", f"Teacher (`{Path(w['teacher']).name}`): held-out NLL {w['teacher_nll']:.4f} ({unit})."]
+        lines.append("")
+    task = data.get("task")
+    if task and task.get("variants"):
+        lines += ["## Task measure: writing the held-out functions' bodies", "",
+                  f"The final student of each finished run writes the body of the first {task['prompts']} held-out "
+                  f"functions (prompt: signature + docstring; the project's BD3LM sampler, greedy, "
+                  f"{task['max_new_tokens']} new tokens). Exact match: the body equals the real one; parses: header + "
+                  "body is valid Python; similarity: difflib ratio against the real body (0-1). Mean over seeds.", "",
+                  "| variant | exact match | parses | similarity | seeds |", "|---|---|---|---|---|"]
+        for key, entry in task["variants"].items():
+            lines.append(f"| {labels.get(key, key)} | {entry['exact']:.3f} | {entry['parses']:.3f} | "
+                         f"{entry['similarity']:.3f} | {len(entry['by_seed'])} |")
         lines.append("")
     lines += ["## Direction of effects against the paper", "", report.direction_table(directions, labels=labels), ""]
     return "\n".join(lines)
@@ -501,19 +731,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="evidence", help="where results.json, results.md and evidence.png go")
     p.add_argument("--runs-dir", default="runs/evidence", help="run directories (metrics, logs, checkpoints)")
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, metavar="P/NAME",
-                   help=f"variants to run (default: all but B/tide_cross); known: {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    p.add_argument("--world", default="demo", choices=WORLDS,
+                   help="demo: the demo worlds of launch/recipes/demo*.yaml (Qwen3 student); evidence: the evidence "
+                        "world of tide_ds/worlds/evidence.py (small tokenizers, a stronger teacher, limited and full "
+                        "student data) with the student of launch/recipes/evidence.yaml")
+    p.add_argument("--world-root", default="runs/evidence-world", help="where the evidence world is built and cached")
+    p.add_argument("--variants", nargs="+", default=None, metavar="P/NAME",
+                   help="variants to run (default: all but B/tide_cross; with --world=evidence also the all-data "
+                        f"setting's none and native presets); known: {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="student seeds (default: 1 2 3; evidence: 1-5)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 40; evidence: 200)")
     p.add_argument("--micro-batch-size", type=int, default=16, help="samples per rank per step")
     p.add_argument("--ranks-per-run", type=int, default=1, help="DeepSpeed ranks per run")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--threads-per-rank", type=int, default=0,
                    help="OMP threads of each rank (0: the CPUs divided by parallel x ranks per run)")
     p.add_argument("--eval-samples", type=int, default=0, help="held-out samples per evaluation (0 = all)")
-    p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between held-out evaluations (default: half the steps)")
     p.add_argument("--log-every", type=int, default=5, help="steps between training records")
-    p.add_argument("--save-every", type=int, default=20, help="steps between checkpoints (resume points)")
+    p.add_argument("--save-every", type=int, default=None, help="steps between checkpoints (default: half the steps)")
+    p.add_argument("--task-prompts", type=int, default=None,
+                   help="held-out prompts whose bodies each finished student writes for the task measure "
+                        "(tide_ds/experiments/task.py; default: 32 with --world=evidence, 0 = off)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and each run's state; run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs there are; run nothing")
     p.add_argument("--no-plot", action="store_true", help="skip evidence.png (no matplotlib needed)")
@@ -527,10 +766,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     try:
-        plan = Plan(variants=tuple(args.variants), seeds=tuple(args.seeds), steps=args.steps,
+        evidence = args.world == "evidence"
+        variants = args.variants or (EVIDENCE_VARIANTS if evidence else DEFAULT_VARIANTS)
+        seeds = args.seeds or ([1, 2, 3, 4, 5] if evidence else [1, 2, 3])
+        steps = args.steps or (EVIDENCE_STEPS if evidence else 40)
+        eval_every = args.eval_every if args.eval_every is not None else (EVIDENCE_STEPS // 2 if evidence else 20)
+        save_every = args.save_every if args.save_every is not None else (EVIDENCE_STEPS // 2 if evidence else 20)
+        plan = Plan(variants=tuple(variants), seeds=tuple(seeds), steps=steps,
                     micro_batch_size=args.micro_batch_size, ranks_per_run=args.ranks_per_run,
-                    eval_samples=args.eval_samples, eval_every=args.eval_every, log_every=args.log_every,
-                    save_every=args.save_every)
+                    eval_samples=args.eval_samples, eval_every=eval_every, log_every=args.log_every,
+                    save_every=save_every, world=args.world)
         if args.parallel < 1:
             raise ValueError(f"--parallel={args.parallel} must be >= 1")
         if args.threads_per_rank < 0:
@@ -547,8 +792,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": shlex.join(["python", "-m", "tide_ds.experiments.evidence", *argv]), "parallel": args.parallel,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git": git_state(), "machine": machine_state(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
-    worlds = ensure_worlds(plan.pipelines)
+    if plan.world == "evidence":
+        worlds = ensure_evidence_worlds(plan.world_keys, Path(args.world_root).absolute())
+    else:
+        worlds = ensure_worlds(plan.pipelines)
     references = {p: context_free_references(w.dataset, vocab_size=w.student_vocab) for p, w in worlds.items()}
+    for w in list(worlds.values()):  # the evidence world's conditions use the unigram of all training responses
+        if w.full_dataset and f"{w.pipeline}@full" not in references:
+            references[f"{w.pipeline}@full"] = context_free_references(w.full_dataset, vocab_size=w.student_vocab)
     jobs = plan_jobs(plan, worlds, runs_dir)
     try:
         for job in jobs:
@@ -592,6 +843,10 @@ def main(argv: list[str] | None = None) -> int:
                 runner.stop()
                 raise
     meta["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    task_prompts = args.task_prompts if args.task_prompts is not None else (32 if plan.world == "evidence" else 0)
+    if task_prompts and plan.world == "evidence":
+        meta["task"] = task_measures(jobs, [results[id(j)] for j in jobs], Path(args.world_root).absolute(),
+                                     task_prompts)
     data = write_report(out, plan=plan, jobs=jobs, results=[results[id(j)] for j in jobs], worlds=worlds, meta=meta,
                         with_plot=not args.no_plot, references=references)
     logger.info("%d/%d runs finished; report in %s", data["runs_finished"], data["runs_planned"], out)

@@ -167,8 +167,15 @@ class PairedDelta:
     t: float
     resolved: bool
 
+    @property
+    def ci95(self) -> tuple[float, float]:
+        """The two-sided 95% t-interval of the mean paired difference: mean ± t_(n-1) * std / sqrt(n)."""
+        half = t_crit_95(self.n - 1) * self.std / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
     def to_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "std": self.std, "n": self.n, "t": self.t, "resolved": self.resolved}
+        return {"mean": self.mean, "std": self.std, "n": self.n, "t": self.t, "resolved": self.resolved,
+                "ci95": list(self.ci95)}
 
 
 def paired_delta(values: dict[int, float], reference: dict[int, float]) -> PairedDelta | None:
@@ -298,7 +305,8 @@ def fmt_delta(delta: PairedDelta | None, digits: int = 4) -> str:
     if delta is None:
         return "–"
     mark = " *" if delta.resolved else ""
-    return f"{delta.mean:+.{digits}f} ± {delta.std:.{digits}f}{mark}"
+    lo, hi = delta.ci95
+    return f"{delta.mean:+.{digits}f} ± {delta.std:.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
 
 
 def variant_table(summaries: list[VariantSummary], *, describe: dict[str, str] | None = None) -> str:
@@ -306,7 +314,9 @@ def variant_table(summaries: list[VariantSummary], *, describe: dict[str, str] |
     delta against the reference, and every run that did not finish."""
     describe = describe or {}
     lines = [
-        "| variant | objective | held-out NLL (mean ± std) | per seed | Δ vs no distillation (paired) | not finished |",
+        "| variant | objective | held-out NLL (mean ± std) | per seed | Δ vs no distillation (paired, mean ± std "
+        "[95% CI]) "
+        "| not finished |",
         "|---|---|---|---|---|---|",
     ]
     for s in summaries:
@@ -326,12 +336,16 @@ def _signed(x: float) -> str:
 
 def direction_table(rows: list[dict[str, Any]], *, labels: dict[str, str]) -> str:
     lines = [
-        "| comparison | paper's direction (NLL terms) | source | measured Δ NLL (paired, mean ± std, n) | verdict |",
+        "| comparison | paper's direction (NLL terms) | source | measured Δ NLL (paired, mean ± std [95% CI], n) "
+        "| verdict |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
         d = row["delta"]
-        measured = "–" if d is None else f"{_signed(d['mean'])} ± {_signed(d['std'])[1:]} (n={d['n']}, t={d['t']:+.2f})"
+        ci = d and d.get("ci95")
+        measured = "–" if d is None else (f"{_signed(d['mean'])} ± {_signed(d['std'])[1:]}"
+                                          + (f" [{_signed(ci[0])}, {_signed(ci[1])}]" if ci else "")
+                                          + f" (n={d['n']}, t={d['t']:+.2f})")
         lines.append(f"| {labels[row['variant']]} vs {labels[row['reference']]} | {row['expected']} | {row['source']} "
                      f"| {measured} | {row['verdict']} |")
     return "\n".join(lines)

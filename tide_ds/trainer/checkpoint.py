@@ -100,8 +100,10 @@ RUN_MARKER = ".tide_ds_run"
 
 
 #: What a launcher puts into a run directory before tide-ds starts: the Slurm job's log folder (``submit.py``
-#: and ``tide.sbatch`` write ``<run>/logs/<job>.log`` from the job's first line); it does not make a run.
-LAUNCHER_ENTRIES = frozenset({"logs"})
+#: and ``tide.sbatch`` write ``<run>/logs/<job>.log`` from the job's first line), and the evidence runner's
+#: run spec, log and exit record (``tide_ds.experiments.evidence`` writes them before and after each run);
+#: they do not make a run.
+LAUNCHER_ENTRIES = frozenset({"logs", "evidence_run.json", "train.log", "evidence_exit.json"})
 
 
 def _entries(out: Path) -> list[Path]:
