@@ -69,7 +69,8 @@ def _job(cfg, argv: list[str]):
         base_cfg = baseline_config(cfg, world)  # --world.baseline=true and none recorded: train it now
         if base_cfg is not None:
             record_baseline(base_cfg, world, train(base_cfg)["nll"])
-        report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve(), argv=argv)
+        report_world(cfg, world, result["nll"], Path(cfg.train.output_dir).resolve(), argv=argv,
+                     tokens=result.get("tokens"))
 
 
 def main(argv: list[str]) -> int:

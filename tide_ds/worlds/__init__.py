@@ -184,12 +184,67 @@ def record_baseline(cfg: RunConfig, world: InstructWorld, nll: float) -> None:
                     Path(cfg.train.output_dir).resolve())
 
 
+def student_eval_units(cfg: RunConfig, tokens: float | None = None) -> tuple[dict | None, str]:
+    """The held-out responses the trainer's evaluation scores (``tide_ds.trainer.step.evaluate``): the first
+    ``data.eval_samples`` rows (0: all) of ``data.eval_split``, their tokens with a label (``labels >= 0``).
+    ``({"tokens", "bytes", "samples"}, "")``, bytes being the UTF-8 bytes those tokens spell in the student's
+    tokenizer; or ``(None, why)`` when they cannot be read, or do not add up to ``tokens`` (the count the
+    evaluation reported), so that no bits per byte is shown over text other than the scored one."""
+    import datasets
+    import numpy as np
+
+    from tide_ds.data.tokenizers import ensure_qwen3_tokenizer, load_tokenizer
+    from tide_ds.worlds.evidence import response_bytes
+
+    try:
+        split = datasets.load_from_disk(str(cfg.data.dataset))[cfg.data.eval_split]
+        n = min(len(split), cfg.data.eval_samples or len(split))
+        labels = split.select(range(n)).with_format("numpy", columns=["labels"])["labels"]
+        ids = [[int(x) for x in np.asarray(row) if x >= 0] for row in labels]
+        count = sum(map(len, ids))
+        if tokens is not None and count != int(tokens):
+            return None, (f"the {n} held-out samples hold {count} labelled tokens but the evaluation counted "
+                          f"{int(tokens)}")
+        tok_dir = ensure_qwen3_tokenizer() if cfg.model.tokenizer == "qwen3" else Path(cfg.model.tokenizer)
+        return {"tokens": count, "bytes": response_bytes(load_tokenizer(tok_dir), ids), "samples": n}, ""
+    except (OSError, KeyError, ValueError) as err:
+        return None, f"the held-out responses could not be read: {type(err).__name__}: {err}"
+
+
+def teacher_bits_per_byte(world: InstructWorld) -> tuple[float | None, dict | None, str]:
+    """The teacher's held-out NLL in bits per byte of the text it was measured on (its first held-out teacher
+    sequences, :func:`tide_ds.worlds.pretrain.heldout_text_units`): ``(bits, units, "")`` from its pretraining
+    record, or, for a teacher cached before the record held them, counted now from the cached held-out split
+    and the teacher's tokenizer; ``(None, None, why)`` when neither can be read."""
+    import datasets
+
+    from tide_ds.data.tokenizers import load_tokenizer
+    from tide_ds.worlds import pretrain
+
+    try:
+        record = json.loads((Path(world.teacher) / "tide_ds_pretrain.json").read_text())
+        nll = float(record["heldout_nll"])
+        if "heldout_bits_per_byte" in record:
+            units = {k: int(record[f"heldout_{k}"]) for k in ("tokens", "bytes", "samples")}
+            return float(record["heldout_bits_per_byte"]), units, ""
+        split = datasets.load_from_disk(str(world.dataset))["heldout"]
+        units = pretrain.heldout_text_units(split, load_tokenizer(world.teacher_tokenizer))
+        return pretrain.teacher_bits_per_byte(nll, units), units, ""
+    except (OSError, KeyError, ValueError) as err:
+        return None, None, f"{type(err).__name__}: {err}"
+
+
 def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path, *,
-                 argv: list[str] | tuple[str, ...] = ()) -> str | None:
+                 argv: list[str] | tuple[str, ...] = (), tokens: float | None = None) -> str | None:
     """Log the student's held-out NLL, the no-distillation baseline's (the last preset-none run with the same
-    world, student, schedule, seed and rank count, if any) and the teacher's (in its own units), ending with one
-    line saying whether TIDE beat the baseline and by how much (:func:`baseline_verdict`). Rank 0 only; returns
-    the report (None on other ranks). ``argv``: this run's options, for the command of a missing comparison run.
+    world, student, schedule, seed and rank count, if any) and the teacher's, ending with one line saying
+    whether TIDE beat the baseline and by how much (:func:`baseline_verdict`). Rank 0 only; returns the report
+    (None on other ranks). ``argv``: this run's options, for the command of a missing comparison run;
+    ``tokens``: the labelled tokens the evaluation scored (its ``"tokens"``), checked against the held-out data.
+
+    Units: the students in nats per student token and in bits per byte of the held-out responses the evaluation
+    scored (:func:`student_eval_units`); the teacher, whose tokens differ from the student's in pipeline A, only
+    in bits per byte of its own held-out sequences (:func:`teacher_bits_per_byte`).
     """
     from tide_ds.worlds.instruct import record_result
 
@@ -208,22 +263,36 @@ def report_world(cfg: RunConfig, world: InstructWorld, nll: float, out: Path, *,
         argv, world_size=world_size, local_world_size=_local_world_size(world_size),
         extra=extra, output_dir=fresh_output_dir(cfg.train.output_dir, suffix),
     )
-    lines = [
-        "",
-        f"TIDE demo, pipeline {world.pipeline}: held-out masked-diffusion NLL per student token (the student's "
-        "Qwen3 tokenizer; lower is better)",
-        f"  student, preset {preset} (mode {cfg.distill.objective.mode}): {nll:.4f}",
-    ]
+    units, why = student_eval_units(cfg, tokens)
+
+    def student(value: float) -> str:
+        if units is None:
+            return f"{value:.4f}"
+        from tide_ds.worlds.evidence import bits_per_byte
+
+        return f"{value:.4f} ({bits_per_byte(value * units['tokens'], units['bytes']):.4f} bits per byte)"
+
+    head = (f"TIDE demo, pipeline {world.pipeline}: held-out masked-diffusion NLL in nats per student token (the "
+            "student's Qwen3 tokenizer; lower is better)")
+    if units is not None:
+        head += (f" and in bits per byte of the {units['samples']} held-out responses scored ({units['tokens']} "
+                 f"tokens, {units['bytes']} bytes of UTF-8 text)")
+    lines = ["", head, f"  student, preset {preset} (mode {cfg.distill.objective.mode}): {student(nll)}"]
     if preset != "none":
         base = known.get("none")
         lines.append(f"  student, no distillation (preset none, same world and {world_size} rank(s)): "
-                     + (f"{base:.4f}" if base is not None else "not run yet"))
-    if cross:  # its own tokenizer: per teacher token, not comparable with the numbers above
-        lines.append(f"  teacher ({world.teacher.name}, own SentencePiece tokenizer): {world.teacher_heldout_nll:.4f} "
-                     "per teacher token (other units: not comparable with the student's)")
+                     + (student(base) if base is not None else "not run yet"))
+    if units is None:
+        lines.append(f"  (no bits per byte for the students: {why})")
+    own = "own SentencePiece tokenizer" if cross else "WeDLM layout, the student's Qwen3 tokenizer"
+    bits, t_units, t_why = teacher_bits_per_byte(world)
+    if bits is None:
+        lines.append(f"  teacher ({world.teacher.name}, {own}): not shown, its bits per byte could not be computed "
+                     f"({t_why})")
     else:
-        lines.append(f"  teacher ({world.teacher.name}, WeDLM layout, the student's Qwen3 tokenizer): "
-                     f"{world.teacher_heldout_nll:.4f} per token of its own held-out evaluation (for reference)")
+        lines.append(f"  teacher ({world.teacher.name}, {own}): {bits:.4f} bits per byte of its first "
+                     f"{t_units['samples']} held-out teacher sequences (whole chat texts in its format, prompts "
+                     "included; the students' numbers score responses only)")
     lines.append(f"  logs, metrics and checkpoints: {out}")
     lines.append(baseline_verdict(preset, nll, known, world_size=world_size, command=command))
     text = "\n".join(lines)

@@ -42,6 +42,9 @@ from tide_ds.models.llada2_moe import (
 
 logger = logging.getLogger(__name__)
 
+#: Held-out samples (the first ones) on which :func:`heldout_nll` measures a teacher for its pretraining record.
+HELDOUT_SAMPLES = 64
+
 
 #: ``forward(model, x_t [B, L], x_0 [B, L], attention [B, L]) -> hidden [B, L, D]`` of the noisy copy.
 HiddenForward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -81,8 +84,9 @@ def _mdlm_loss(model: torch.nn.Module, ids_BL: torch.Tensor, attention_BL: torch
 
 @torch.no_grad()
 def heldout_nll(model: torch.nn.Module, split: Any, *, mask_id: int, batch_size: int, seed: int,
-                max_samples: int = 64, forward: HiddenForward = _bidirectional_hidden) -> float:
-    """ELBO per maskable teacher token on a held-out split, with a fixed noise seed."""
+                max_samples: int = HELDOUT_SAMPLES, forward: HiddenForward = _bidirectional_hidden) -> float:
+    """ELBO per maskable teacher token on a held-out split, with a fixed noise seed: the first ``max_samples``
+    rows, every token with ``teacher_attention_mask`` 1 (:func:`heldout_text_units` counts them and their bytes)."""
     model.eval()
     total, count = 0.0, 0.0
     n = min(len(split), max_samples)
@@ -96,6 +100,27 @@ def heldout_nll(model: torch.nn.Module, split: Any, *, mask_id: int, batch_size:
         count += m.item()
     model.train()
     return total / max(1.0, count)
+
+
+def heldout_text_units(split: Any, tokenizer: Any, *, max_samples: int = HELDOUT_SAMPLES) -> dict[str, int]:
+    """The text :func:`heldout_nll` scores: the teacher tokens with attention 1 of the first ``max_samples`` rows
+    of ``split``. ``{"tokens", "bytes", "samples"}``: those tokens, the UTF-8 bytes of the text they spell
+    (special tokens, such as chat markers and EOS padding, spell none; their nats still count) and the rows.
+    The teacher's bits per byte is ``heldout_nll * tokens / (ln 2 * bytes)`` (:func:`teacher_bits_per_byte`)."""
+    from tide_ds.worlds.evidence import response_bytes
+
+    n = min(len(split), max_samples)
+    rows = split.select(range(n)) if n < len(split) else split
+    ids = [[int(t) for t, a in zip(tok, att) if a] for tok, att in zip(rows["teacher_input_ids"],
+                                                                       rows["teacher_attention_mask"])]
+    return {"tokens": sum(map(len, ids)), "bytes": response_bytes(tokenizer, ids), "samples": n}
+
+
+def teacher_bits_per_byte(nll_per_token: float, units: dict[str, int]) -> float:
+    """A teacher's held-out NLL per teacher token as bits per byte of the text those tokens spell."""
+    from tide_ds.worlds.evidence import bits_per_byte
+
+    return bits_per_byte(nll_per_token * units["tokens"], units["bytes"])
 
 
 def pretrain_llada2_teacher(
@@ -114,8 +139,10 @@ def pretrain_llada2_teacher(
 ) -> dict[str, float]:
     """Train a tiny LLaDA2 MoE teacher on the teacher tokens of a pipeline-A dataset; write it to ``out_dir``.
 
-    Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per maskable teacher token). The checkpoint is
-    written aside and moved into place when complete.
+    Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per maskable teacher token; with ``tokenizer_dir``
+    also ``heldout_tokens``, ``heldout_bytes``, ``heldout_samples`` and ``heldout_bits_per_byte``, of
+    :func:`heldout_text_units`), also recorded in ``tide_ds_pretrain.json``. The checkpoint is written aside and
+    moved into place when complete.
     """
     cfg_json = tiny_llada2_moe_config(
         vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
@@ -187,8 +214,8 @@ def pretrain_wedlm_teacher(
     """Train a tiny WeDLM teacher (BD3LM, ``x0_xt``) on the teacher tokens of a pipeline-B dataset; write it.
 
     The teacher side of a pipeline-B dataset is the WeDLM chat template in the student's own tokenizer,
-    EOS-padded to whole blocks (docs/method.md §11.3). Returns ``{"heldout_nll_before", "heldout_nll"}`` (ELBO per
-    maskable teacher token); the checkpoint is written aside and moved into place when complete.
+    EOS-padded to whole blocks (docs/method.md §11.3). Returns what :func:`pretrain_llada2_teacher` returns; the
+    checkpoint is written aside and moved into place when complete.
     """
     cfg_json = wedlm.tiny_wedlm_config(
         vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
@@ -235,6 +262,12 @@ def _pretrain(dataset_dir: str | Path, out_dir: str | Path, *, cfg_json: dict[st
     shutil.rmtree(staging, ignore_errors=True)
     save(model, staging)
     result = {"heldout_nll_before": before, "heldout_nll": after}
+    if tokenizer_dir is not None:  # the same NLL in bits per byte of the held-out text (tokenizer-independent)
+        from tide_ds.data.tokenizers import load_tokenizer
+
+        units = heldout_text_units(splits["heldout"], load_tokenizer(tokenizer_dir))
+        result.update(heldout_tokens=units["tokens"], heldout_bytes=units["bytes"], heldout_samples=units["samples"],
+                      heldout_bits_per_byte=teacher_bits_per_byte(after, units))
     _publish(staging, out, tokenizer_dir=tokenizer_dir, record={"steps": steps, "lr": lr, "seed": seed, **record, **result})
     logger.info("teacher held-out NLL %.4f -> %.4f; written to %s", before, after, out)
     return result
