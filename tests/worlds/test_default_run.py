@@ -8,6 +8,7 @@ no-distillation baseline beside the student and the teacher.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -49,12 +50,30 @@ def test_default_run_is_the_tide_demo_with_baseline_report(tmp_path):
     base_final = [json.loads(x) for x in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines()]
     base_nll = [r for r in base_final if r["kind"] == "eval"][-1]["nll"]
     # The report: teacher, student, baseline (the earlier comparable run) and where the run lives.
-    teacher = re.search(r"teacher \(.*own SentencePiece tokenizer\): ([0-9.]+) per teacher token \(other units", log)
-    student = re.search(r"student, preset tide_cross \(mode reverse_alm\): ([0-9.]+)", log)
-    baseline = re.search(r"student, no distillation \(preset none, same world and 2 rank\(s\)\): ([0-9.]+)", log)
-    assert teacher and student and baseline, log[-3000:]
+    # The student in nats per student token and bits per byte of the scored responses; the teacher only in bits
+    # per byte of its own held-out sequences (issue 16 item 9), never per teacher token.
+    teacher = re.search(r"teacher \(.*own SentencePiece tokenizer\): ([0-9.]+) bits per byte of its first (\d+) "
+                        r"held-out teacher sequences", log)
+    student = re.search(r"student, preset tide_cross \(mode reverse_alm\): ([0-9.]+) \(([0-9.]+) bits per byte\)", log)
+    baseline = re.search(r"student, no distillation \(preset none, same world and 2 rank\(s\)\): ([0-9.]+) "
+                         r"\(([0-9.]+) bits per byte\)", log)
+    scored = re.search(r"bits per byte of the (\d+) held-out responses scored \((\d+) tokens, (\d+) bytes", log)
+    assert teacher and student and baseline and scored, log[-3000:]
+    assert "per teacher token" not in log[log.index("TIDE demo, pipeline A"):]
     assert float(student.group(1)) == pytest.approx(final, abs=1e-4)
     assert float(baseline.group(1)) == pytest.approx(base_nll, abs=1e-4)
+    import datasets
+
+    heldout = len(datasets.load_from_disk(str(next((cache / "demo").glob("pipeline-a-*"))))["heldout"])
+    assert int(scored.group(1)) == min(16, heldout)  # data.eval_samples=16 (the reduced world holds fewer)
+    tokens, n_bytes = int(scored.group(2)), int(scored.group(3))
+    assert float(student.group(2)) == pytest.approx(final * tokens / (math.log(2) * n_bytes), abs=1e-4)
+    assert float(baseline.group(2)) == pytest.approx(base_nll * tokens / (math.log(2) * n_bytes), abs=1e-4)
+    pretrain = json.loads(next((cache / "demo").glob("teacher-*/tide_ds_pretrain.json")).read_text())
+    assert int(teacher.group(2)) == pretrain["heldout_samples"] == min(64, heldout)
+    assert pretrain["heldout_bits_per_byte"] == pytest.approx(
+        pretrain["heldout_nll"] * pretrain["heldout_tokens"] / (math.log(2) * pretrain["heldout_bytes"]))
+    assert float(teacher.group(1)) == pytest.approx(pretrain["heldout_bits_per_byte"], abs=1e-4)
     assert f"logs, metrics and checkpoints: {tmp_path / 'tide'}" in log
     # ... ending with one line: did TIDE beat the baseline, by how much, in the student's units only
     lines = log.splitlines()
