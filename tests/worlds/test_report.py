@@ -7,6 +7,7 @@ on disk and a teacher pretraining record, so every byte count below is known by 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -124,6 +125,13 @@ def test_the_report_shows_the_teacher_in_bits_per_byte_only(world) -> None:
     assert lines[1].endswith("and in bits per byte of the 2 held-out responses scored (4 tokens, 7 bytes of UTF-8 text)")
     # the student: 3.2345 nats x 4 tokens / (ln 2 x 7 bytes) = 2.6665 bits per byte
     assert "  student, preset tide_cross (mode reverse_alm): 3.2345 (2.6665 bits per byte)" in lines
+    # pipeline B: the teacher shares the student's tokenizer, and is still shown in bits per byte only
+    lines = _report(dataclasses.replace(world, pipeline="B"), "tide_shared", 3.2345, "--distill.pipeline=B")
+    assert "per teacher token" not in "\n".join(lines) and "  student, preset tide_shared (mode taid_aligned): " \
+        "3.2345 (2.6665 bits per byte)" in lines
+    assert next(line for line in lines if line.startswith("  teacher")).startswith(
+        "  teacher (teacher-abc, WeDLM layout, the student's Qwen3 tokenizer): 2.2815 bits per byte of its first 3 "
+        "held-out teacher sequences")
     # the evaluation scored other text than the held-out split holds: no student bits per byte, and why
     lines = _report(world, "tide_cross", 3.2345, tokens=5)
     assert "  student, preset tide_cross (mode reverse_alm): 3.2345" in lines

@@ -206,7 +206,10 @@ def student_eval_units(cfg: RunConfig, tokens: float | None = None) -> tuple[dic
             return None, (f"the {n} held-out samples hold {count} labelled tokens but the evaluation counted "
                           f"{int(tokens)}")
         tok_dir = ensure_qwen3_tokenizer() if cfg.model.tokenizer == "qwen3" else Path(cfg.model.tokenizer)
-        return {"tokens": count, "bytes": response_bytes(load_tokenizer(tok_dir), ids), "samples": n}, ""
+        n_bytes = response_bytes(load_tokenizer(tok_dir), ids)
+        if n_bytes == 0:
+            return None, f"the {n} held-out responses scored spell no text (0 bytes)"
+        return {"tokens": count, "bytes": n_bytes, "samples": n}, ""
     except (OSError, KeyError, ValueError) as err:
         return None, f"the held-out responses could not be read: {type(err).__name__}: {err}"
 

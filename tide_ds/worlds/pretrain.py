@@ -254,6 +254,11 @@ def _pretrain(dataset_dir: str | Path, out_dir: str | Path, *, cfg_json: dict[st
         raise ValueError(f"teacher output directory {out} exists; remove it or choose another")
     splits = datasets.load_from_disk(str(dataset_dir))
     fields = {k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")}
+    units = None  # the held-out text's tokens and bytes, counted before training (a bad tokenizer fails first)
+    if tokenizer_dir is not None:
+        from tide_ds.data.tokenizers import load_tokenizer
+
+        units = heldout_text_units(splits["heldout"], load_tokenizer(tokenizer_dir))
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         model = build(Path(tmp) / "init", fields).train().requires_grad_(True)
     before, after = _train(model, splits["train"], splits["heldout"], mask_id=cfg_json["mask_token_id"], steps=steps,
@@ -262,10 +267,7 @@ def _pretrain(dataset_dir: str | Path, out_dir: str | Path, *, cfg_json: dict[st
     shutil.rmtree(staging, ignore_errors=True)
     save(model, staging)
     result = {"heldout_nll_before": before, "heldout_nll": after}
-    if tokenizer_dir is not None:  # the same NLL in bits per byte of the held-out text (tokenizer-independent)
-        from tide_ds.data.tokenizers import load_tokenizer
-
-        units = heldout_text_units(splits["heldout"], load_tokenizer(tokenizer_dir))
+    if units is not None and units["bytes"] > 0:  # the same NLL in bits per byte of the held-out text
         result.update(heldout_tokens=units["tokens"], heldout_bytes=units["bytes"], heldout_samples=units["samples"],
                       heldout_bits_per_byte=teacher_bits_per_byte(after, units))
     _publish(staging, out, tokenizer_dir=tokenizer_dir, record={"steps": steps, "lr": lr, "seed": seed, **record, **result})
