@@ -3,6 +3,7 @@ with the project's own tokenizers, preprocessing and teacher pretraining (a few 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -71,6 +72,25 @@ def test_tiny_world_builds_with_two_tokenizers_both_settings_and_measured_teache
     # cached: a second call reads the record, builds nothing
     again = build_evidence_world(tmp_path / "worlds", spec)
     assert again == world and json.loads((world.root / "world.json").read_text())["student_vocab_size"] > 400
+    # another pipeline-B teacher: a new world that retrains B and reuses A's teacher file for file
+    a_files = {f.name: f.stat().st_mtime_ns for f in world.teacher_a.iterdir()}
+    longer_b = dataclasses.replace(spec, teacher_steps_b=4)
+    assert longer_b.teacher_key("A") == spec.teacher_key("A") and longer_b.teacher_key("B") != spec.teacher_key("B")
+    other = build_evidence_world(tmp_path / "worlds", longer_b)
+    assert other.root != world.root and other.teacher_a == world.teacher_a and other.teacher_b != world.teacher_b
+    assert {f.name: f.stat().st_mtime_ns for f in other.teacher_a.iterdir()} == a_files
+    assert other.teacher["B"]["pretraining"]["steps"] == 4 and other.teacher["A"]["pretraining"]["steps"] == 3
+    assert other.teacher["A"]["bits_per_byte"] == pytest.approx(world.teacher["A"]["bits_per_byte"])
+
+
+def test_teacher_keys_follow_only_what_decides_each_teacher():
+    base = EvidenceSpec()
+    for field, value, changes in [("teacher_steps", 1, "A"), ("teacher_steps_b", 1, "B"), ("eval_draws", 9, ""),
+                                  ("teacher_lr", 1e-3, "AB"), ("student_vocab", 600, "AB")]:
+        other = dataclasses.replace(base, **{field: value})
+        for pipeline in "AB":
+            assert (other.teacher_key(pipeline) != base.teacher_key(pipeline)) == (pipeline in changes), (field, pipeline)
+    assert base.teacher_key("A") != base.teacher_key("B")
 
 
 def test_spec_refuses_one_tokenizer_for_pipeline_a():

@@ -17,8 +17,10 @@ and the student the 151,936-entry Qwen3 vocabulary, which dominates CPU training
   the masked-diffusion ELBO with only response positions masked, the prompt visible, as the students are
   evaluated), so teacher and student compare across tokenizers.
 
-Everything is cached under ``<root>/world-<key>`` (``key`` hashes :class:`EvidenceSpec`); a build that died
-half-way starts over. ``python -m tide_ds.experiments.evidence --world evidence`` builds and uses it.
+Everything is cached under ``<root>/world-<key>`` (``key`` hashes :class:`EvidenceSpec`), each teacher under
+``<root>/teachers/<pipeline>-<key>`` (:meth:`EvidenceSpec.teacher_key`: what decides that teacher only, so that a
+change to one teacher does not retrain the other); a build that died half-way starts over, reusing the teachers
+that were complete. ``python -m tide_ds.experiments.evidence --world evidence`` builds and uses it.
 """
 
 from __future__ import annotations
@@ -51,14 +53,14 @@ class EvidenceSpec:
     heldout_fraction: float = 0.02
     max_heldout: int = 128  # held-out samples kept (the first ones, in corpus order)
     limited_fraction: float = 0.15
-    student_vocab: int = 2000
+    student_vocab: int = 512
     teacher_vocab: int = 3000
-    seq_len: int = 128
+    seq_len: int = 160
     teacher_seq_len: int = 192  # a multiple of block_size (pipeline B pads the teacher to whole blocks)
     block_size: int = 32
     source_windows: int = 0  # cap on the source-code windows of the teachers' pretraining (0: all)
-    teacher_steps: int = 800  # pipeline A's teacher
-    teacher_steps_b: int = 500  # pipeline B's: each step reads [x_0 ; x_t], twice the positions
+    teacher_steps: int = 2800  # pipeline A's teacher
+    teacher_steps_b: int = 4000  # pipeline B's: each step reads [x_0 ; x_t], twice the positions
     teacher_batch: int = 16
     teacher_lr: float = 5e-3
     eval_draws: int = 4  # noise draws of the teachers' held-out ELBO
@@ -81,6 +83,14 @@ class EvidenceSpec:
 
     def key(self) -> str:
         data = json.dumps({"format": WORLD_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(data.encode()).hexdigest()[:12]
+
+    def teacher_key(self, pipeline: str) -> str:
+        """What decides pipeline ``pipeline``'s teacher: everything but the other teacher's steps and config and
+        the evaluation's noise draws. Changing pipeline B's teacher does not retrain pipeline A's, and back."""
+        other = {"A": ("teacher_steps_b", "teacher_config_b"), "B": ("teacher_steps", "teacher_config_a")}[pipeline]
+        fields = {k: v for k, v in asdict(self).items() if k not in (*other, "eval_draws")}
+        data = json.dumps({"format": WORLD_FORMAT, "pipeline": pipeline, **fields}, sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:12]
 
 
@@ -373,28 +383,37 @@ def build_evidence_world(root: str | Path, spec: EvidenceSpec = EvidenceSpec()) 
         win_b = _windows(student_tok, sources, spec.teacher_seq_len, spec.source_windows, spec.seed)
         data_a = _teacher_data(full_a, win_a, root / "teacher-data-a")
         data_b = _teacher_data(full_b, win_b, root / "teacher-data-b")
+        teachers = root.parent / "teachers"
+        teachers.mkdir(exist_ok=True)
+        out_a, out_b = teachers / f"A-{spec.teacher_key('A')}", teachers / f"B-{spec.teacher_key('B')}"
         jobs = {
-            "A": dict(pipeline="A", data=str(data_a), out=str(root / "teacher-a"), tokenizer=str(teacher_tok),
+            "A": dict(pipeline="A", data=str(data_a), out=str(out_a), tokenizer=str(teacher_tok),
                       vocab_size=-(-t_special.vocab_size // 64) * 64, mask_id=t_special.mask_id, eos_id=t_special.eos_id,
                       pad_id=t_special.eos_id),
-            "B": dict(pipeline="B", data=str(data_b), out=str(root / "teacher-b"), tokenizer=str(student_tok),
+            "B": dict(pipeline="B", data=str(data_b), out=str(out_b), tokenizer=str(student_tok),
                       vocab_size=-(-s_special.vocab_size // 64) * 64, mask_id=s_special.mask_id, eos_id=s_special.eos_id,
                       pad_id=s_special.pad_id),
         }
         # The two teachers train side by side, one process and one thread each (many threads on a shared
         # machine only wait for each other).
-        with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in [pool.submit(_pretrain_teacher, spec, **job) for job in jobs.values()]:
+        todo = {p: job for p, job in jobs.items() if not (Path(job["out"]) / "tide_ds_pretrain.json").is_file()}
+        for p in sorted(set(jobs) - set(todo)):
+            logger.info("evidence world: teacher %s reused from %s", p, jobs[p]["out"])
+        for job in todo.values():  # a pretraining that died half-way left its staging folder: start it over
+            for stale in Path(job["out"]).parent.glob(f".{Path(job['out']).name}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        with ProcessPoolExecutor(max_workers=max(1, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in [pool.submit(_pretrain_teacher, spec, **job) for job in todo.values()]:
                 future.result()
         logger.info("evidence world: teachers in %.1f s", time.perf_counter() - start)
         teacher = {
-            "A": _measure_teacher(root / "teacher-a", "A", full_a, spec, teacher_tok, t_special.mask_id),
-            "B": _measure_teacher(root / "teacher-b", "B", full_b, spec, student_tok, s_special.mask_id),
+            "A": _measure_teacher(out_a, "A", full_a, spec, teacher_tok, t_special.mask_id),
+            "B": _measure_teacher(out_b, "B", full_b, spec, student_tok, s_special.mask_id),
         }
         world = EvidenceWorld(
             root=root, student_tokenizer=student_tok, teacher_tokenizer=teacher_tok,
             datasets={"A/full": str(full_a), "A/limited": str(lim_a), "B/full": str(full_b), "B/limited": str(lim_b)},
-            teacher_a=root / "teacher-a", teacher_b=root / "teacher-b", student_vocab_size=s_special.vocab_size,
+            teacher_a=out_a, teacher_b=out_b, student_vocab_size=s_special.vocab_size,
             teacher=teacher, heldout=student_heldout_units(full_a, student_tok),
             sizes={"train_full": n_full, "train_limited": n_lim, "teacher_rows_a": n_full + len(win_a["teacher_input_ids"]),
                    "teacher_rows_b": n_full + len(win_b["teacher_input_ids"]),
