@@ -251,9 +251,9 @@ def test_evidence_world_plan_args_and_baselines(tmp_path):
     and pipeline B compared with A's no-distillation run when both pipelines' student data are identical."""
     variants = ("A/none", "A/tide_cross", "B/kl", "A/none@full", "B/tide_shared@full")
     plan = evidence.Plan(variants=variants, seeds=(1,), steps=10, micro_batch_size=4, ranks_per_run=1, eval_samples=0,
-                         eval_every=5, log_every=5, save_every=5, world="evidence")
+                         eval_every=5, log_every=5, save_every=5, world="evidence", lr=1e-3)
     common = dict(teacher_nll=3.0, student_vocab=2006, student_tokenizer="/w/student-tokenizer", heldout_tokens=10,
-                  heldout_bytes=30, shared_vocab_size=2005)
+                  heldout_bytes=30, shared_vocab_size=2005, student_init="/w/student-init")
     worlds = {"A": evidence.World("A", "/w/a-limited", "/w/teacher-a", **common),
               "A@full": evidence.World("A", "/w/a-full", "/w/teacher-a", **common),
               "B": evidence.World("B", "/w/b-limited", "/w/teacher-b", same_student_data_as_a=True, **common),
@@ -262,6 +262,11 @@ def test_evidence_world_plan_args_and_baselines(tmp_path):
     assert "--recipe=launch/recipes/evidence.yaml" in jobs["A/none"].args
     assert "--data.dataset=/w/a-limited" in jobs["A/none"].args and "--data.dataset=/w/a-full" in jobs["A/none@full"].args
     assert "--model.tokenizer=/w/student-tokenizer" in jobs["B/kl"].args
+    for key in variants:  # every variant and seed starts from the world's student, none from random weights
+        assert "--model.path=/w/student-init" in jobs[key].args and "--train.lr=0.001" in jobs[key].args, key
+    assert evidence.parse_args(["--world", "evidence"]).lr is None  # main() then takes EVIDENCE_LR
+    with pytest.raises(ValueError, match="--lr=-1"):
+        evidence.Plan(**{**plan.__dict__, "lr": -1.0})
     assert "--distill.shared_vocab_size=2005" in jobs["B/kl"].args  # every id but the mask token and "--teacher.path=/w/teacher-b" in jobs["B/kl"].args
     assert not any(a.startswith("--distill.shared_vocab_size") for a in jobs["A/tide_cross"].args)
     assert jobs["A/none@full"].run_dir == tmp_path / "A" / "none@full" / "seed1"

@@ -12,6 +12,7 @@ import pytest
 
 from tide_ds.data.tokenizers import load_tokenizer
 from tide_ds.experiments import evidence, report
+from tide_ds.models.qwen3 import load_student
 from tide_ds.worlds.evidence import EvidenceSpec, bits_per_byte, build_evidence_world, response_bytes
 
 
@@ -50,7 +51,7 @@ def test_tiny_world_builds_with_two_tokenizers_both_settings_and_measured_teache
     monkeypatch.setenv("TIDE_DS_CACHE", str(tmp_path / "cache"))
     spec = EvidenceSpec(max_files=12, max_heldout=8, student_vocab=400, teacher_vocab=450, teacher_steps=3,
                         teacher_steps_b=3, source_windows=32, limited_fraction=0.25, eval_draws=1, teacher_config_a=TINY_A,
-                        teacher_config_b=TINY_B)
+                        teacher_config_b=TINY_B, student_init_steps=2, student_init_batch=4)
     world = build_evidence_world(tmp_path / "worlds", spec)
     s_tok, t_tok = load_tokenizer(world.student_tokenizer), load_tokenizer(world.teacher_tokenizer)
     assert len(s_tok) != len(t_tok) and s_tok.tokenize("def f(self):") != t_tok.tokenize("def f(self):")
@@ -69,28 +70,41 @@ def test_tiny_world_builds_with_two_tokenizers_both_settings_and_measured_teache
     units = world.heldout
     ids = [[x for x in lab if x >= 0] for lab in full["heldout"]["labels"]]
     assert units["tokens"] == sum(map(len, ids)) and units["bytes"] == response_bytes(s_tok, ids) > 0
+    # the students' starting point: the recipe's student after 2 CE steps on the limited samples, exported
+    init = world.student_init
+    assert init["steps"] == 2 and init["samples"] == 8 and {"0", "2"} <= set(init["heldout_nll_by_step"])
+    assert math.isfinite(init["heldout_nll"]) and init["heldout_nll"] == init["heldout_nll_by_step"]["2"]
+    hf = load_student(world.student_init_path, attn_implementation="sdpa")
+    assert hf.config.hidden_size == 96 and hf.config.vocab_size >= world.student_vocab_size  # launch/recipes/evidence.yaml
+    assert json.loads((world.student_init_path / "tide_ds_export.json").read_text())["step"] == 2
     # cached: a second call reads the record, builds nothing
     again = build_evidence_world(tmp_path / "worlds", spec)
     assert again == world and json.loads((world.root / "world.json").read_text())["student_vocab_size"] > 400
     # another pipeline-B teacher: a new world that retrains B and reuses A's teacher file for file
     a_files = {f.name: f.stat().st_mtime_ns for f in world.teacher_a.iterdir()}
-    longer_b = dataclasses.replace(spec, teacher_steps_b=4)
+    longer_b = dataclasses.replace(spec, teacher_steps_b=4, student_init_steps=0)  # random students this time
     assert longer_b.teacher_key("A") == spec.teacher_key("A") and longer_b.teacher_key("B") != spec.teacher_key("B")
     other = build_evidence_world(tmp_path / "worlds", longer_b)
     assert other.root != world.root and other.teacher_a == world.teacher_a and other.teacher_b != world.teacher_b
     assert {f.name: f.stat().st_mtime_ns for f in other.teacher_a.iterdir()} == a_files
     assert other.teacher["B"]["pretraining"]["steps"] == 4 and other.teacher["A"]["pretraining"]["steps"] == 3
     assert other.teacher["A"]["bits_per_byte"] == pytest.approx(world.teacher["A"]["bits_per_byte"])
+    assert other.student_init == {} and other.student_init_path is None
 
 
 def test_teacher_keys_follow_only_what_decides_each_teacher():
     base = EvidenceSpec()
     for field, value, changes in [("teacher_steps", 1, "A"), ("teacher_steps_b", 1, "B"), ("eval_draws", 9, ""),
-                                  ("teacher_lr", 1e-3, "AB"), ("student_vocab", 600, "AB")]:
+                                  ("teacher_lr", 1e-3, "AB"), ("student_vocab", 600, "AB"),
+                                  ("student_init_steps", 5, ""), ("student_init_lr", 1e-3, "")]:
         other = dataclasses.replace(base, **{field: value})
         for pipeline in "AB":
             assert (other.teacher_key(pipeline) != base.teacher_key(pipeline)) == (pipeline in changes), (field, pipeline)
     assert base.teacher_key("A") != base.teacher_key("B")
+    # the students' starting point is part of the world's key, not of the teachers'
+    assert dataclasses.replace(base, student_init_steps=5).key() != base.key()
+    with pytest.raises(ValueError, match="student_init_steps=-1"):
+        EvidenceSpec(student_init_steps=-1)
 
 
 def test_spec_refuses_one_tokenizer_for_pipeline_a():

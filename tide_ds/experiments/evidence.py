@@ -75,11 +75,13 @@ RECIPES = {"A": "launch/recipes/demo.yaml", "B": "launch/recipes/demo_b.yaml"}
 #: The evidence world's student (both pipelines; the world, tokenizer and teacher come as options).
 EVIDENCE_RECIPE = "launch/recipes/evidence.yaml"
 WORLDS = ("demo", "evidence")
-#: Steps of an evidence-world run (the default of --steps with --world=evidence).
-EVIDENCE_STEPS = 800
-#: Samples per step of an evidence-world run. The no-distillation student leaves its plateau (about 0.5 nats below
-#: the unigram reference) only after some 12,000-25,000 samples; 32 per step costs less per sample than 16.
-EVIDENCE_MICRO_BATCH = 32
+#: Steps, samples per step and peak learning rate of an evidence-world run (the defaults with --world=evidence).
+#: Every run continues the world's student (:mod:`tide_ds.worlds.evidence`: 1,200 CE steps of 32 on the limited
+#: samples), which has left the plateau a fresh student sits on for its first 12,000-25,000 samples; the runs spend
+#: their 3,200 samples on what the teacher adds, at a third of the starting point's learning rate.
+EVIDENCE_STEPS = 200
+EVIDENCE_MICRO_BATCH = 16
+EVIDENCE_LR = 1e-3
 SPEC_FILE = "evidence_run.json"
 RUN_LOG = "train.log"
 
@@ -202,6 +204,7 @@ class Plan:
     log_every: int
     save_every: int
     world: str = "demo"
+    lr: float = 0.0  # the peak learning rate of every run (0: the recipe's)
 
     def __post_init__(self) -> None:
         if self.world not in WORLDS:
@@ -216,6 +219,8 @@ class Plan:
         for name in ("steps", "micro_batch_size", "ranks_per_run", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
+        if self.lr < 0:
+            raise ValueError(f"--lr={self.lr} must be > 0 (or 0 for the recipe's)")
         for name in ("eval_samples", "eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 0")
@@ -244,6 +249,9 @@ class World:
     same_student_data_as_a: bool = False  # pipeline B only: its student columns equal pipeline A's
     shared_vocab_size: int = 0  # pipeline B of the evidence world: the ids before the mask token (same meaning)
     full_dataset: str = ""  # the evidence world: the pipeline's dataset with every training sample
+    student_init: str = ""  # the evidence world: the students' starting point (empty: random weights)
+    student_init_steps: int = 0  # the CE steps that made it, on the limited student data
+    student_init_nll: float | None = None  # its held-out NLL (where every run starts)
 
 
 @dataclass
@@ -288,6 +296,9 @@ def ensure_evidence_worlds(world_keys: list[str], root: str | Path) -> dict[str,
             heldout_tokens=int(ew.heldout["tokens"]), heldout_bytes=int(ew.heldout["bytes"]),
             train_samples=len(datasets.load_from_disk(str(dataset))["train"]), shared_vocab_size=mask_id,
             full_dataset=str(ew.dataset(pipeline, "full")),
+            student_init=str(ew.student_init_path or ""),
+            student_init_steps=int(ew.student_init.get("steps", 0)),
+            student_init_nll=ew.student_init.get("heldout_nll"),
             same_student_data_as_a=pipeline == "B" and all(
                 datasets.load_from_disk(str(dataset))[split].select_columns(student_cols)[:]
                 == datasets.load_from_disk(str(ew.dataset("A", setting or "limited")))[split].select_columns(
@@ -350,6 +361,7 @@ def run_args(variant: Variant, seed: int, plan: Plan, world: World) -> list[str]
         f"--train.seed={seed}",
         f"--train.max_steps={plan.steps}",
         f"--train.micro_batch_size={plan.micro_batch_size}",
+        *([f"--train.lr={plan.lr:g}"] if plan.lr else []),
         f"--data.eval_samples={plan.eval_samples}",
         f"--train.eval_every={plan.eval_every}",
         f"--train.log_every={plan.log_every}",
@@ -360,6 +372,8 @@ def run_args(variant: Variant, seed: int, plan: Plan, world: World) -> list[str]
     ]
     if variant.preset != "none":
         args.insert(2, f"--teacher.path={world.teacher}")
+    if world.student_init:
+        args.insert(2, f"--model.path={world.student_init}")
     if world.student_tokenizer:
         args.insert(2, f"--model.tokenizer={world.student_tokenizer}")
         if variant.pipeline == "B":
@@ -657,6 +671,7 @@ def markdown(data: dict, summaries: list[report.VariantSummary], directions: lis
         f"{data['total_wall_s_of_runs']:.0f} s of wall time (summed over runs, which ran side by side) and "
         f"{data['total_cpu_s_of_runs']:.0f} s of CPU time (as recorded in each run directory).",
         f"Plan: {plan['steps']} steps, micro-batch {plan['micro_batch_size']} x {plan['ranks_per_run']} rank(s) per run, "
+        + (f"peak learning rate {plan['lr']:g}, " if plan.get("lr") else "") +
         f"seeds {plan['seeds']}, held-out evaluation on {plan['eval_samples'] or 'all'} samples every "
         f"{plan['eval_every'] or plan['steps']} steps (fixed noise seed).",
         "",
@@ -676,6 +691,10 @@ def markdown(data: dict, summaries: list[report.VariantSummary], directions: lis
         elif evidence and w:
             title += f" ({w['train_samples']})"
         lines += [f"## Pipeline {title}", ""]
+        if w and w.get("student_init"):
+            lines += [f"Every run of this table starts from the world's student (`{Path(w['student_init']).name}`: "
+                      f"{w['student_init_steps']} CE steps on the limited training samples, held-out NLL "
+                      f"{w['student_init_nll']:.4f}); the seeds vary the data order and the noise of the runs.", ""]
         lines.append(report.variant_table(sub, describe={k: VARIANTS[k].objective for k in labels}))
         bpb = data.get("bits_per_byte", {})
         if w and w.get("heldout_bytes") and any(s.variant in bpb for s in sub):
@@ -746,6 +765,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default: 40; evidence: {EVIDENCE_STEPS})")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help=f"samples per rank per step (default: 16; evidence: {EVIDENCE_MICRO_BATCH})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate of every run (default: the recipe's; evidence: {EVIDENCE_LR:g}, the "
+                        "students continue the world's student)")
     p.add_argument("--ranks-per-run", type=int, default=1, help="DeepSpeed ranks per run")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time")
     p.add_argument("--threads-per-rank", type=int, default=0,
@@ -778,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
         save_every = args.save_every if args.save_every is not None else (max(1, steps // 2) if evidence else 20)
         plan = Plan(variants=tuple(variants), seeds=tuple(seeds), steps=steps,
                     micro_batch_size=args.micro_batch_size or (EVIDENCE_MICRO_BATCH if evidence else 16),
+                    lr=args.lr if args.lr is not None else (EVIDENCE_LR if evidence else 0.0),
                     ranks_per_run=args.ranks_per_run,
                     eval_samples=args.eval_samples, eval_every=eval_every, log_every=args.log_every,
                     save_every=save_every, world=args.world)

@@ -16,6 +16,12 @@ and the student the 151,936-entry Qwen3 vocabulary, which dominates CPU training
 * the teachers are measured on the held-out responses in **bits per byte** (:func:`response_elbo`:
   the masked-diffusion ELBO with only response positions masked, the prompt visible, as the students are
   evaluated), so teacher and student compare across tokenizers.
+* the **students' starting point** (``student_init_steps`` > 0): the student of ``student_recipe`` trained with CE
+  alone on the limited training samples by ``launch/run.py`` (:func:`_pretrain_student`) and exported as a Hugging
+  Face directory. Every evidence run starts from it, as the paper's students all start from one pretrained
+  checkpoint (Qwen3-0.6B), so the runs spend their steps on what the teacher adds, not on leaving the
+  plateau a fresh masked-diffusion student sits on while it learns to read its context (on this corpus
+  some 12,000-25,000 samples, at a different step for every seed). It trains beside the teachers.
 
 Everything is cached under ``<root>/world-<key>`` (``key`` hashes :class:`EvidenceSpec`), each teacher under
 ``<root>/teachers/<pipeline>-<key>`` (:meth:`EvidenceSpec.teacher_key`: what decides that teacher only, so that a
@@ -42,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 WORLD_FORMAT = 1
 SETTINGS = ("limited", "full")
+#: The fields of :class:`EvidenceSpec` that decide only the students' starting point (not the teachers).
+STUDENT_INIT_FIELDS = ("student_recipe", "student_init_steps", "student_init_batch", "student_init_lr")
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,12 @@ class EvidenceSpec:
     teacher_config_b: dict = field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, tie_word_embeddings=True))
+    # The students' starting point (:func:`_pretrain_student`): the recipe's student trained with CE alone on the
+    # limited training samples, by launch/run.py, then exported; 0 steps: students start from random weights.
+    student_recipe: str = "launch/recipes/evidence.yaml"
+    student_init_steps: int = 1200
+    student_init_batch: int = 32
+    student_init_lr: float = 3e-3
 
     def __post_init__(self) -> None:
         if not 0.0 < self.limited_fraction <= 1.0:
@@ -77,19 +91,31 @@ class EvidenceSpec:
         if self.teacher_seq_len % self.block_size or self.seq_len % self.block_size:
             raise ValueError(f"seq_len={self.seq_len} and teacher_seq_len={self.teacher_seq_len} must be multiples "
                              f"of block_size={self.block_size}")
+        if self.student_init_steps < 0 or self.student_init_batch < 1 or self.student_init_lr <= 0:
+            raise ValueError(f"student_init_steps={self.student_init_steps}, student_init_batch={self.student_init_batch}, "
+                             f"student_init_lr={self.student_init_lr}: steps must be >= 0, the batch >= 1, the lr > 0")
         if self.student_vocab == self.teacher_vocab:
             raise ValueError(f"student_vocab == teacher_vocab == {self.student_vocab}: pipeline A needs two "
                              "different tokenizers; choose different sizes")
 
     def key(self) -> str:
-        data = json.dumps({"format": WORLD_FORMAT, **asdict(self)}, sort_keys=True)
+        """The world's cache key: every field, and the student recipe's text when the world trains the students'
+        starting point (a change to the student's width retrains it)."""
+        from tide_ds.config import resolve_repo_path
+        from tide_ds.utils.files import sha256_file
+
+        fields = asdict(self)
+        if self.student_init_steps:
+            fields["student_recipe_sha256"] = sha256_file(resolve_repo_path(self.student_recipe))
+        data = json.dumps({"format": WORLD_FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:12]
 
     def teacher_key(self, pipeline: str) -> str:
-        """What decides pipeline ``pipeline``'s teacher: everything but the other teacher's steps and config and
-        the evaluation's noise draws. Changing pipeline B's teacher does not retrain pipeline A's, and back."""
+        """What decides pipeline ``pipeline``'s teacher: everything but the other teacher's steps and config, the
+        evaluation's noise draws and the students' starting point. Changing pipeline B's teacher does not retrain
+        pipeline A's, and back."""
         other = {"A": ("teacher_steps_b", "teacher_config_b"), "B": ("teacher_steps", "teacher_config_a")}[pipeline]
-        fields = {k: v for k, v in asdict(self).items() if k not in (*other, "eval_draws")}
+        fields = {k: v for k, v in asdict(self).items() if k not in (*other, "eval_draws", *STUDENT_INIT_FIELDS)}
         data = json.dumps({"format": WORLD_FORMAT, "pipeline": pipeline, **fields}, sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:12]
 
@@ -106,6 +132,11 @@ class EvidenceWorld:
     teacher: dict  # per pipeline: heldout nats, tokens, bytes, bits_per_byte, nll_per_token, pretraining record
     heldout: dict  # the students' held-out responses: maskable tokens, bytes, samples
     sizes: dict  # training samples per setting, teacher pretraining rows
+    student_init: dict = field(default_factory=dict)  # path (Hugging Face directory), steps, samples, held-out NLL
+
+    @property
+    def student_init_path(self) -> Path | None:
+        return Path(self.student_init["path"]) if self.student_init else None
 
     def dataset(self, pipeline: str, setting: str) -> Path:
         return Path(self.datasets[f"{pipeline}/{setting}"])
@@ -341,6 +372,48 @@ def _pretrain_teacher(spec: EvidenceSpec, *, pipeline: str, data: str, out: str,
                                   config=spec.teacher_config_b, **common)
 
 
+def _pretrain_student(spec: EvidenceSpec, *, dataset: str, tokenizer: str, run_dir: str, out: str) -> dict:
+    """Train the students' starting point (a worker process): ``launch/run.py`` with the student recipe and no
+    distillation (CE alone) on the limited training samples, one rank, one thread; then export it as a Hugging Face
+    directory (``python -m tide_ds.export``'s path). Every evidence run starts from it (``--model.path``), as the
+    paper's students all start from one pretrained checkpoint. Returns its record (steps, samples, held-out NLL)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tide_ds.config import resolve_repo_path
+    from tide_ds.export import export_checkpoint
+
+    repo = resolve_repo_path("launch/run.py").parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    steps = spec.student_init_steps
+    args = [sys.executable, str(repo / "launch" / "run.py"), f"--recipe={resolve_repo_path(spec.student_recipe)}",
+            f"--model.tokenizer={tokenizer}", f"--data.dataset={dataset}", "--distill.pipeline=A",
+            "--distill.preset=none", f"--train.seed={spec.seed}", f"--train.max_steps={steps}",
+            f"--train.micro_batch_size={spec.student_init_batch}", f"--train.lr={spec.student_init_lr}",
+            f"--train.eval_every={max(1, steps // 4)}", f"--train.save_every={steps}", "--train.keep_last=1",
+            "--train.progress_bar=false", "--train.tensorboard=false", f"--train.output_dir={run_dir}"]
+    log = Path(run_dir).parent / "student-init.log"
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        code = subprocess.run(args, cwd=repo, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"the students' starting point failed (exit {code}); its log {log} ends:\n{tail}")
+    export_checkpoint(run_dir, out)
+    records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+    evals = {str(r["step"]): r["nll"] for r in records if r.get("kind") == "eval"}  # str keys, as in JSON
+    return {"path": str(out), "steps": steps, "samples": steps * spec.student_init_batch, "lr": spec.student_init_lr,
+            "heldout_nll": float(evals[str(steps)]), "heldout_nll_by_step": evals,
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
 def build_evidence_world(root: str | Path, spec: EvidenceSpec = EvidenceSpec()) -> EvidenceWorld:
     """Build (or reuse) the world of ``spec`` under ``root/world-<key>``; see the module docstring."""
     from tide_ds.data.instruct_corpus import ensure_instruct_jsonl, split_of_row
@@ -394,18 +467,25 @@ def build_evidence_world(root: str | Path, spec: EvidenceSpec = EvidenceSpec()) 
                       vocab_size=-(-s_special.vocab_size // 64) * 64, mask_id=s_special.mask_id, eos_id=s_special.eos_id,
                       pad_id=s_special.pad_id),
         }
-        # The two teachers train side by side, one process and one thread each (many threads on a shared
-        # machine only wait for each other).
         todo = {p: job for p, job in jobs.items() if not (Path(job["out"]) / "tide_ds_pretrain.json").is_file()}
         for p in sorted(set(jobs) - set(todo)):
             logger.info("evidence world: teacher %s reused from %s", p, jobs[p]["out"])
         for job in todo.values():  # a pretraining that died half-way left its staging folder: start it over
             for stale in Path(job["out"]).parent.glob(f".{Path(job['out']).name}*"):
                 shutil.rmtree(stale, ignore_errors=True)
-        with ProcessPoolExecutor(max_workers=max(1, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in [pool.submit(_pretrain_teacher, spec, **job) for job in todo.values()]:
+        # The two teachers train side by side, one process and one thread each; the students' starting point takes
+        # the first free worker (two at a time: many threads on a shared machine only wait for each other).
+        workers = min(2, len(todo) + bool(spec.student_init_steps))
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_pretrain_teacher, spec, **job) for job in todo.values()]
+            init_future = None
+            if spec.student_init_steps:
+                init_future = pool.submit(_pretrain_student, spec, dataset=str(lim_a), tokenizer=str(student_tok),
+                                          run_dir=str(root / "student-init-run"), out=str(root / "student-init"))
+            for future in futures:
                 future.result()
-        logger.info("evidence world: teachers in %.1f s", time.perf_counter() - start)
+            student_init = init_future.result() if init_future is not None else {}
+        logger.info("evidence world: teachers and the students' starting point in %.1f s", time.perf_counter() - start)
         teacher = {
             "A": _measure_teacher(out_a, "A", full_a, spec, teacher_tok, t_special.mask_id),
             "B": _measure_teacher(out_b, "B", full_b, spec, student_tok, s_special.mask_id),
@@ -418,10 +498,13 @@ def build_evidence_world(root: str | Path, spec: EvidenceSpec = EvidenceSpec()) 
             sizes={"train_full": n_full, "train_limited": n_lim, "teacher_rows_a": n_full + len(win_a["teacher_input_ids"]),
                    "teacher_rows_b": n_full + len(win_b["teacher_input_ids"]),
                    "source_files": len(sources), "source_bytes": sum(len(t.encode()) for t in sources)},
+            student_init=student_init,
         )
         record.write_text(json.dumps(world.to_json(), indent=1))
-        logger.info("evidence world %s built in %.1f s: teacher bits/byte A %.3f, B %.3f", root,
-                    time.perf_counter() - start, teacher["A"]["bits_per_byte"], teacher["B"]["bits_per_byte"])
+        logger.info("evidence world %s built in %.1f s: teacher bits/byte A %.3f, B %.3f; the students' starting point: "
+                    "%s", root, time.perf_counter() - start, teacher["A"]["bits_per_byte"], teacher["B"]["bits_per_byte"],
+                    f"held-out NLL {student_init['heldout_nll']:.4f} after {student_init['steps']} steps"
+                    if student_init else "none (random weights)")
     return world
 
 
