@@ -382,10 +382,10 @@ def _pretrain_student(spec: EvidenceSpec, *, dataset: str, tokenizer: str, run_d
     import subprocess
     import sys
 
-    from tide_ds.config import resolve_repo_path
+    from tide_ds.config import REPO_ROOT, resolve_repo_path
     from tide_ds.export import export_checkpoint
 
-    repo = resolve_repo_path("launch/run.py").parents[1]
+    repo = REPO_ROOT
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -393,7 +393,7 @@ def _pretrain_student(spec: EvidenceSpec, *, dataset: str, tokenizer: str, run_d
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     steps = spec.student_init_steps
-    args = [sys.executable, str(repo / "launch" / "run.py"), f"--recipe={resolve_repo_path(spec.student_recipe)}",
+    args = [sys.executable, str(repo / "launch" / "run.py"), f"--recipe={resolve_repo_path(spec.student_recipe).absolute()}",
             f"--model.tokenizer={tokenizer}", f"--data.dataset={dataset}", "--distill.pipeline=A",
             "--distill.preset=none", f"--train.seed={spec.seed}", f"--train.max_steps={steps}",
             f"--train.micro_batch_size={spec.student_init_batch}", f"--train.lr={spec.student_init_lr}",
