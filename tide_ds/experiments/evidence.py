@@ -35,9 +35,11 @@ training, not of the teacher's.
 ``--world=evidence`` (issue 18) runs the same comparison in the evidence world of :mod:`tide_ds.worlds.evidence`
 (built once under ``--world-root``): a student with a small SentencePiece tokenizer (``launch/recipes/evidence.yaml``)
 trained on a limited fraction of the training samples, teachers that are larger and pretrained on every training
-sample plus the training files' source (pipeline A with a tokenizer of its own), seeds 1-5 and 800 steps of 32 samples by
-default, plus a second data setting with every training sample (``@full`` variants: no distillation and each
-pipeline's native preset). ``B/none`` is not run there: both pipelines' student data are identical (checked), so
+sample plus the training files' source (pipeline A with a tokenizer of its own), seeds 1-5 and, by default, 200 steps
+of 16 samples at a peak learning rate of 1e-3 that continue the world's student (1,200 CE steps of 32 on the limited
+samples, built with the world: every run and seed starts from it, as the paper's students start from one pretrained
+checkpoint; the seeds vary the data order and the noise), plus a second data setting with every training sample
+(``@full`` variants: no distillation and each pipeline's native preset). ``B/none`` is not run there: both pipelines' student data are identical (checked), so
 pipeline B is compared with ``A/none``. The report adds bits per byte (teacher and students, on the held-out
 responses), the world's conditions (the no-distillation student >= 1 nat below the unigram reference, the teacher
 >= 25% fewer bits per byte than that student), 95% t-intervals of the paired deltas and a task measure
