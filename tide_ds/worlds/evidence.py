@@ -99,14 +99,13 @@ class EvidenceSpec:
                              "different tokenizers; choose different sizes")
 
     def key(self) -> str:
-        """The world's cache key: every field, and the student recipe's text when the world trains the students'
+        """The world's cache key: every field, and the student recipe's settings when the world trains the students'
         starting point (a change to the student's width retrains it)."""
-        from tide_ds.config import resolve_repo_path
-        from tide_ds.utils.files import sha256_file
+        from tide_ds.config import load_recipe
 
         fields = asdict(self)
-        if self.student_init_steps:
-            fields["student_recipe_sha256"] = sha256_file(resolve_repo_path(self.student_recipe))
+        if self.student_init_steps:  # the recipe's settings, not its comments
+            fields["student_recipe_settings"] = load_recipe(self.student_recipe)
         data = json.dumps({"format": WORLD_FORMAT, **fields}, sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:12]
 
