@@ -101,8 +101,12 @@ def test_teacher_keys_follow_only_what_decides_each_teacher():
         for pipeline in "AB":
             assert (other.teacher_key(pipeline) != base.teacher_key(pipeline)) == (pipeline in changes), (field, pipeline)
     assert base.teacher_key("A") != base.teacher_key("B")
-    # the students' starting point is part of the world's key, not of the teachers'
+    # the students' starting point is part of the world's key, not of the teachers'; the teachers are not part of its
     assert dataclasses.replace(base, student_init_steps=5).key() != base.key()
+    assert dataclasses.replace(base, student_init_steps=5).student_init_key() != base.student_init_key()
+    for field, value in [("teacher_steps", 1), ("teacher_steps_b", 1), ("teacher_lr", 1e-3), ("eval_draws", 9)]:
+        assert dataclasses.replace(base, **{field: value}).student_init_key() == base.student_init_key(), field
+    assert dataclasses.replace(base, limited_fraction=0.5).student_init_key() != base.student_init_key()
     with pytest.raises(ValueError, match="student_init_steps=-1"):
         EvidenceSpec(student_init_steps=-1)
 

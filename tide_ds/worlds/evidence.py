@@ -17,7 +17,7 @@ and the student the 151,936-entry Qwen3 vocabulary, which dominates CPU training
   the masked-diffusion ELBO with only response positions masked, the prompt visible, as the students are
   evaluated), so teacher and student compare across tokenizers.
 * the **students' starting point** (``student_init_steps`` > 0): the student of ``student_recipe`` trained with CE
-  alone on the limited training samples by ``launch/run.py`` (:func:`_pretrain_student`) and exported as a Hugging
+  alone on the limited training samples by ``launch/run.py`` (:func:`ensure_student_init`) and exported as a Hugging
   Face directory. Every evidence run starts from it, as the paper's students all start from one pretrained
   checkpoint (Qwen3-0.6B), so the runs spend their steps on what the teacher adds, not on leaving the
   plateau a fresh masked-diffusion student sits on while it learns to read its context (on this corpus
@@ -25,8 +25,10 @@ and the student the 151,936-entry Qwen3 vocabulary, which dominates CPU training
 
 Everything is cached under ``<root>/world-<key>`` (``key`` hashes :class:`EvidenceSpec`), each teacher under
 ``<root>/teachers/<pipeline>-<key>`` (:meth:`EvidenceSpec.teacher_key`: what decides that teacher only, so that a
-change to one teacher does not retrain the other); a build that died half-way starts over, reusing the teachers
-that were complete. ``python -m tide_ds.experiments.evidence --world evidence`` builds and uses it.
+change to one teacher does not retrain the other), the students' starting point under
+``<root>/students/init-<key>`` (:meth:`EvidenceSpec.student_init_key`); a build that died half-way starts over,
+reusing the teachers and starting point that were complete. ``python -m tide_ds.experiments.evidence --world
+evidence`` builds and uses it.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class EvidenceSpec:
     teacher_config_b: dict = field(default_factory=lambda: dict(
         hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, tie_word_embeddings=True))
-    # The students' starting point (:func:`_pretrain_student`): the recipe's student trained with CE alone on the
+    # The students' starting point (:func:`ensure_student_init`): the recipe's student trained with CE alone on the
     # limited training samples, by launch/run.py, then exported; 0 steps: students start from random weights.
     student_recipe: str = "launch/recipes/evidence.yaml"
     student_init_steps: int = 1200
@@ -107,6 +109,18 @@ class EvidenceSpec:
         if self.student_init_steps:  # the recipe's settings, not its comments
             fields["student_recipe_settings"] = load_recipe(self.student_recipe)
         data = json.dumps({"format": WORLD_FORMAT, **fields}, sort_keys=True)
+        return hashlib.sha256(data.encode()).hexdigest()[:12]
+
+    def student_init_key(self) -> str:
+        """What decides the students' starting point: the student data (corpus, split, tokenizers, windows, limited
+        fraction), the student recipe's settings and the init's steps, batch and lr; not the teachers'."""
+        from tide_ds.config import load_recipe
+
+        teacher_only = ("teacher_steps", "teacher_steps_b", "teacher_config_a", "teacher_config_b", "teacher_batch",
+                        "teacher_lr", "source_windows", "eval_draws")
+        fields = {k: v for k, v in asdict(self).items() if k not in teacher_only}
+        data = json.dumps({"format": WORLD_FORMAT, "student_init": True, **fields,
+                           "student_recipe_settings": load_recipe(self.student_recipe)}, sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()[:12]
 
     def teacher_key(self, pipeline: str) -> str:
@@ -371,11 +385,14 @@ def _pretrain_teacher(spec: EvidenceSpec, *, pipeline: str, data: str, out: str,
                                   config=spec.teacher_config_b, **common)
 
 
-def _pretrain_student(spec: EvidenceSpec, *, dataset: str, tokenizer: str, run_dir: str, out: str) -> dict:
-    """Train the students' starting point (a worker process): ``launch/run.py`` with the student recipe and no
-    distillation (CE alone) on the limited training samples, one rank, one thread; then export it as a Hugging Face
-    directory (``python -m tide_ds.export``'s path). Every evidence run starts from it (``--model.path``), as the
-    paper's students all start from one pretrained checkpoint. Returns its record (steps, samples, held-out NLL)."""
+def ensure_student_init(spec: EvidenceSpec, *, dataset: str | Path, tokenizer: str | Path, root: str | Path) -> dict:
+    """The students' starting point of ``spec``, trained once and cached as ``<root>/students/init-<key>``
+    (:meth:`EvidenceSpec.student_init_key`; a Hugging Face directory) with its record ``init-<key>.json``.
+
+    ``launch/run.py`` with the student recipe and no distillation (CE alone) on ``dataset`` (the limited training
+    samples), one rank, one thread; then exported (``python -m tide_ds.export``'s path). Every evidence run starts
+    from it (``--model.path``), as the paper's students all start from one pretrained checkpoint. A build that died
+    half-way starts over. Returns the record (path, steps, samples, lr, held-out NLL by step, wall seconds)."""
     import os
     import socket
     import subprocess
@@ -383,34 +400,50 @@ def _pretrain_student(spec: EvidenceSpec, *, dataset: str, tokenizer: str, run_d
 
     from tide_ds.config import REPO_ROOT, resolve_repo_path
     from tide_ds.export import export_checkpoint
+    from tide_ds.utils.files import atomic_write_text, file_lock
 
-    repo = REPO_ROOT
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "PYTHONUNBUFFERED": "1"}
-    steps = spec.student_init_steps
-    args = [sys.executable, str(repo / "launch" / "run.py"), f"--recipe={resolve_repo_path(spec.student_recipe).absolute()}",
-            f"--model.tokenizer={tokenizer}", f"--data.dataset={dataset}", "--distill.pipeline=A",
-            "--distill.preset=none", f"--train.seed={spec.seed}", f"--train.max_steps={steps}",
-            f"--train.micro_batch_size={spec.student_init_batch}", f"--train.lr={spec.student_init_lr}",
-            f"--train.eval_every={max(1, steps // 4)}", f"--train.save_every={steps}", "--train.keep_last=1",
-            "--train.progress_bar=false", "--train.tensorboard=false", f"--train.output_dir={run_dir}"]
-    log = Path(run_dir).parent / "student-init.log"
-    start = time.perf_counter()
-    with open(log, "w") as fh:
-        code = subprocess.run(args, cwd=repo, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"the students' starting point failed (exit {code}); its log {log} ends:\n{tail}")
-    export_checkpoint(run_dir, out)
-    records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
-    evals = {str(r["step"]): r["nll"] for r in records if r.get("kind") == "eval"}  # str keys, as in JSON
-    return {"path": str(out), "steps": steps, "samples": steps * spec.student_init_batch, "lr": spec.student_init_lr,
-            "heldout_nll": float(evals[str(steps)]), "heldout_nll_by_step": evals,
-            "wall_s": round(time.perf_counter() - start, 1)}
+    students = Path(root).absolute() / "students"
+    students.mkdir(parents=True, exist_ok=True)
+    key = spec.student_init_key()
+    out, run_dir, record_path = students / f"init-{key}", students / f".init-{key}-run", students / f"init-{key}.json"
+    with file_lock(students / f".init-{key}.lock"):
+        if record_path.is_file():
+            logger.info("evidence world: the students' starting point reused from %s", out)
+            return json.loads(record_path.read_text())
+        for stale in (out, run_dir):
+            shutil.rmtree(stale, ignore_errors=True)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "PYTHONUNBUFFERED": "1"}
+        steps = spec.student_init_steps
+        args = [sys.executable, str(REPO_ROOT / "launch" / "run.py"),
+                f"--recipe={resolve_repo_path(spec.student_recipe).absolute()}", f"--model.tokenizer={tokenizer}",
+                f"--data.dataset={dataset}", "--distill.pipeline=A", "--distill.preset=none", f"--train.seed={spec.seed}",
+                f"--train.max_steps={steps}", f"--train.micro_batch_size={spec.student_init_batch}",
+                f"--train.lr={spec.student_init_lr}", f"--train.eval_every={max(1, steps // 4)}",
+                f"--train.save_every={steps}", "--train.keep_last=1", "--train.progress_bar=false",
+                "--train.tensorboard=false", f"--train.output_dir={run_dir}"]
+        log = students / f"init-{key}.log"
+        start = time.perf_counter()
+        logger.info("evidence world: training the students' starting point (%d CE steps of %d; log %s)", steps,
+                    spec.student_init_batch, log)
+        with open(log, "w") as fh:
+            code = subprocess.run(args, cwd=REPO_ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+            raise RuntimeError(f"the students' starting point failed (exit {code}); its log {log} ends:\n{tail}")
+        export_checkpoint(run_dir, out)
+        records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+        evals = {str(r["step"]): r["nll"] for r in records if r.get("kind") == "eval"}  # str keys, as in JSON
+        record = {"path": str(out), "key": key, "steps": steps, "samples": steps * spec.student_init_batch,
+                  "lr": spec.student_init_lr, "heldout_nll": float(evals[str(steps)]), "heldout_nll_by_step": evals,
+                  "wall_s": round(time.perf_counter() - start, 1)}
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # exported; the run's metrics and config stay
+        atomic_write_text(record_path, json.dumps(record, indent=1))
+    return record
 
 
 def build_evidence_world(root: str | Path, spec: EvidenceSpec = EvidenceSpec()) -> EvidenceWorld:
@@ -474,13 +507,13 @@ def build_evidence_world(root: str | Path, spec: EvidenceSpec = EvidenceSpec()) 
                 shutil.rmtree(stale, ignore_errors=True)
         # The two teachers train side by side, one process and one thread each; the students' starting point takes
         # the first free worker (two at a time: many threads on a shared machine only wait for each other).
-        workers = min(2, len(todo) + bool(spec.student_init_steps))
+        workers = min(2, len(todo) + bool(spec.student_init_steps))  # a cached starting point takes no time
         with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_pretrain_teacher, spec, **job) for job in todo.values()]
             init_future = None
             if spec.student_init_steps:
-                init_future = pool.submit(_pretrain_student, spec, dataset=str(lim_a), tokenizer=str(student_tok),
-                                          run_dir=str(root / "student-init-run"), out=str(root / "student-init"))
+                init_future = pool.submit(ensure_student_init, spec, dataset=str(lim_a), tokenizer=str(student_tok),
+                                          root=str(root.parent))
             for future in futures:
                 future.result()
             student_init = init_future.result() if init_future is not None else {}
