@@ -83,7 +83,7 @@ class EvidenceSpec:
     # The students' starting point (:func:`ensure_student_init`): the recipe's student trained with CE alone on the
     # limited training samples, by launch/run.py, then exported; 0 steps: students start from random weights.
     student_recipe: str = "launch/recipes/evidence.yaml"
-    student_init_steps: int = 1200
+    student_init_steps: int = 800
     student_init_batch: int = 32
     student_init_lr: float = 3e-3
 
@@ -424,6 +424,7 @@ def ensure_student_init(spec: EvidenceSpec, *, dataset: str | Path, tokenizer: s
                 f"--data.dataset={dataset}", "--distill.pipeline=A", "--distill.preset=none", f"--train.seed={spec.seed}",
                 f"--train.max_steps={steps}", f"--train.micro_batch_size={spec.student_init_batch}",
                 f"--train.lr={spec.student_init_lr}", f"--train.eval_every={max(1, steps // 4)}",
+                "--data.eval_samples=0",  # every held-out sample, as the evidence runs evaluate
                 f"--train.save_every={steps}", "--train.keep_last=1", "--train.progress_bar=false",
                 "--train.tensorboard=false", f"--train.output_dir={run_dir}"]
         log = students / f"init-{key}.log"
