@@ -35,7 +35,7 @@ training, not of the teacher's.
 ``--world=evidence`` (issue 18) runs the same comparison in the evidence world of :mod:`tide_ds.worlds.evidence`
 (built once under ``--world-root``): a student with a small SentencePiece tokenizer (``launch/recipes/evidence.yaml``)
 trained on a limited fraction of the training samples, teachers that are larger and pretrained on every training
-sample plus the training files' source (pipeline A with a tokenizer of its own), seeds 1-5 and, by default, 200 steps
+sample plus the training files' source (pipeline A with a tokenizer of its own), seeds 1-5 and, by default, 160 steps
 of 16 samples at a peak learning rate of 1e-3 that continue the world's student (800 CE steps of 32 on the limited
 samples, built with the world: every run and seed starts from it, as the paper's students start from one pretrained
 checkpoint; the seeds vary the data order and the noise), plus a second data setting with every training sample
@@ -80,8 +80,8 @@ WORLDS = ("demo", "evidence")
 #: Steps, samples per step and peak learning rate of an evidence-world run (the defaults with --world=evidence).
 #: Every run continues the world's student (:mod:`tide_ds.worlds.evidence`: 800 CE steps of 32 on the limited
 #: samples), which has left the plateau a fresh student sits on for its first 12,000-25,000 samples; the runs spend
-#: their 3,200 samples on what the teacher adds, at a third of the starting point's learning rate.
-EVIDENCE_STEPS = 200
+#: their 2,560 samples on what the teacher adds, at a third of the starting point's learning rate.
+EVIDENCE_STEPS = 160
 EVIDENCE_MICRO_BATCH = 16
 EVIDENCE_LR = 1e-3
 SPEC_FILE = "evidence_run.json"
