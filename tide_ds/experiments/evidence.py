@@ -36,7 +36,7 @@ training, not of the teacher's.
 (built once under ``--world-root``): a student with a small SentencePiece tokenizer (``launch/recipes/evidence.yaml``)
 trained on a limited fraction of the training samples, teachers that are larger and pretrained on every training
 sample plus the training files' source (pipeline A with a tokenizer of its own), seeds 1-5 and, by default, 160 steps
-of 16 samples at a peak learning rate of 1e-3 that continue the world's student (800 CE steps of 32 on the limited
+of 16 samples at a peak learning rate of 1e-3 that continue the world's student (1,000 CE steps of 32 on the limited
 samples, built with the world: every run and seed starts from it, as the paper's students start from one pretrained
 checkpoint; the seeds vary the data order and the noise), plus a second data setting with every training sample
 (``@full`` variants: no distillation and each pipeline's native preset). ``B/none`` is not run there: both pipelines' student data are identical (checked), so
@@ -78,7 +78,7 @@ RECIPES = {"A": "launch/recipes/demo.yaml", "B": "launch/recipes/demo_b.yaml"}
 EVIDENCE_RECIPE = "launch/recipes/evidence.yaml"
 WORLDS = ("demo", "evidence")
 #: Steps, samples per step and peak learning rate of an evidence-world run (the defaults with --world=evidence).
-#: Every run continues the world's student (:mod:`tide_ds.worlds.evidence`: 800 CE steps of 32 on the limited
+#: Every run continues the world's student (:mod:`tide_ds.worlds.evidence`: 1,000 CE steps of 32 on the limited
 #: samples), which has left the plateau a fresh student sits on for its first 12,000-25,000 samples; the runs spend
 #: their 2,560 samples on what the teacher adds, at a third of the starting point's learning rate.
 EVIDENCE_STEPS = 160

@@ -83,7 +83,7 @@ class EvidenceSpec:
     # The students' starting point (:func:`ensure_student_init`): the recipe's student trained with CE alone on the
     # limited training samples, by launch/run.py, then exported; 0 steps: students start from random weights.
     student_recipe: str = "launch/recipes/evidence.yaml"
-    student_init_steps: int = 800
+    student_init_steps: int = 1000
     student_init_batch: int = 32
     student_init_lr: float = 3e-3
 
