@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for MASTER_PORT of a local job)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def single_rank_env() -> dict[str, str]:
+    """The rendezvous variables of a one-rank job on localhost (no launcher), on a free port."""
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
 
 
 def is_initialized() -> bool:

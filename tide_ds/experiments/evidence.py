@@ -58,7 +58,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -425,15 +424,11 @@ def check_reusable(job: RunJob, plan: Plan) -> None:
                          "use another --runs-dir or move it away")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(job: RunJob, plan: Plan) -> tuple[list[str], dict[str, str]]:
     """One rank: ``python launch/run.py`` with the rendezvous variables set (no launcher processes); more
     ranks: ``deepspeed --num_gpus N``. Each rank gets an equal share of the cores."""
+    from tide_ds.dist import free_port, single_rank_env
+
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tide_ds" / "torch_extensions"))
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
@@ -442,11 +437,10 @@ def command(job: RunJob, plan: Plan) -> tuple[list[str], dict[str, str]]:
     args = [*job.args, f"--train.output_dir={job.run_dir}", "--train.resume=auto"]
     script = str(ROOT / "launch" / "run.py")
     if plan.ranks_per_run == 1:
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(_free_port()))
+        env.update(single_rank_env())
         return [sys.executable, script, *args], env
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", str(plan.ranks_per_run), "--master_port", str(_free_port()), script, *args], env
+    return [deepspeed, "--num_gpus", str(plan.ranks_per_run), "--master_port", str(free_port()), script, *args], env
 
 
 class Runner:

@@ -394,11 +394,11 @@ def ensure_student_init(spec: EvidenceSpec, *, dataset: str | Path, tokenizer: s
     from it (``--model.path``), as the paper's students all start from one pretrained checkpoint. A build that died
     half-way starts over. Returns the record (path, steps, samples, lr, held-out NLL by step, wall seconds)."""
     import os
-    import socket
     import subprocess
     import sys
 
     from tide_ds.config import REPO_ROOT, resolve_repo_path
+    from tide_ds.dist import single_rank_env
     from tide_ds.export import export_checkpoint
     from tide_ds.utils.files import atomic_write_text, file_lock
 
@@ -412,11 +412,7 @@ def ensure_student_init(spec: EvidenceSpec, *, dataset: str | Path, tokenizer: s
             return json.loads(record_path.read_text())
         for stale in (out, run_dir):
             shutil.rmtree(stale, ignore_errors=True)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        env = {**os.environ, **single_rank_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONUNBUFFERED": "1"}
         steps = spec.student_init_steps
         args = [sys.executable, str(REPO_ROOT / "launch" / "run.py"),
